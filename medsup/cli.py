@@ -1,0 +1,189 @@
+"""The ``medsup`` command line. Each command parses, builds a config, calls ONE library function.
+
+Heavy imports (torch, MONAI, SimpleITK, MLflow) live inside the commands so that ``medsup tasks`` and
+``medsup --help`` answer instantly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+app = typer.Typer(
+    name="medsup",
+    help="CT segmentation with a deeply-supervised 3D U-Net: synth, check, plan, train, infer, register.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Inspect the resolved configuration.", no_args_is_help=True)
+data_app = typer.Typer(help="Dataset tools.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(data_app, name="data")
+
+log = logging.getLogger("medsup")
+
+TaskOpt = Annotated[str, typer.Option("--task", "-t", help="Task name (see `medsup tasks`).")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", "-s", help="Override a setting: a.b=value (repeatable).")
+]
+PresetOpt = Annotated[list[str] | None, typer.Option("--preset", help="Config preset layer (repeatable).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
+
+
+@app.callback()
+def _main(
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output.")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Warnings and errors only.")] = False,
+) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr)
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _emit(payload: Any) -> None:
+    """JSON to stdout (the only thing --json prints there)."""
+    typer.echo(json.dumps(payload, indent=2, sort_keys=False, default=str))
+
+
+def _config(task: str | None, overrides: list[str] | None, presets: list[str] | None = None) -> Any:
+    from medsup.config import ConfigError, load
+
+    try:
+        return load(task, overrides or [], presets or [])
+    except ConfigError as err:
+        _fail(str(err))
+
+
+@app.command()
+def tasks(as_json: JsonOpt = False) -> None:
+    """List the segmentation tasks."""
+    from medsup.tasks import TASKS
+
+    if as_json:
+        _emit([t.as_dict() for t in TASKS.values()])
+        return
+    for t in TASKS.values():
+        labels = ", ".join(f"{k}={v}" for k, v in sorted(t.labels.items()))
+        typer.echo(f"{t.name:<6} {t.modality}  {labels:<40} {t.description}")
+
+
+@config_app.command("show")
+def config_show(task: TaskOpt = "liver", overrides: SetOpt = None, preset: PresetOpt = None,
+                as_json: JsonOpt = False) -> None:
+    """Print the resolved configuration (defaults + task + presets + --set)."""
+    import yaml
+
+    cfg = _config(task, overrides, preset)
+    data = cfg.model_dump(mode="json")
+    typer.echo(json.dumps(data, indent=2) if as_json else yaml.safe_dump(data, sort_keys=False).rstrip())
+
+
+@app.command()
+def synth(
+    task: TaskOpt = "liver",
+    cases: Annotated[int, typer.Option(help="Training cases (imagesTr + labelsTr).")] = 20,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output dataset folder (MSD layout).")] = Path("synth"),
+    seed: Annotated[int, typer.Option(help="Random seed: the same seed gives the same files.")] = 0,
+    test_cases: Annotated[int | None, typer.Option(help="Images in imagesTs (default from config).")] = None,
+    full_size: Annotated[bool, typer.Option("--full-size", help="Clinical 512x512 in-plane size.")] = False,
+    overrides: SetOpt = None,
+) -> None:
+    """Write a synthetic CT dataset (MSD layout) with realistic anatomy and lesions."""
+    from medsup.data.synth import synthesize
+
+    cfg = _config(task, overrides)
+    root = synthesize(cfg.task, cases, out, seed=seed, full_size=full_size,
+                      test_cases=cfg.synth.test_cases if test_cases is None else test_cases,
+                      voxel_mm=cfg.synth.voxel_mm)
+    typer.echo(f"wrote {cases} training cases to {root}")
+
+
+@data_app.command("check")
+def data_check(
+    data: Annotated[Path, typer.Argument(help="Dataset folder (MSD layout or images/ + labels/).")],
+    task: TaskOpt = "liver",
+    overrides: SetOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check a dataset: pairing, geometry agreement, 3-D scalar, label values, finite voxels."""
+    from medsup.data.check import check_dataset
+
+    cfg = _config(task, overrides)
+    try:
+        report = check_dataset(data, cfg)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    if as_json:
+        _emit(report.as_dict())
+    else:
+        typer.echo(report.render())
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def plan(
+    data: Annotated[Path, typer.Option("--data", "-d", help="Dataset folder.")],
+    task: TaskOpt = "liver",
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="plan.json path (default DATA/plan.json).")] = None,
+    overrides: SetOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fingerprint a dataset and plan spacing, patch, batch and topology (writes plan.json)."""
+    from medsup.data.fingerprint import plan_dataset
+
+    cfg = _config(task, overrides)
+    try:
+        result = plan_dataset(data, cfg, out)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    if as_json:
+        _emit(result.model_dump(mode="json"))
+    else:
+        p = result
+        typer.echo(f"plan for {p.task}: {p.num_cases} cases, spacing {list(p.target_spacing)} mm, "
+                   f"patch {list(p.patch_size)}, batch {p.batch_size}, {len(p.strides)} stages, "
+                   f"filters {list(p.filters)}, ~{p.memory_estimate_gb:.2f} GB")
+        typer.echo(f"normalisation: clip [{p.normalization.clip_low:.1f}, {p.normalization.clip_high:.1f}] HU, "
+                   f"mean {p.normalization.mean:.1f}, std {p.normalization.std:.1f}")
+        typer.echo(f"wrote {out or Path(data) / 'plan.json'}")
+
+
+@app.command()
+def model(
+    task: TaskOpt = "liver",
+    plan_file: Annotated[Path | None, typer.Option("--plan", help="plan.json (default: task's reference plan).")] = None,
+    overrides: SetOpt = None,
+    preset: PresetOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print the deep-supervised U-Net for a plan: parameters, stages, one head per decoder scale."""
+    from medsup.data.planning import Plan, default_plan
+    from medsup.models.summary import describe, render
+
+    cfg = _config(task, overrides, preset)
+    try:
+        the_plan = Plan.load(plan_file) if plan_file else default_plan(cfg)
+        summary = describe(cfg, the_plan)
+    except ValueError as err:
+        _fail(str(err))
+    if as_json:
+        _emit(summary)
+    else:
+        typer.echo(render(summary))
+
+
+def main() -> None:
+    """Entry point for ``python -m medsup``."""
+    app()

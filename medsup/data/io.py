@@ -1,0 +1,369 @@
+"""Image readers and writers that keep geometry exactly, plus exact reorientation.
+
+Conventions (used everywhere in medsup):
+- Arrays are indexed ``(i, j, k)``: ``array[i, j, k]`` is the voxel at ITK index ``(i, j, k)`` (x fastest in the
+  file). This is nibabel's and MONAI's order, so an array plus :meth:`Geometry.affine` is what MONAI expects.
+- :class:`Geometry` holds ITK's description (spacing, origin and direction in LPS world mm).
+  :meth:`Geometry.affine` gives the RAS voxel-to-world matrix (nibabel / MONAI convention).
+- Orientation codes name the direction each array axis *increases toward* (nibabel's convention): ``RAS``
+  means i runs toward the patient's Right, j toward Anterior, k toward Superior.
+
+Every format goes through SimpleITK (NIfTI, NRRD, MHA/MHD, DICOM series folders) so one code path decides
+geometry. The header is read and validated before any pixel is, so a header claiming a terabyte-sized volume
+fails fast without allocating it. Writes are atomic: a temp file in the target folder, then a rename.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel.orientations as nio
+import numpy as np
+import SimpleITK as sitk
+
+log = logging.getLogger(__name__)
+
+#: file suffixes read as single files, longest first so ``.nii.gz`` wins over ``.gz``
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+#: the largest volume a header may claim before we refuse to allocate it (voxels)
+MAX_VOXELS = 2_000_000_000
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+class ImageReadError(ValueError):
+    """An image could not be read or is not a usable 3-D scalar volume; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Voxel grid of a 3-D image in ITK terms.
+
+    Attributes:
+        shape: voxels along ``(i, j, k)``.
+        spacing: mm between voxel centres along ``(i, j, k)``.
+        origin: world position (LPS, mm) of voxel ``(0, 0, 0)``.
+        direction: 3x3 direction cosines, row-major as ITK stores them; column ``a`` is axis ``a``'s unit
+            vector in LPS.
+    """
+
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]
+
+    @property
+    def direction_matrix(self) -> np.ndarray:
+        """Direction cosines as a (3, 3) array."""
+        return np.asarray(self.direction, dtype=np.float64).reshape(3, 3)
+
+    def affine(self) -> np.ndarray:
+        """(4, 4) voxel-index -> RAS world (mm) matrix, as nibabel and MONAI use."""
+        lps = np.eye(4)
+        lps[:3, :3] = self.direction_matrix * np.asarray(self.spacing)[None, :]
+        lps[:3, 3] = self.origin
+        return _LPS_TO_RAS @ lps
+
+    @classmethod
+    def from_affine(cls, affine: np.ndarray, shape: tuple[int, ...]) -> Geometry:
+        """Inverse of :meth:`affine` for a (4, 4) RAS affine and a 3-D shape."""
+        lps = _LPS_TO_RAS @ np.asarray(affine, dtype=np.float64)
+        spacing = np.linalg.norm(lps[:3, :3], axis=0)
+        if np.any(spacing <= 0):
+            raise ValueError(f"affine has a zero-length axis: {affine.tolist()}")
+        direction = lps[:3, :3] / spacing[None, :]
+        return cls(
+            shape=_triple_int(shape),
+            spacing=_triple(spacing),
+            origin=_triple(lps[:3, 3]),
+            direction=tuple(float(v) for v in direction.ravel()),
+        )
+
+    @property
+    def orientation(self) -> str:
+        """Orientation code, e.g. ``"LPS"`` or ``"RAS"`` (direction each axis increases toward)."""
+        return "".join(nio.aff2axcodes(self.affine()))
+
+    def mismatches(self, other: Geometry, tol: float = 1e-3) -> list[str]:
+        """Human-readable differences from ``other`` (empty when they describe the same grid).
+
+        Spacing is compared relative to its size (``tol`` per mm), origin in mm, direction in cosines.
+        """
+        problems = []
+        if self.shape != other.shape:
+            problems.append(f"shape {list(self.shape)} != {list(other.shape)}")
+        if not np.allclose(self.spacing, other.spacing, rtol=tol, atol=tol):
+            problems.append(f"spacing {_fmt(self.spacing)} != {_fmt(other.spacing)}")
+        if not np.allclose(self.origin, other.origin, rtol=0, atol=max(tol, 1e-4) * 10):
+            problems.append(f"origin {_fmt(self.origin)} != {_fmt(other.origin)}")
+        if not np.allclose(self.direction, other.direction, rtol=0, atol=tol):
+            problems.append(f"direction {_fmt(self.direction)} != {_fmt(other.direction)}")
+        return problems
+
+    def as_dict(self) -> dict[str, list[float] | list[int] | str]:
+        """JSON-ready view."""
+        return {
+            "shape": list(self.shape),
+            "spacing": list(self.spacing),
+            "origin": list(self.origin),
+            "direction": list(self.direction),
+            "orientation": self.orientation,
+        }
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A 3-D scalar image: ``array`` of shape ``(I, J, K)`` and its :class:`Geometry`."""
+
+    array: np.ndarray
+    geometry: Geometry
+
+    def reoriented(self, code: str) -> Volume:
+        """Exact reorientation (axis permutation and flips, no interpolation) to ``code`` (e.g. ``"RAS"``).
+
+        The world position of every voxel is unchanged; only the array order and the affine change.
+        """
+        current = nio.io_orientation(self.geometry.affine())
+        target = nio.axcodes2ornt(tuple(code.upper()))
+        transform = nio.ornt_transform(current, target)
+        if np.array_equal(transform, [[0, 1], [1, 1], [2, 1]]):
+            return self
+        array = nio.apply_orientation(self.array, transform)
+        affine = self.geometry.affine() @ nio.inv_ornt_aff(transform, self.array.shape)
+        return Volume(array, Geometry.from_affine(affine, array.shape))
+
+
+def _fmt(values: tuple[float, ...]) -> str:
+    return "[" + ", ".join(f"{v:.4g}" for v in values) + "]"
+
+
+def _triple(values: object) -> tuple[float, float, float]:
+    a, b, c = (float(v) for v in values)  # type: ignore[attr-defined]
+    return (a, b, c)
+
+
+def _triple_int(values: object) -> tuple[int, int, int]:
+    a, b, c = (int(v) for v in values)  # type: ignore[attr-defined]
+    return (a, b, c)
+
+
+def image_suffix(path: Path) -> str:
+    """The recognised suffix of ``path`` (``".nii.gz"`` ...); ``""`` for a DICOM folder or unknown file."""
+    name = path.name.lower()
+    for suffix in IMAGE_SUFFIXES:
+        if name.endswith(suffix):
+            return suffix
+    return ""
+
+
+def strip_suffix(path: Path) -> str:
+    """File name without its image suffix: ``case_01.nii.gz`` -> ``case_01``."""
+    suffix = image_suffix(path)
+    return path.name[: -len(suffix)] if suffix else path.name
+
+
+def is_image_path(path: Path) -> bool:
+    """True for a file with a readable image suffix or a folder holding a DICOM series."""
+    if path.is_dir():
+        return bool(_dicom_files(path, quiet=True))
+    return bool(image_suffix(path)) or path.suffix.lower() == ".dcm"
+
+
+def _dicom_files(folder: Path, quiet: bool = False) -> list[str]:
+    """File names of the largest DICOM series in ``folder`` (a folder may hold several)."""
+    ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or []
+    if not ids:
+        return []
+    series = [sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid) for sid in ids]
+    series.sort(key=len, reverse=True)
+    if len(series) > 1 and not quiet:
+        log.warning("%s holds %d DICOM series; reading the largest (%d files)", folder, len(ids), len(series[0]))
+    return list(series[0])
+
+
+@dataclass(frozen=True)
+class Header:
+    """What a header says before pixels are read."""
+
+    path: Path
+    geometry: Geometry
+    pixel_type: str
+
+
+def _check_header(path: Path, size: tuple[int, ...], spacing: tuple[float, ...],
+                  direction: tuple[float, ...], components: int) -> None:
+    """Refuse images medsup cannot use, before any pixel is allocated."""
+    if components != 1:
+        raise ImageReadError(f"{path}: {components} components per voxel; expected a scalar (grey-level) image")
+    dims = len(size)
+    if dims == 4 and size[3] == 1:
+        dims = 3  # NIfTI often stores 3-D as 4-D with one time point
+    if dims != 3:
+        raise ImageReadError(f"{path}: {len(size)}-D image of size {list(size)}; expected a 3-D volume")
+    if min(size[:3]) < 1:
+        raise ImageReadError(f"{path}: empty image (size {list(size)})")
+    voxels = int(np.prod(size[:3], dtype=np.int64))
+    if voxels > MAX_VOXELS:
+        raise ImageReadError(
+            f"{path}: header claims {list(size[:3])} = {voxels:.3g} voxels, more than the {MAX_VOXELS:.1g} allowed; "
+            "the header is corrupt or the volume is not a CT"
+        )
+    if min(spacing[:3]) <= 0 or not np.all(np.isfinite(spacing[:3])):
+        raise ImageReadError(f"{path}: spacing {list(spacing[:3])} must be positive and finite")
+    direction3 = np.asarray(direction, dtype=np.float64)
+    if direction3.size == 16:
+        direction3 = direction3.reshape(4, 4)[:3, :3]
+    direction3 = direction3.reshape(3, 3)
+    if not np.allclose(direction3.T @ direction3, np.eye(3), atol=1e-3):
+        raise ImageReadError(f"{path}: direction cosines {direction3.round(4).tolist()} are not orthonormal")
+
+
+def _geometry(size: tuple[int, ...], spacing: tuple[float, ...], origin: tuple[float, ...],
+              direction: tuple[float, ...]) -> Geometry:
+    """Geometry from ITK header values; a 4-D image with one time point keeps its spatial 3-D part."""
+    cosines = np.asarray(direction, dtype=np.float64)
+    if cosines.size == 16:
+        cosines = cosines.reshape(4, 4)[:3, :3]
+    return Geometry(
+        shape=_triple_int(size[:3]),
+        spacing=_triple(spacing[:3]),
+        origin=_triple(origin[:3]),
+        direction=tuple(float(v) for v in cosines.ravel()),
+    )
+
+
+def _geometry_of(image: sitk.Image) -> Geometry:
+    return _geometry(image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+
+
+def read_header(path: Path | str) -> Header:
+    """Read and validate the geometry of ``path`` without reading its pixels (DICOM: the series' files).
+
+    Raises:
+        ImageReadError: missing, unreadable, not 3-D scalar, absurd size, bad spacing or direction.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ImageReadError(f"{path}: no such file or folder")
+    if path.is_dir():
+        files = _dicom_files(path)
+        if not files:
+            raise ImageReadError(f"{path}: folder holds no DICOM series")
+        return Header(path, read_image(path).geometry, "dicom")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as err:
+        raise ImageReadError(f"{path}: unreadable image header ({_itk_reason(err)})") from None
+    size, spacing, direction = reader.GetSize(), reader.GetSpacing(), reader.GetDirection()
+    _check_header(path, size, spacing, direction, reader.GetNumberOfComponents())
+    geom = _geometry(size, spacing, reader.GetOrigin(), direction)
+    return Header(path, geom, sitk.GetPixelIDValueAsString(reader.GetPixelID()))
+
+
+def _itk_reason(err: Exception) -> str:
+    """The useful last line of an ITK exception (they carry several lines of C++ context)."""
+    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+    for line in reversed(lines):
+        if "description" in line.lower() or "error" in line.lower():
+            return line.split(":", 1)[-1].strip() if ":" in line else line
+    return lines[-1] if lines else type(err).__name__
+
+
+def read_image(path: Path | str, orientation: str | None = None) -> Volume:
+    """Read a NIfTI/NRRD/MHA/MHD file or a DICOM series folder into a :class:`Volume`.
+
+    Args:
+        path: image file, or folder holding one DICOM series (the largest if several).
+        orientation: if given (e.g. ``"RAS"``), reorient exactly to it.
+
+    Returns:
+        Volume with ``array`` of shape ``(I, J, K)`` in the file's pixel type.
+
+    Raises:
+        ImageReadError: the file cannot be read or is not a usable 3-D scalar volume.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ImageReadError(f"{path}: no such file or folder")
+    try:
+        if path.is_dir():
+            files = _dicom_files(path)
+            if not files:
+                raise ImageReadError(f"{path}: folder holds no DICOM series")
+            reader = sitk.ImageSeriesReader()
+            reader.SetFileNames(files)
+            image = reader.Execute()
+        else:
+            read_header(path)  # validate before allocating
+            image = sitk.ReadImage(str(path))
+    except RuntimeError as err:
+        raise ImageReadError(f"{path}: cannot read image data ({_itk_reason(err)})") from None
+    _check_header(path, image.GetSize(), image.GetSpacing(), image.GetDirection(),
+                  image.GetNumberOfComponentsPerPixel())
+    array = sitk.GetArrayFromImage(image)  # (k, j, i) order, owned copy
+    if array.ndim == 4:  # (t=1, k, j, i)
+        array = array[0]
+    volume = Volume(array.transpose(2, 1, 0), _geometry_of(image))
+    return volume.reoriented(orientation) if orientation else volume
+
+
+def to_sitk(array: np.ndarray, geometry: Geometry) -> sitk.Image:
+    """Build a SimpleITK image from an ``(I, J, K)`` array and its geometry."""
+    if array.shape != geometry.shape:
+        raise ValueError(f"array shape {array.shape} does not match geometry shape {geometry.shape}")
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
+    image.SetSpacing(geometry.spacing)
+    image.SetOrigin(geometry.origin)
+    image.SetDirection(geometry.direction)
+    return image
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path | str):  # type: ignore[no-untyped-def]
+    """Yield a temp path beside ``path`` with the same suffix; rename it over ``path`` only on success.
+
+    A crash, Ctrl-C or full disk leaves no partial ``path`` behind (the temp file is removed).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = image_suffix(path) or path.suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_image(path: Path | str, array: np.ndarray, geometry: Geometry, compress: bool = True) -> Path:
+    """Atomically write an ``(I, J, K)`` array with ``geometry`` to ``path`` (format from the suffix).
+
+    Raises:
+        OSError: the write failed (disk full, permissions); no partial file is left.
+    """
+    path = Path(path)
+    if not image_suffix(path):
+        raise ValueError(f"{path}: unsupported output suffix; use one of {', '.join(IMAGE_SUFFIXES)}")
+    image = to_sitk(array, geometry)
+    with atomic_path(path) as tmp:
+        try:
+            sitk.WriteImage(image, str(tmp), useCompression=compress)
+        except RuntimeError as err:
+            raise OSError(f"{path}: write failed ({_itk_reason(err)})") from None
+    return path
+
+
+def write_volume(path: Path | str, volume: Volume, compress: bool = True) -> Path:
+    """:func:`write_image` for a :class:`Volume`."""
+    return write_image(path, volume.array, volume.geometry, compress)
