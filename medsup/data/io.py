@@ -19,9 +19,11 @@ import contextlib
 import logging
 import os
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import nibabel.orientations as nio
 import numpy as np
 import SimpleITK as sitk
@@ -206,6 +208,8 @@ def _check_header(path: Path, size: tuple[int, ...], spacing: tuple[float, ...],
         raise ImageReadError(f"{path}: {len(size)}-D image of size {list(size)}; expected a 3-D volume")
     if min(size[:3]) < 1:
         raise ImageReadError(f"{path}: empty image (size {list(size)})")
+    if min(size[:3]) == 1:
+        raise ImageReadError(f"{path}: a single slice (size {list(size[:3])}) is a 2-D image; expected a 3-D volume")
     voxels = int(np.prod(size[:3], dtype=np.int64))
     if voxels > MAX_VOXELS:
         raise ImageReadError(
@@ -275,6 +279,22 @@ def _itk_reason(err: Exception) -> str:
     return lines[-1] if lines else type(err).__name__
 
 
+def _nifti_voxels(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
+    """NIfTI voxels through nibabel: ITK silently zero-fills a truncated .nii/.nii.gz, nibabel raises.
+
+    Geometry still comes from ITK's header reading, so every format shares one geometry code path; the
+    voxel order of nibabel's array is already ``(i, j, k)``.
+    """
+    try:
+        array = np.asanyarray(nib.load(str(path), mmap=False).dataobj)
+    except (EOFError, OSError, ValueError, zlib.error) as err:
+        raise ImageReadError(f"{path}: truncated or corrupt image data ({err})") from None
+    array = array.reshape(array.shape[:3]) if array.ndim == 4 and array.shape[3] == 1 else array
+    if array.shape != shape:
+        raise ImageReadError(f"{path}: voxel data has shape {array.shape}, header says {list(shape)}")
+    return array
+
+
 def read_image(path: Path | str, orientation: str | None = None) -> Volume:
     """Read a NIfTI/NRRD/MHA/MHD file or a DICOM series folder into a :class:`Volume`.
 
@@ -300,7 +320,10 @@ def read_image(path: Path | str, orientation: str | None = None) -> Volume:
             reader.SetFileNames(files)
             image = reader.Execute()
         else:
-            read_header(path)  # validate before allocating
+            header = read_header(path)  # validate before allocating
+            if image_suffix(path) in (".nii", ".nii.gz"):
+                volume = Volume(_nifti_voxels(path, header.geometry.shape), header.geometry)
+                return volume.reoriented(orientation) if orientation else volume
             image = sitk.ReadImage(str(path))
     except RuntimeError as err:
         raise ImageReadError(f"{path}: cannot read image data ({_itk_reason(err)})") from None

@@ -1,0 +1,191 @@
+from __future__ import annotations
+
+import gzip
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from medsup.data.io import Geometry, ImageReadError, Volume, read_header, read_image, to_sitk, write_image
+from tests.conftest import make_volume, rotated_direction
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"])
+def test_round_trip_keeps_geometry(tmp_path: Path, suffix: str) -> None:
+    image, label = make_volume(1)
+    for vol in (image, label):
+        path = write_image(tmp_path / f"x{suffix}", vol.array, vol.geometry)
+        back = read_image(path)
+        np.testing.assert_array_equal(back.array, vol.array)
+        assert back.array.dtype == vol.array.dtype
+        assert back.geometry.mismatches(vol.geometry, tol=1e-5) == []
+        # what SimpleITK itself says about the written file
+        ref = sitk.ReadImage(str(path))
+        np.testing.assert_allclose(ref.GetSpacing(), vol.geometry.spacing, rtol=1e-6)
+        np.testing.assert_allclose(ref.GetDirection(), vol.geometry.direction, atol=1e-6)
+        np.testing.assert_allclose(ref.GetOrigin(), vol.geometry.origin, atol=1e-4)
+
+
+def write_dicom_series(volume: Volume, folder: Path) -> None:
+    """Write ``volume`` as a CT DICOM series, one file per k-slice, the way scanners do."""
+    image = to_sitk(volume.array.astype(np.int16), volume.geometry)
+    folder.mkdir(parents=True)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    d = volume.geometry.direction
+    stamp = time.strftime("%Y%m%d")
+    series_uid = "1.2.826.0.1.3680043.2.1125." + "42.7"
+    for k in range(image.GetDepth()):
+        sl = image[:, :, k]
+        tags = {
+            "0008|0060": "CT", "0008|0020": stamp, "0020|000d": series_uid + ".1", "0020|000e": series_uid,
+            "0020|0037": "\\".join(f"{v:.10f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7])),
+            "0020|0032": "\\".join(f"{v:.6f}" for v in image.TransformIndexToPhysicalPoint((0, 0, k))),
+            "0020|0013": str(k + 1), "0018|0050": str(volume.geometry.spacing[2]),
+            "0008|0018": f"{series_uid}.{k + 1}",
+        }
+        for tag, value in tags.items():
+            sl.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"{k:03d}.dcm"))
+        writer.Execute(sl)
+
+
+def test_dicom_series_round_trip(tmp_path: Path) -> None:
+    image, _ = make_volume(2, shape=(16, 14, 6), spacing=(0.7, 0.7, 3.0), angle=0.0)
+    write_dicom_series(image, tmp_path / "series")
+    back = read_image(tmp_path / "series")
+    np.testing.assert_array_equal(back.array, image.array)
+    assert back.geometry.mismatches(image.geometry, tol=1e-4) == []
+    assert read_header(tmp_path / "series").geometry.shape == (16, 14, 6)
+
+
+def test_lps_and_ras_copies_give_the_same_voxels(tmp_path: Path) -> None:
+    image, _ = make_volume(3)
+    # the same scan stored RAS: flip the i and j axes of the array and move the origin accordingly
+    affine = image.geometry.affine()
+    flipped = image.array[::-1, ::-1, :]
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    flip[:2, 3] = [image.array.shape[0] - 1, image.array.shape[1] - 1]
+    ras_geom = Geometry.from_affine(affine @ flip, flipped.shape)
+    assert image.geometry.orientation != ras_geom.orientation
+    a = write_image(tmp_path / "lps.nii.gz", image.array, image.geometry)
+    b = write_image(tmp_path / "ras.nrrd", np.ascontiguousarray(flipped), ras_geom)
+    va, vb = read_image(a, "RAS"), read_image(b, "RAS")
+    np.testing.assert_array_equal(va.array, vb.array)
+    np.testing.assert_allclose(va.geometry.affine(), vb.geometry.affine(), atol=1e-4)
+    assert va.geometry.orientation == "RAS"
+    # reorientation never moves a voxel in the world
+    world = image.geometry.affine() @ np.array([3, 5, 7, 1.0])
+    idx = np.linalg.solve(va.geometry.affine(), world)[:3].round().astype(int)
+    assert va.array[tuple(idx)] == image.array[3, 5, 7]
+
+
+def test_affine_round_trip() -> None:
+    geom = Geometry((5, 6, 7), (0.5, 0.7, 3.0), (10.0, -4.0, 2.0), rotated_direction(30, flip=(1, -1, 1)))
+    back = Geometry.from_affine(geom.affine(), geom.shape)
+    assert back.mismatches(geom, tol=1e-9) == []
+
+
+@pytest.mark.parametrize(
+    ("shape", "fragment"),
+    [((10, 12), "2-D image"), ((6, 7, 8, 3), "4-D image")],
+)
+def test_wrong_dimensionality_is_refused(tmp_path: Path, shape: tuple[int, ...], fragment: str) -> None:
+    path = tmp_path / "bad.nii.gz"
+    img = sitk.GetImageFromArray(np.zeros(shape[::-1], np.int16), isVector=False)
+    sitk.WriteImage(img, str(path))
+    with pytest.raises(ImageReadError, match=fragment) as err:
+        read_image(path)
+    assert str(path) in str(err.value)
+
+
+def test_4d_with_one_timepoint_is_3d(tmp_path: Path) -> None:
+    path = tmp_path / "t1.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((1, 4, 5, 6), np.int16), isVector=False), str(path))
+    assert read_image(path).array.shape == (6, 5, 4)
+
+
+def test_truncated_and_garbage_files(tmp_path: Path) -> None:
+    image, _ = make_volume(4)
+    good = write_image(tmp_path / "good.nii.gz", image.array, image.geometry)
+    truncated = tmp_path / "trunc.nii.gz"
+    truncated.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    garbage = tmp_path / "garbage.nii.gz"
+    garbage.write_bytes(gzip.compress(b"not a nifti header at all" * 20))
+    for path in (truncated, garbage, tmp_path / "missing.nii.gz"):
+        with pytest.raises(ImageReadError) as err:
+            read_image(path)
+        assert str(path) in str(err.value)
+
+
+def test_huge_header_is_refused_before_allocation(tmp_path: Path) -> None:
+    path = tmp_path / "huge.nii"
+    write_image(path, np.zeros((4, 4, 4), np.int16), make_volume()[0].geometry.__class__(
+        (4, 4, 4), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)))
+    raw = bytearray(path.read_bytes())
+    # NIfTI-1 dim[1..3] are int16 at byte offsets 42, 44, 46
+    for offset in (42, 44, 46):
+        raw[offset:offset + 2] = (30000).to_bytes(2, "little")
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ImageReadError, match="header claims"):
+        read_image(path)
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path: Path) -> None:
+    image, _ = make_volume(5)
+    with pytest.raises(ValueError, match="does not match geometry"):
+        write_image(tmp_path / "x.nii.gz", image.array[:-1], image.geometry)
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(ValueError, match="unsupported output suffix"):
+        write_image(tmp_path / "x.png", image.array, image.geometry)
+    assert os.listdir(tmp_path) == []
+
+
+def _realdata_images(root: Path) -> list[Path]:
+    """Every NIfTI file and every folder holding a multi-file DICOM series."""
+    found = []
+    for path in sorted(root.rglob("*")):
+        if path.name.endswith((".nii.gz", ".nii")):
+            found.append(path)
+        elif path.is_dir() and len(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path))) > 2:
+            found.append(path)
+    return found
+
+
+def test_every_real_ct_loads_like_simpleitk(realdata: Path) -> None:
+    paths = _realdata_images(realdata)
+    assert any(p.is_dir() for p in paths), f"no DICOM series under {realdata}"
+    for path in paths:
+        if path.is_dir():
+            reader = sitk.ImageSeriesReader()
+            reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path)))
+            ref = reader.Execute()
+        else:
+            ref = sitk.ReadImage(str(path))
+        vol = read_image(path)
+        assert vol.array.shape == ref.GetSize(), path
+        np.testing.assert_allclose(vol.geometry.spacing, ref.GetSpacing(), rtol=1e-6, err_msg=str(path))
+        np.testing.assert_allclose(vol.geometry.direction, ref.GetDirection(), atol=1e-6, err_msg=str(path))
+        np.testing.assert_allclose(vol.geometry.origin, ref.GetOrigin(), atol=1e-4, err_msg=str(path))
+        k = vol.array.shape[2] // 2
+        np.testing.assert_array_equal(vol.array[:, :, k], sitk.GetArrayFromImage(ref)[k].T)
+
+
+def test_real_orientations(realdata: Path) -> None:
+    ts = read_header(realdata / "liver_io/totalsegmentator_example/example_ct.nii.gz").geometry
+    lung = read_header(realdata / "lung/imagesTr/pyrad_lung1.nii.gz").geometry
+    assert ts.orientation == "RAS" and lung.orientation == "LPS"
+    assert read_image(realdata / "lung/imagesTr/pyrad_lung1.nii.gz", "RAS").geometry.orientation == "RAS"
+
+
+def test_single_slice_dicom_is_refused_as_2d(realdata: Path) -> None:
+    folder = realdata / "unlabeled/lungmask_slices"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} absent")
+    for path in sorted(folder.glob("*.dcm")):
+        with pytest.raises(ImageReadError, match="single slice") as err:
+            read_image(path)
+        assert str(path) in str(err.value)
