@@ -163,7 +163,9 @@ def plan(
 @app.command()
 def model(
     task: TaskOpt = "liver",
-    plan_file: Annotated[Path | None, typer.Option("--plan", help="plan.json (default: task's reference plan).")] = None,
+    plan_file: Annotated[
+        Path | None, typer.Option("--plan", help="plan.json (default: the task's reference plan).")
+    ] = None,
     overrides: SetOpt = None,
     preset: PresetOpt = None,
     as_json: JsonOpt = False,

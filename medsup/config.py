@@ -326,11 +326,11 @@ def load(
         if task_file.is_file():
             tree = _merge(tree, _read_yaml(task_file), f"tasks/{task}.yaml")
     for name in presets or []:
-        path = root / "presets" / f"{name}.yaml"
-        if not path.is_file():
+        preset_file = root / "presets" / f"{name}.yaml"
+        if not preset_file.is_file():
             known = ", ".join(p.stem for p in sorted((root / "presets").glob("*.yaml")))
             raise ConfigError(f"preset {name!r} not found in {root / 'presets'} (known: {known})")
-        tree = _merge(tree, _read_yaml(path), f"presets/{name}.yaml")
+        tree = _merge(tree, _read_yaml(preset_file), f"presets/{name}.yaml")
     for file in files or []:
         tree = _merge(tree, _read_yaml(Path(file)), str(file))
     for path, value in parsed:

@@ -103,7 +103,7 @@ def _first_dir(root: Path, names: tuple[str, ...]) -> Path | None:
     return next((root / n for n in names if (root / n).is_dir()), None)
 
 
-def _msd(root: Path, meta: dict) -> Datalist:  # type: ignore[type-arg]
+def _msd(root: Path, meta: dict) -> Datalist:
     out = Datalist(root, "msd")
     seen_labels: set[Path] = set()
     for i, entry in enumerate(meta.get("training") or []):
@@ -183,7 +183,7 @@ def load_datalist(root: Path | str) -> Datalist:
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: dataset folder does not exist")
     meta_path = root / "dataset.json"
-    meta: dict = {}  # type: ignore[type-arg]
+    meta: dict = {}
     if meta_path.is_file():
         try:
             meta = json.loads(meta_path.read_text())

@@ -286,7 +286,7 @@ def _nifti_voxels(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
     voxel order of nibabel's array is already ``(i, j, k)``.
     """
     try:
-        array = np.asanyarray(nib.load(str(path), mmap=False).dataobj)
+        array = np.asanyarray(nib.load(str(path), mmap=False).dataobj)  # type: ignore[attr-defined]
     except (EOFError, OSError, ValueError, zlib.error) as err:
         raise ImageReadError(f"{path}: truncated or corrupt image data ({err})") from None
     array = array.reshape(array.shape[:3]) if array.ndim == 4 and array.shape[3] == 1 else array

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +27,19 @@ log = logging.getLogger(__name__)
 #: under its 8 GB target, as nnU-Net's own estimate puts it.
 _BYTES_PER_ACTIVATION = 40.0
 
+@dataclass(frozen=True)
+class _Reference:
+    spacing: tuple[float, float, float]
+    median_shape: tuple[int, int, int]
+    normalization: tuple[float, float, float, float]  # clip_low, clip_high, mean, std
+
+
 #: what `medsup model` assumes for a task when no dataset has been planned: nnU-Net's published plans
 #: (MSD Task03 liver, Task06 lung), spacing in (i, j, k) = (x, y, z) order after RAS reorientation.
 _UNPLANNED = {
-    "liver": {"spacing": (0.77, 0.77, 1.0), "median_shape": (512, 512, 432),
-              "normalization": (-17.0, 201.0, 99.4, 39.4)},
-    "lung": {"spacing": (0.79, 0.79, 1.24), "median_shape": (512, 512, 252),
-             "normalization": (-1024.0, 325.0, -158.0, 324.0)},
-    "tiny": {"spacing": (2.0, 2.0, 2.0), "median_shape": (40, 40, 32),
-             "normalization": (-50.0, 250.0, 100.0, 60.0)},
+    "liver": _Reference((0.77, 0.77, 1.0), (512, 512, 432), (-17.0, 201.0, 99.4, 39.4)),
+    "lung": _Reference((0.79, 0.79, 1.24), (512, 512, 252), (-1024.0, 325.0, -158.0, 324.0)),
+    "tiny": _Reference((2.0, 2.0, 2.0), (40, 40, 32), (-50.0, 250.0, 100.0, 60.0)),
 }
 
 
@@ -131,7 +136,7 @@ def target_spacing(spacings: np.ndarray, shapes: np.ndarray, anisotropy_threshol
 
 
 def _round_to(patch: list[int], divisor: tuple[int, int, int]) -> list[int]:
-    return [max(d, int(round(p / d)) * d) for p, d in zip(patch, divisor, strict=True)]
+    return [max(d, round(p / d) * d) for p, d in zip(patch, divisor, strict=True)]
 
 
 def plan_patch(cfg: Config, spacing: tuple[float, float, float], median_shape: tuple[int, int, int],
@@ -153,22 +158,22 @@ def plan_patch(cfg: Config, spacing: tuple[float, float, float], median_shape: t
     else:
         inv = 1.0 / np.asarray(spacing)
         start = inv * (p.max_patch_voxels / np.prod(inv)) ** (1 / 3)
-        patch_l = [int(round(min(s, m))) for s, m in zip(start, median_shape, strict=True)]
+        patch_l = [round(min(s, m)) for s, m in zip(start, median_shape, strict=True)]
         patch_l = [max(1, v) for v in patch_l]
         for _ in range(10):  # the topology depends on the patch and the rounding on the topology
-            topology = topo(tuple(patch_l))  # type: ignore[arg-type]
+            topology = topo(tuple(patch_l))
             rounded = _round_to(patch_l, topology.divisor)
             if rounded == patch_l:
                 break
             patch_l = rounded
-        while estimate_memory_gb(topology, tuple(patch_l), 2, num_classes) > p.memory_budget_gb:  # type: ignore[arg-type]
+        while estimate_memory_gb(topology, tuple(patch_l), 2, num_classes) > p.memory_budget_gb:
             ratios = [pv / m for pv, m in zip(patch_l, median_shape, strict=True)]
             order = np.argsort(ratios)[::-1]
             axis = next((int(a) for a in order if patch_l[a] > topology.divisor[a]), None)
             if axis is None:
                 break
             patch_l[axis] -= topology.divisor[axis]
-            topology = topo(tuple(patch_l))  # type: ignore[arg-type]
+            topology = topo(tuple(patch_l))
             patch_l = _round_to(patch_l, topology.divisor)
         patch = tuple(patch_l)
     patch3: tuple[int, int, int] = (int(patch[0]), int(patch[1]), int(patch[2]))
@@ -195,10 +200,10 @@ def make_plan(cfg: Config, fingerprint: dict[str, Any]) -> Plan:
     else:
         spacing = target_spacing(spacings, shapes, cfg.plan.anisotropy_threshold)
     resampled = shapes * spacings / spacing[None, :]
-    median_shape = tuple(int(round(v)) for v in np.median(resampled, axis=0))
+    median_shape = tuple(round(v) for v in np.median(resampled, axis=0).tolist())
     spacing3 = (float(spacing[0]), float(spacing[1]), float(spacing[2]))
     patch, batch, topology, mem = plan_patch(
-        cfg, spacing3, median_shape, task.num_classes, float(np.prod(resampled, axis=1).sum())  # type: ignore[arg-type]
+        cfg, spacing3, median_shape, task.num_classes, float(np.prod(resampled, axis=1).sum())
     )
     fg = fingerprint["foreground"]
     plan = Plan(
@@ -214,7 +219,7 @@ def make_plan(cfg: Config, fingerprint: dict[str, Any]) -> Plan:
         normalization=Normalization(
             clip_low=fg["p0.5"], clip_high=fg["p99.5"], mean=fg["mean"], std=max(fg["std"], 1e-3)
         ),
-        median_shape=median_shape,  # type: ignore[arg-type]
+        median_shape=median_shape,
         memory_estimate_gb=round(mem, 3),
         fingerprint_hash=str(fingerprint.get("hash", "")),
         num_cases=len(spacings),
@@ -230,18 +235,17 @@ def default_plan(cfg: Config) -> Plan:
     ``cfg.plan.target_spacing`` / ``patch_size`` still override. Marked ``source="unplanned"``.
     """
     ref = _UNPLANNED.get(cfg.task, _UNPLANNED["tiny"])
-    spacing3 = tuple(cfg.plan.target_spacing or ref["spacing"])  # type: ignore[arg-type]
-    scale = np.asarray(ref["spacing"]) / np.asarray(spacing3)
-    median = tuple(max(1, int(round(m * s))) for m, s in zip(ref["median_shape"], scale, strict=True))  # type: ignore[call-overload]
+    spacing = cfg.plan.target_spacing or ref.spacing
+    m = [max(1, round(n * r / s)) for n, r, s in zip(ref.median_shape, ref.spacing, spacing, strict=True)]
+    median = (m[0], m[1], m[2])
     task = get_task(cfg.task)
-    patch, batch, topology, mem = plan_patch(cfg, spacing3, median, task.num_classes,  # type: ignore[arg-type]
-                                             float(np.prod(median)) * 100)
-    lo, hi, mean, std = ref["normalization"]  # type: ignore[misc]
+    patch, batch, topology, mem = plan_patch(cfg, spacing, median, task.num_classes, float(np.prod(median)) * 100)
+    lo, hi, mean, std = ref.normalization
     return Plan(
-        task=cfg.task, orientation=cfg.data.orientation, target_spacing=spacing3, patch_size=patch,  # type: ignore[arg-type]
+        task=cfg.task, orientation=cfg.data.orientation, target_spacing=spacing, patch_size=patch,
         batch_size=batch, kernels=topology.kernels, strides=topology.strides, filters=topology.filters,
         num_classes=task.num_classes, normalization=Normalization(clip_low=lo, clip_high=hi, mean=mean, std=std),
-        median_shape=median, memory_estimate_gb=round(mem, 3), source="unplanned",  # type: ignore[arg-type]
+        median_shape=median, memory_estimate_gb=round(mem, 3), source="unplanned",
     )
 
 

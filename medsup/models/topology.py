@@ -67,7 +67,7 @@ class Topology:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, list]) -> Topology:  # type: ignore[type-arg]
+    def from_dict(cls, data: dict[str, list]) -> Topology:
         """Inverse of :meth:`as_dict`."""
         kernels = tuple((int(a), int(b), int(c)) for a, b, c in data["kernels"])
         strides = tuple((int(a), int(b), int(c)) for a, b, c in data["strides"])

@@ -148,9 +148,8 @@ def _realdata_images(root: Path) -> list[Path]:
     """Every NIfTI file and every folder holding a multi-file DICOM series."""
     found = []
     for path in sorted(root.rglob("*")):
-        if path.name.endswith((".nii.gz", ".nii")):
-            found.append(path)
-        elif path.is_dir() and len(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path))) > 2:
+        is_series = path.is_dir() and len(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path))) > 2
+        if path.name.endswith((".nii.gz", ".nii")) or is_series:
             found.append(path)
     return found
 

@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from medsup.cli import app
+
+runner = CliRunner()
+
+
+def test_tasks_json_and_no_torch_import() -> None:
+    result = runner.invoke(app, ["tasks", "--json"])
+    assert result.exit_code == 0, result.output
+    names = [t["name"] for t in json.loads(result.stdout)]
+    assert names == ["liver", "lung", "tiny"]
+    code = "import sys; from medsup.cli import app; app(['tasks'], standalone_mode=False); " \
+           "bad = [m for m in ('torch', 'monai', 'mlflow', 'SimpleITK') if m in sys.modules]; " \
+           "sys.exit(f'imported {bad}' if bad else 0)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "liver" in proc.stdout
+
+
+def test_config_show_with_overrides() -> None:
+    result = runner.invoke(app, ["config", "show", "--task", "lung", "--set", "train.epochs=7", "--json"])
+    assert result.exit_code == 0, result.output
+    cfg = json.loads(result.stdout)
+    assert cfg["task"] == "lung" and cfg["train"]["epochs"] == 7
+    bad = runner.invoke(app, ["config", "show", "--task", "lung", "--set", "train.epoch=7"])
+    assert bad.exit_code == 2 and "train.epoch: unknown key" in bad.output
+
+
+def test_check_and_plan_commands(msd_dataset: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["data", "check", str(msd_dataset), "--task", "tiny", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["ok"] is True
+    (msd_dataset / "labelsTr" / "case1.nii.gz").unlink()
+    result = runner.invoke(app, ["data", "check", str(msd_dataset), "--task", "tiny"])
+    assert result.exit_code == 1 and "case1" in result.output
+    out = tmp_path / "p" / "plan.json"
+    result = runner.invoke(app, ["plan", "--task", "tiny", "--data", str(msd_dataset), "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["num_cases"] == 2 and out.is_file()
+    missing = runner.invoke(app, ["plan", "--task", "tiny", "--data", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2 and "does not exist" in missing.output
