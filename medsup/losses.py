@@ -1,0 +1,280 @@
+"""Deep-supervision losses: a per-head DiceCE combined over the U-Net's heads by a configurable scheme.
+
+``loss(outputs, label)`` takes what the network returns (a list of head logits in training, one tensor in
+evaluation) and the full-resolution integer label ``(B, 1, D, H, W)``; the label is downsampled to each
+head's native shape with nearest-exact (nnU-Net: targets are downsampled, logits never upsampled).
+The training step never knows about heads: schedules advance through :meth:`DeepSupervisionLoss.set_epoch`
+(an event handler) and the parts of the last call are read from :attr:`DeepSupervisionLoss.last_parts`.
+
+Schemes over heads ``i = 0 .. H-1`` (0 = full resolution), per-head loss ``l_i``:
+
+- ``nnunet``:  ``sum_i w_i l_i`` with ``w_i ∝ 1/2^i`` normalised to sum 1; ``nnunet_zero_coarsest`` gives the
+  coarsest head weight 0 before normalising, as nnU-Net does.
+- ``dsn``:     Deeply-Supervised Nets, ``l_0 + sum_{m>=1} alpha(t) * max(0, l_m - gamma_m)``; ``gamma_m`` is
+  ``dsn_gamma`` (absolute) or ``dsn_gamma`` x the running mean of ``l_m`` (relative); ``alpha(t)`` follows
+  ``dsn_schedule`` over epochs (:func:`dsn_alpha`). The paper's ``||w||^2`` terms are the optimiser's
+  weight decay, not part of this loss.
+- ``uniform``: ``mean_i l_i``.
+- ``none``:    ``l_0`` only (the ablation baseline; coarse heads receive no gradient).
+
+Pure torch/MONAI: no engine, tracking or CLI imports.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from monai.losses import DiceCELoss
+from torch import Tensor, nn
+from torch.nn.functional import interpolate
+
+from medsup.config import Config, LossConfig
+
+HeadLoss = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class LossParts:
+    """What one call of :class:`DeepSupervisionLoss` was made of (plain floats, ready for MLflow).
+
+    ``raw[i]`` is head i's unweighted loss, ``weights[i]`` its weight (nnU-Net weight, or ``alpha(t)`` for a
+    DSN companion), ``active[i]`` whether it contributed gradient (weight > 0 and, for DSN companions, the
+    hinge open: ``raw > gamma``), ``gammas[i]`` the DSN hinge threshold (0 elsewhere).
+    """
+
+    scheme: str
+    total: float
+    raw: tuple[float, ...]
+    weights: tuple[float, ...]
+    active: tuple[bool, ...]
+    gammas: tuple[float, ...]
+    epoch: int
+    alpha: float
+
+    def as_metrics(self, prefix: str = "loss") -> dict[str, float]:
+        """Flat ``{name: value}`` for metric logging: ``loss.total``, ``loss.head1``, ``loss.weight1``, ..."""
+        out = {f"{prefix}.total": self.total}
+        if self.scheme == "dsn":
+            out[f"{prefix}.alpha"] = self.alpha
+        for i, (raw, w, on) in enumerate(zip(self.raw, self.weights, self.active, strict=True)):
+            out[f"{prefix}.head{i}"] = raw
+            out[f"{prefix}.weight{i}"] = w
+            out[f"{prefix}.active{i}"] = float(on)
+        return out
+
+
+def nnunet_weights(num_heads: int, zero_coarsest: bool = False) -> list[float]:
+    """``1/2^i`` over heads (0 = full resolution) normalised to sum 1; optionally the coarsest gets 0.
+
+    nnU-Net zeroes the coarsest head only when there is more than one (a single head keeps weight 1).
+    """
+    if num_heads < 1:
+        raise ValueError(f"need at least one head, got {num_heads}")
+    w = [0.5**i for i in range(num_heads)]
+    if zero_coarsest and num_heads > 1:
+        w[-1] = 0.0
+    total = sum(w)
+    return [v / total for v in w]
+
+
+def dsn_alpha(cfg: LossConfig, epoch: int) -> float:
+    """Companion weight ``alpha(t)`` of the DSN scheme at 0-based ``epoch``.
+
+    ``constant``: ``alpha0``; ``linear``: ``alpha0 * (1 - epoch / end)``, 0 from ``end`` on; ``exponential``:
+    ``alpha0 * decay**epoch``; ``switch``: ``alpha0`` before ``end``, then 0 (the original DSN code dropped
+    the companion heads late in training).
+    """
+    if epoch < 0:
+        raise ValueError(f"epoch must be >= 0, got {epoch}")
+    a0, end = cfg.dsn_alpha, cfg.dsn_end_epoch
+    if cfg.dsn_schedule == "constant":
+        return a0
+    if cfg.dsn_schedule == "linear":
+        return a0 * max(0.0, 1.0 - epoch / end) if end > 0 else 0.0
+    if cfg.dsn_schedule == "exponential":
+        return a0 * cfg.dsn_decay**epoch
+    if cfg.dsn_schedule == "switch":
+        return a0 if epoch < end else 0.0
+    raise ValueError(f"unknown dsn_schedule {cfg.dsn_schedule!r}")
+
+
+def heads_may_go_unused(cfg: LossConfig) -> bool:
+    """Whether some head can get weight 0, so its parameters get no gradient (``grad is None``).
+
+    Zero-weight heads are measured outside autograd, so DDP must then be built with
+    ``find_unused_parameters=True``: ``none``, ``nnunet`` with ``nnunet_zero_coarsest``, and ``dsn`` when
+    ``alpha(t)`` can reach 0 (``linear``/``switch`` schedules, or ``dsn_alpha == 0``).
+    """
+    if cfg.scheme == "none":
+        return True
+    if cfg.scheme == "nnunet":
+        return cfg.nnunet_zero_coarsest
+    if cfg.scheme == "dsn":
+        return cfg.dsn_alpha == 0 or cfg.dsn_schedule in ("linear", "switch")
+    return False
+
+
+class DeepSupervisionLoss(nn.Module):
+    """Combine a per-head loss over deep-supervision heads (see the module docstring for the schemes).
+
+    Args:
+        cfg: the ``loss`` section of the config.
+        head_loss: loss of one head, ``(logits (B, C, *S), label (B, 1, *S)) -> scalar``.
+
+    Call with ``outputs``: a list of ``(B, C, d_i, h_i, w_i)`` logits, full resolution first (train mode),
+    or one ``(B, C, D, H, W)`` tensor (eval mode, treated as a single head); ``label``: ``(B, 1, D, H, W)``
+    integer classes at full resolution. Returns the scalar total.
+
+    The relative DSN hinge keeps a running mean of each companion's loss; it is updated from detached values
+    only while the module is in training mode and gradients are enabled (never from validation batches).
+    """
+
+    def __init__(self, cfg: LossConfig, head_loss: HeadLoss) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.head_loss = head_loss
+        self.epoch = 0
+        self._running: Tensor | None = None  # (H,) running-mean loss per head, relative hinge only
+        self._last: tuple[Tensor, ...] | None = None  # detached parts of the last call, floats made lazily
+        self._last_epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Advance the schedules to 0-based ``epoch`` (Ignite: ``state.epoch - 1`` at EPOCH_STARTED)."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self.epoch = int(epoch)
+
+    @property
+    def alpha(self) -> float:
+        """DSN companion weight at the current epoch (1.0 for the other schemes' reporting)."""
+        return dsn_alpha(self.cfg, self.epoch) if self.cfg.scheme == "dsn" else 1.0
+
+    def weights(self, num_heads: int) -> list[float]:
+        """Weight of each head at the current epoch (``dsn``: 1 for head 0, ``alpha(t)`` for companions)."""
+        scheme = self.cfg.scheme
+        if scheme == "nnunet":
+            return nnunet_weights(num_heads, self.cfg.nnunet_zero_coarsest)
+        if scheme == "uniform":
+            return [1.0 / num_heads] * num_heads
+        if scheme == "none":
+            return [1.0] + [0.0] * (num_heads - 1)
+        if scheme == "dsn":
+            return [1.0] + [self.alpha] * (num_heads - 1)
+        raise ValueError(f"unknown loss scheme {scheme!r}")
+
+    def forward(self, outputs: Tensor | Sequence[Tensor], label: Tensor) -> Tensor:
+        """Scalar deep-supervision loss of ``outputs`` against the full-resolution ``label``."""
+        heads = [outputs] if isinstance(outputs, Tensor) else list(outputs)
+        self._check(heads, label)
+        weights = self.weights(len(heads))
+        # heads with weight 0 are still measured (for monitoring) but outside autograd: no graph, no gradient
+        raw = torch.stack([
+            (self._head(logits, label) if w > 0 else self._head_no_grad(logits, label)).float()
+            for logits, w in zip(heads, weights, strict=True)
+        ])
+        self._check_finite(raw, heads)
+
+        w = raw.new_tensor(weights)
+        gamma = torch.zeros_like(raw)
+        active = w > 0
+        terms = raw
+        if self.cfg.scheme == "dsn" and len(heads) > 1:
+            # companions count only while above their threshold: alpha * max(0, l_m - gamma_m)
+            gamma[1:] = self._gamma(raw.detach())[1:]
+            terms = torch.cat([raw[:1], torch.clamp(raw[1:] - gamma[1:], min=0.0)])
+            active[1:] &= raw.detach()[1:] > gamma[1:]
+        total = (w * terms).sum()
+        self._last = (total.detach(), raw.detach(), w, active, gamma)
+        self._last_epoch = self.epoch
+        return total
+
+    @property
+    def last_parts(self) -> LossParts | None:
+        """Parts of the last call as floats (one device sync, paid only when read)."""
+        if self._last is None:
+            return None
+        total, raw, w, active, gamma = self._last
+        return LossParts(
+            scheme=self.cfg.scheme,
+            total=float(total),
+            raw=tuple(raw.tolist()),
+            weights=tuple(w.tolist()),
+            active=tuple(bool(a) for a in active.tolist()),
+            gammas=tuple(gamma.tolist()),
+            epoch=self._last_epoch,
+            alpha=dsn_alpha(self.cfg, self._last_epoch) if self.cfg.scheme == "dsn" else 1.0,
+        )
+
+    def _head(self, logits: Tensor, label: Tensor) -> Tensor:
+        return self.head_loss(logits, downsample_label(label, logits.shape[2:]))
+
+    def _head_no_grad(self, logits: Tensor, label: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self._head(logits.detach(), label)
+
+    def _gamma(self, raw: Tensor) -> Tensor:
+        """DSN hinge thresholds per head from detached losses ``raw`` (H,)."""
+        cfg = self.cfg
+        if cfg.dsn_gamma_mode == "absolute":
+            return torch.full_like(raw, cfg.dsn_gamma)
+        running = self._running
+        if running is None or running.shape != raw.shape:
+            running = raw  # first batch: the mean of one observation
+        running = running.to(raw.device)
+        gamma = cfg.dsn_gamma * running  # threshold from the past, before this batch moves it
+        if self.training and torch.is_grad_enabled():
+            m = cfg.dsn_gamma_momentum
+            self._running = m * running + (1.0 - m) * raw
+        return gamma
+
+    def _check(self, heads: list[Tensor], label: Tensor) -> None:
+        if not heads:
+            raise ValueError("no head outputs given")
+        if label.ndim != 5 or label.shape[1] != 1:
+            raise ValueError(f"label must be (B, 1, D, H, W) integer classes, got shape {list(label.shape)}")
+        full = heads[0]
+        if full.ndim != 5 or full.shape[0] != label.shape[0] or full.shape[2:] != label.shape[2:]:
+            raise ValueError(f"head 0 logits {list(full.shape)} do not match the label {list(label.shape)}: "
+                             f"expected (B, C, D, H, W) with the label's batch and spatial size")
+        for i, h in enumerate(heads[1:], start=1):
+            if h.ndim != 5 or h.shape[:2] != full.shape[:2]:
+                raise ValueError(f"head {i} logits {list(h.shape)} differ from head 0 {list(full.shape)} "
+                                 f"in batch or classes")
+
+    def _check_finite(self, raw: Tensor, heads: list[Tensor]) -> None:
+        if bool(torch.isfinite(raw).all()):  # one sync per step; a silent NaN would poison the run instead
+            return
+        full = heads[0].shape[2:]
+        bad = [i for i, v in enumerate(raw.tolist()) if not math.isfinite(v)]
+        i = bad[0]
+        scale = [f // s for f, s in zip(full, heads[i].shape[2:], strict=True)]
+        raise FloatingPointError(
+            f"loss of head {i} (scale {scale}, logits {list(heads[i].shape)}) is {raw[i].item()} "
+            f"(non-finite heads: {bad})"
+        )
+
+
+def downsample_label(label: Tensor, size: Sequence[int]) -> Tensor:
+    """Nearest-exact downsampling of an integer label ``(B, 1, D, H, W)`` to ``size`` (returned as float)."""
+    if tuple(label.shape[2:]) == tuple(size):
+        return label
+    return interpolate(label.float(), size=tuple(size), mode="nearest-exact")
+
+
+def build_loss(cfg: Config) -> DeepSupervisionLoss:
+    """The deep-supervision loss of ``cfg.loss`` over a per-head MONAI DiceCE (softmax, one-hot labels)."""
+    c = cfg.loss
+    dice_ce = DiceCELoss(
+        to_onehot_y=True,
+        softmax=True,
+        include_background=c.include_background,
+        batch=c.batch_dice,
+        lambda_dice=c.dice_weight,
+        lambda_ce=c.ce_weight,
+        smooth_nr=c.smooth,
+        smooth_dr=c.smooth,
+    )
+    return DeepSupervisionLoss(c, dice_ce)

@@ -1,0 +1,261 @@
+"""The deep-supervised 3D U-Net: MONAI blocks, a 1x1x1 segmentation head on every decoder scale.
+
+Shape contract (spatial axes are the plan's ``(i, j, k)`` patch axes, ``C`` = ``num_classes``)::
+
+    x:                   (B, in_channels, D, H, W)   D, H, W divisible by the stride product per axis
+    train()  forward(x)  -> [ (B, C, D, H, W),                        head 0, full resolution
+                              (B, C, D/s1_i, H/s1_j, W/s1_k),          head 1
+                              ...,                                     head S-2, one above the bottleneck ]
+    eval()   forward(x)  -> (B, C, D, H, W)                           head 0 only
+    eval()   forward(x, exit_level=k) -> (B, C, D, H, W)              head k, trilinear-upsampled to x
+
+With ``S`` encoder stages (stage 0 at full resolution, stage ``S-1`` the bottleneck) there are ``S-1`` decoder
+stages; decoder stage ``d`` turns level ``d+1`` features into level-``d`` features (the resolution of encoder
+stage ``d``) and head ``d`` reads them. Head ``d`` is downsampled by ``prod(strides[:d+1])`` per axis. Logits
+stay at their native resolution in training (nnU-Net: targets are downsampled, logits never upsampled).
+Unlike MONAI's ``DynUNet`` the lowest decoder level is supervised too (Deeply-Supervised Nets: a companion
+classifier on every hidden scale).
+
+Early exit (``exit_level=k``) runs the encoder and only the decoder stages ``S-2 .. k``, so a coarse preview
+costs a fraction of full inference ("anytime" prediction).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetOutBlock, UnetResBlock, UnetUpBlock
+from torch import Tensor, nn
+from torch.nn.functional import interpolate
+
+from medsup.config import Config
+from medsup.data.planning import Plan
+from medsup.models.topology import Topology
+
+Triple = tuple[int, int, int]
+
+#: config names -> MONAI layer specs (nnU-Net's choices: affine instance norm, leaky ReLU 0.01)
+_ACTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "leakyrelu": ("leakyrelu", {"negative_slope": 0.01, "inplace": True}),
+    "relu": ("relu", {"inplace": True}),
+    "prelu": ("prelu", {"num_parameters": 1}),
+    "gelu": ("gelu", {}),
+}
+
+
+def norm_spec(norm: str, filters: Sequence[int]) -> tuple[str, dict[str, Any]]:
+    """MONAI norm spec for a config name.
+
+    ``group`` uses ``gcd(8, *filters)`` groups: the count must divide every stage's channels, and 8 keeps at
+    least 4 channels per group at nnU-Net's 32 base filters (32 groups there would be instance norm).
+    """
+    if norm == "instance":
+        return ("INSTANCE", {"affine": True})
+    if norm == "batch":
+        return ("BATCH", {})
+    if norm == "group":
+        return ("GROUP", {"num_groups": math.gcd(8, *filters)})
+    raise ValueError(f"unknown norm {norm!r}; expected instance, batch or group")
+
+
+def act_spec(act: str) -> tuple[str, dict[str, Any]]:
+    """MONAI activation spec for a config name."""
+    try:
+        name, args = _ACTS[act]
+    except KeyError:
+        raise ValueError(f"unknown act {act!r}; expected one of {', '.join(_ACTS)}") from None
+    return (name, dict(args))
+
+
+def check_topology(topology: Topology) -> None:
+    """Raise a ValueError naming the stage and the problem when ``topology`` cannot build a U-Net."""
+    n_k, n_s, n_f = len(topology.kernels), len(topology.strides), len(topology.filters)
+    if not (n_k == n_s == n_f):
+        raise ValueError(f"topology lists differ in length: {n_k} kernels, {n_s} strides, {n_f} filters")
+    if n_s < 2:
+        raise ValueError(f"a U-Net needs at least 2 stages (one decoder scale), got {n_s}")
+    for stage, (kernel, stride, filters) in enumerate(
+        zip(topology.kernels, topology.strides, topology.filters, strict=True)
+    ):
+        if len(kernel) != 3 or len(stride) != 3:
+            raise ValueError(f"stage {stage}: kernel {list(kernel)} and stride {list(stride)} need 3 entries")
+        if any(k < 1 or k % 2 == 0 for k in kernel):
+            # even kernels would change the feature-map size and break the skip connections
+            raise ValueError(f"stage {stage}: kernel {list(kernel)} must be odd and positive")
+        if any(s < 1 for s in stride):
+            raise ValueError(f"stage {stage}: stride {list(stride)} must be positive")
+        if any(k < s - 1 for k, s in zip(kernel, stride, strict=True)):
+            raise ValueError(f"stage {stage}: kernel {list(kernel)} is too small for stride {list(stride)} "
+                             f"(needs kernel >= stride - 1 for 'same' padding)")
+        if filters < 1:
+            raise ValueError(f"stage {stage}: filters must be positive, got {filters}")
+    if tuple(topology.strides[0]) != (1, 1, 1):
+        raise ValueError(f"stage 0 must not downsample, got stride {list(topology.strides[0])}")
+
+
+class DeepSupervisedUNet(nn.Module):
+    """3D U-Net with a segmentation head on every decoder scale (see the module docstring for shapes).
+
+    Args:
+        in_channels: image channels (1 for CT).
+        num_classes: output channels, background included.
+        topology: kernels, strides and filters of the ``S`` encoder stages; ``strides[0]`` is ``(1, 1, 1)``.
+        residual: ``UnetResBlock`` encoder stages instead of ``UnetBasicBlock``.
+        norm: ``instance`` | ``batch`` | ``group``.
+        act: ``leakyrelu`` | ``relu`` | ``prelu`` | ``gelu``.
+        dropout: dropout probability inside the convolution blocks (0 disables).
+        trans_bias: bias in the decoder's transposed convolutions.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        topology: Topology,
+        *,
+        residual: bool = False,
+        norm: str = "instance",
+        act: str = "leakyrelu",
+        dropout: float = 0.0,
+        trans_bias: bool = False,
+    ) -> None:
+        super().__init__()
+        if in_channels < 1:
+            raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        check_topology(topology)
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.topology = topology
+        kernels, strides, filters = topology.kernels, topology.strides, topology.filters
+        norm_name, act_name = norm_spec(norm, filters), act_spec(act)
+        drop = dropout or None  # MONAI would insert a no-op Dropout(p=0) layer for 0.0
+        block = UnetResBlock if residual else UnetBasicBlock
+
+        # encoder[s]: level s-1 -> level s (stage 0 keeps full resolution; S-1 is the bottleneck)
+        self.encoder = nn.ModuleList(
+            block(3, c_in, c_out, kernel_size=k, stride=s, norm_name=norm_name, act_name=act_name,
+                  dropout=drop)
+            for c_in, c_out, k, s in zip((in_channels, *filters[:-1]), filters, kernels, strides, strict=True)
+        )
+        # decoder[d]: level d+1 -> level d. Transposed conv with kernel = stride undoes encoder stage d+1's
+        # downsampling exactly; the convolutions use stage d's kernel (nnU-Net's choice: the kernel that
+        # matches level d's spacing; MONAI's DynUNet uses stage d+1's).
+        self.decoder = nn.ModuleList(
+            UnetUpBlock(3, filters[d + 1], filters[d], kernel_size=kernels[d], stride=1,
+                        upsample_kernel_size=strides[d + 1], norm_name=norm_name, act_name=act_name,
+                        dropout=drop, trans_bias=trans_bias)
+            for d in range(len(filters) - 1)
+        )
+        # heads[d]: 1x1x1 logits on decoder level d
+        self.heads = nn.ModuleList(UnetOutBlock(3, filters[d], num_classes) for d in range(len(filters) - 1))
+        self.apply(_init_weights)
+
+    @property
+    def num_heads(self) -> int:
+        """Segmentation heads, one per decoder scale (``S - 1``)."""
+        return len(self.heads)
+
+    @property
+    def divisor(self) -> Triple:
+        """Input sizes must be divisible by this per axis (the stride product)."""
+        return self.topology.divisor
+
+    def head_scales(self) -> list[Triple]:
+        """Per-axis downsampling factor of each head relative to the input, head 0 (= ``(1, 1, 1)``) first."""
+        scales, current = [], (1, 1, 1)
+        for stride in self.topology.strides[: self.num_heads]:
+            current = (current[0] * stride[0], current[1] * stride[1], current[2] * stride[2])
+            scales.append(current)
+        return scales
+
+    def head_shapes(self, spatial: Sequence[int]) -> list[tuple[int, int, int, int]]:
+        """Per-sample logits shape ``(C, d, h, w)`` of each head (train mode) for input size ``spatial``."""
+        self._check_spatial(tuple(spatial))
+        return [(self.num_classes, spatial[0] // f[0], spatial[1] // f[1], spatial[2] // f[2])
+                for f in self.head_scales()]
+
+    def feature_shapes(self, spatial: Sequence[int]) -> list[tuple[int, int, int, int]]:
+        """Per-sample feature shape ``(channels, d, h, w)`` of each encoder stage for input ``spatial``."""
+        self._check_spatial(tuple(spatial))
+        sizes = self.topology.scales((spatial[0], spatial[1], spatial[2]))
+        return [(f, *size) for f, size in zip(self.topology.filters, sizes, strict=True)]
+
+    def forward(self, x: Tensor, exit_level: int | None = None) -> Tensor | list[Tensor]:
+        """Segment ``x`` of shape ``(B, in_channels, D, H, W)``.
+
+        Returns:
+            train mode: a list of ``num_heads`` logits, full resolution first, each at its native resolution.
+            eval mode: ``(B, C, D, H, W)`` logits of head 0, or of head ``exit_level`` upsampled to ``x``.
+        """
+        self._check_input(x)
+        if exit_level is not None:
+            if self.training:
+                raise ValueError("exit_level is an inference option: call model.eval() first")
+            if not 0 <= exit_level < self.num_heads:
+                raise ValueError(f"exit_level must be in 0..{self.num_heads - 1} (one per decoder scale, "
+                                 f"0 = full resolution), got {exit_level}")
+        stop = 0 if exit_level is None else exit_level
+
+        skips: list[Tensor] = []
+        h = x
+        for stage in self.encoder:
+            h = stage(h)
+            skips.append(h)
+        # walk up from the bottleneck; stop at the level asked for so finer stages never run
+        logits: list[Tensor] = []
+        for d in range(self.num_heads - 1, stop - 1, -1):
+            h = self.decoder[d](h, skips[d])
+            if self.training:
+                logits.append(self.heads[d](h))
+        if self.training:
+            return logits[::-1]
+        out: Tensor = self.heads[stop](h)
+        if out.shape[2:] != x.shape[2:]:
+            out = interpolate(out, size=x.shape[2:], mode="trilinear", align_corners=False)
+        return out
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.ndim != 5:
+            raise ValueError(f"expected a 5-D input (B, C, D, H, W), got shape {list(x.shape)}")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"expected {self.in_channels} input channel(s), got {x.shape[1]} "
+                             f"(input shape {list(x.shape)})")
+        self._check_spatial(tuple(x.shape[2:]))
+
+    def _check_spatial(self, spatial: tuple[int, ...]) -> None:
+        if len(spatial) != 3:
+            raise ValueError(f"expected 3 spatial sizes, got {list(spatial)}")
+        for axis, (n, div) in enumerate(zip(spatial, self.divisor, strict=True)):
+            if n < 1 or n % div:
+                raise ValueError(f"spatial size {list(spatial)} is not divisible by the stride product "
+                                 f"{list(self.divisor)} along axis {axis} ({n} % {div} = {n % div}); "
+                                 f"use a multiple of {div}")
+
+
+def _init_weights(module: nn.Module) -> None:
+    """nnU-Net's ``InitWeights_He(1e-2)``: Kaiming normal for (transposed) convolutions, zero biases."""
+    if isinstance(module, nn.Conv3d | nn.ConvTranspose3d):
+        nn.init.kaiming_normal_(module.weight, a=1e-2)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def build_model(cfg: Config, plan: Plan) -> DeepSupervisedUNet:
+    """The network for ``plan`` (topology, channels, classes) with ``cfg.model``'s layer choices."""
+    m = cfg.model
+    return DeepSupervisedUNet(
+        plan.in_channels,
+        plan.num_classes,
+        plan.topology,
+        residual=m.residual,
+        norm=m.norm,
+        act=m.act,
+        dropout=m.dropout,
+        trans_bias=m.trans_bias,
+    )
