@@ -186,6 +186,42 @@ def model(
         typer.echo(render(summary))
 
 
+@app.command()
+def train(
+    task: TaskOpt = "liver",
+    data: Annotated[Path, typer.Option("--data", "-d", help="Dataset folder (MSD or images/ + labels/).")] = Path("data"),
+    fold: Annotated[int | None, typer.Option(help="Cross-validation fold (default data.fold).")] = None,
+    preset: PresetOpt = None,
+    overrides: SetOpt = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (http://..., sqlite:///...).")] = None,
+    experiment: Annotated[str | None, typer.Option(help="MLflow experiment (default medsup-<task>).")] = None,
+    run_name: Annotated[str | None, typer.Option(help="MLflow run name (default: the output folder's name).")] = None,
+    resume: Annotated[str | None, typer.Option(help="Checkpoint, run folder or MLflow run id to resume.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default train.device).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Run folder (default runs/...).")] = None,
+    plan_file: Annotated[Path | None, typer.Option("--plan", help="Reuse this plan.json.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train the deep-supervised U-Net: plan, split, train with validation, checkpoints and MLflow tracking."""
+    from medsup.train import TrainingError, run_training
+
+    extra = list(overrides or []) + ([f"data.fold={fold}"] if fold is not None else [])
+    cfg = _config(task, extra, preset)
+    try:
+        result = run_training(cfg, data, output=output, tracking_uri=tracking_uri, experiment=experiment,
+                              run_name=run_name, resume=resume, device=device, plan_path=plan_file)
+    except TrainingError as err:
+        _fail(str(err), code=1)
+    summary = {"output_dir": str(result.output_dir), "run_id": result.run_id, "tracking_uri": result.tracking_uri,
+               "best_val_dice": result.best_dice, "best_epoch": result.best_epoch, "epochs": result.epochs_done,
+               "bundle": str(result.bundle_dir)}
+    if as_json:
+        _emit(summary)
+    else:
+        typer.echo(f"trained {result.epochs_done} epochs: best val Dice {result.best_dice:.4f} at epoch "
+                   f"{result.best_epoch}; run {result.run_id} in {result.tracking_uri}; model in {result.bundle_dir}")
+
+
 def main() -> None:
     """Entry point for ``python -m medsup``."""
     app()

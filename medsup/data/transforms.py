@@ -1,0 +1,206 @@
+"""MONAI dictionary transforms built from the config and the plan.
+
+Two chains:
+- :func:`preprocess` — deterministic: load (medsup reader, exact reorientation) -> resample to the plan
+  spacing -> CT normalisation. Shared verbatim by validation and inference, and cached for training so
+  epochs after the first decode no NIfTI.
+- :func:`train_transforms` — ``preprocess`` + pad to the patch + foreground locations (cached), then the
+  random part: foreground-oversampled patch crop and augmentation.
+
+Dictionaries carry ``"image"`` and ``"label"`` paths in, ``(1, X, Y, Z)`` MetaTensors out (image float32 in
+normalised units, label float32 with integer values).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import (
+    Compose,
+    MapTransform,
+    RandAdjustContrastd,
+    RandAffined,
+    RandFlipd,
+    RandGaussianNoised,
+    RandomizableTransform,
+    RandRotate90d,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    Spacingd,
+    SpatialPadd,
+    Transform,
+)
+
+from medsup.config import AugmentConfig, Config
+from medsup.data.io import read_image
+from medsup.data.planning import Normalization, Plan
+
+IMAGE, LABEL = "image", "label"
+FG_LOCATIONS = "fg_locations"
+
+
+class LoadVolumed(MapTransform):
+    """Read each key's path with :func:`medsup.data.io.read_image`, reoriented to ``orientation``.
+
+    Output: a ``(1, X, Y, Z)`` float32 MetaTensor with the RAS affine and the file name in its meta; the
+    original geometry is kept under ``meta["medsup_geometry"]`` so outputs can be mapped back exactly.
+    """
+
+    def __init__(self, keys: Sequence[str], orientation: str, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.orientation = orientation
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            path = d[key]
+            original = read_image(path)
+            volume = original.reoriented(self.orientation)
+            array = torch.from_numpy(np.ascontiguousarray(volume.array, dtype=np.float32))[None]
+            meta = {"filename_or_obj": str(path), "medsup_geometry": original.geometry.as_dict()}
+            d[key] = MetaTensor(array, affine=torch.as_tensor(volume.geometry.affine()), meta=meta)
+        return d
+
+
+class NormalizeCTd(MapTransform):
+    """Clip HU to the plan's foreground ``[p0.5, p99.5]`` then z-score with the foreground mean/std."""
+
+    def __init__(self, keys: Sequence[str], norm: Normalization) -> None:
+        super().__init__(keys)
+        self.norm = norm
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            n = self.norm
+            d[key] = (d[key].clamp(n.clip_low, n.clip_high) - n.mean) / n.std
+        return d
+
+
+def background_value(norm: Normalization) -> float:
+    """The normalised value of air / padding (the clip floor): what the image is padded with."""
+    return (norm.clip_low - norm.mean) / norm.std
+
+
+class ForegroundLocationsd(MapTransform):
+    """Store up to ``per_class`` seeded voxel coordinates of every foreground class (cached once).
+
+    Output key ``fg_locations``: ``{class: (N, 3) int64 array}`` for the classes present in the label.
+    """
+
+    def __init__(self, label_key: str, classes: Sequence[int], per_class: int = 10000, seed: int = 0) -> None:
+        super().__init__([label_key])
+        self.classes = tuple(classes)
+        self.per_class = per_class
+        self.seed = seed
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        label = np.asarray(d[self.keys[0]])[0]
+        rng = np.random.default_rng(self.seed)
+        found: dict[int, np.ndarray] = {}
+        for cls in self.classes:
+            where = np.argwhere(label == cls)
+            if len(where) > self.per_class:
+                where = where[rng.choice(len(where), self.per_class, replace=False)]
+            if len(where):
+                found[cls] = where.astype(np.int64)
+        d[FG_LOCATIONS] = found
+        return d
+
+
+class ForegroundOversampledCropd(RandomizableTransform, MapTransform):
+    """nnU-Net's patch sampler: with probability ``fg_prob`` centre the patch on a foreground voxel of a class
+    drawn uniformly among the classes present (so tumours are seen), else anywhere in the volume.
+
+    The volume must already be at least ``patch`` along every axis (see ``SpatialPadd``).
+    """
+
+    def __init__(self, keys: Sequence[str], patch: Sequence[int], fg_prob: float) -> None:
+        RandomizableTransform.__init__(self, prob=1.0)
+        MapTransform.__init__(self, keys)
+        self.patch = tuple(int(p) for p in patch)
+        self.fg_prob = fg_prob
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        shape = tuple(d[self.keys[0]].shape[1:])
+        locations: dict[int, np.ndarray] = d.pop(FG_LOCATIONS, {})
+        start = self._start(shape, locations)
+        slices = (slice(None), *(slice(s, s + p) for s, p in zip(start, self.patch, strict=True)))
+        for key in self.key_iterator(d):
+            d[key] = d[key][slices]
+        return d
+
+    def _start(self, shape: tuple[int, ...], locations: dict[int, np.ndarray]) -> list[int]:
+        limits = [s - p for s, p in zip(shape, self.patch, strict=True)]
+        if min(limits) < 0:
+            raise ValueError(f"volume {list(shape)} is smaller than the patch {list(self.patch)}: pad it first")
+        if locations and self.R.random() < self.fg_prob:
+            cls = list(locations)[self.R.randint(len(locations))]
+            centre = locations[cls][self.R.randint(len(locations[cls]))]
+            return [int(np.clip(c - p // 2, 0, lim)) for c, p, lim in zip(centre, self.patch, limits, strict=True)]
+        return [int(self.R.randint(lim + 1)) for lim in limits]
+
+
+def preprocess(plan: Plan, keys: Sequence[str] = (IMAGE, LABEL)) -> list[Transform]:
+    """Deterministic load -> reorient -> resample to ``plan.target_spacing`` -> normalise.
+
+    Images are resampled trilinearly and labels by nearest neighbour.
+    """
+    modes = ["bilinear" if k == IMAGE else "nearest" for k in keys]
+    return [
+        LoadVolumed(list(keys), plan.orientation),
+        Spacingd(list(keys), pixdim=plan.target_spacing, mode=modes, padding_mode="border",
+                 dtype=np.float32),
+        NormalizeCTd([IMAGE], plan.normalization),
+    ]
+
+
+def _augmentations(aug: AugmentConfig, plan: Plan) -> list[Transform]:
+    keys = [IMAGE, LABEL]
+    spacing = plan.target_spacing
+    anisotropic = max(spacing) / min(spacing) > 3
+    in_plane_rot = math.radians(aug.rotate_deg)
+    # with thick slices, rotating out of plane mixes slices that were never sampled: rotate in-plane only
+    off_plane_rot = 0.0 if anisotropic else in_plane_rot
+    out: list[Transform] = []
+    if aug.affine_prob > 0:
+        out.append(RandAffined(
+            keys, prob=aug.affine_prob, rotate_range=(off_plane_rot, off_plane_rot, in_plane_rot),
+            scale_range=(aug.scale_range,) * 3, mode=("bilinear", "nearest"), padding_mode="border",
+        ))
+    out += [RandFlipd(keys, prob=aug.flip_prob, spatial_axis=axis) for axis in range(3) if aug.flip_prob > 0]
+    if aug.rot90_prob > 0 and math.isclose(plan.patch_size[0], plan.patch_size[1]):
+        out.append(RandRotate90d(keys, prob=aug.rot90_prob, spatial_axes=(0, 1)))
+    out += [
+        RandScaleIntensityd([IMAGE], factors=aug.intensity_scale, prob=aug.intensity_scale_prob),
+        RandShiftIntensityd([IMAGE], offsets=aug.intensity_shift, prob=aug.intensity_shift_prob),
+        RandAdjustContrastd([IMAGE], prob=aug.gamma_prob, gamma=aug.gamma_range, retain_stats=True),
+        RandGaussianNoised([IMAGE], prob=aug.noise_prob, std=aug.noise_std),
+    ]
+    return out
+
+
+def train_transforms(cfg: Config, plan: Plan, fg_classes: Sequence[int]) -> Compose:
+    """The training chain; everything before the patch crop is deterministic and cached by CacheDataset."""
+    return Compose([
+        *preprocess(plan),
+        # small volumes: pad the image with air and the label with background so every patch fits
+        SpatialPadd([IMAGE], spatial_size=plan.patch_size, mode="constant",
+                    value=background_value(plan.normalization)),
+        SpatialPadd([LABEL], spatial_size=plan.patch_size, mode="constant", value=0),
+        ForegroundLocationsd(LABEL, fg_classes, seed=cfg.seed),
+        ForegroundOversampledCropd([IMAGE, LABEL], plan.patch_size, cfg.train.foreground_oversample),
+        *_augmentations(cfg.augment, plan),
+    ])
+
+
+def eval_transforms(plan: Plan, with_label: bool = True) -> Compose:
+    """Whole-volume validation / inference chain (no padding: the sliding window pads)."""
+    return Compose(preprocess(plan, (IMAGE, LABEL) if with_label else (IMAGE,)))

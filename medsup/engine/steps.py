@@ -1,0 +1,74 @@
+"""The training and validation step closures (each a few lines; everything else is a handler)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from ignite.engine import Engine
+from torch import nn
+
+from medsup.losses import DeepSupervisionLoss
+
+
+def autocast_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
+    """bf16 where the GPU supports it, else fp16; None on CPU or when AMP is off."""
+    if not enabled or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def prepare(batch: dict[str, Any], device: torch.device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch dict -> plain ``(B, 1, X, Y, Z)`` image and integer label tensors on ``device``.
+
+    MetaTensors are unwrapped: their per-op metadata tracking costs time and nothing downstream needs it.
+    """
+    image, label = batch["image"], batch["label"]
+    image = image.as_tensor() if hasattr(image, "as_tensor") else image
+    label = label.as_tensor() if hasattr(label, "as_tensor") else label
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    image = image.to(device, non_blocking=True, memory_format=fmt)
+    return image, label.to(device, non_blocking=True).round().long()
+
+
+def make_train_step(
+    model: nn.Module,
+    loss_fn: DeepSupervisionLoss,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    *,
+    amp: bool = True,
+    grad_clip: float = 12.0,
+    channels_last: bool = False,
+) -> Callable[[Engine, dict[str, Any]], dict[str, float]]:
+    """Forward, deep-supervision loss, backward, clip, step. Returns ``{"loss": float}``.
+
+    fp16 uses a GradScaler; bf16 and fp32 need none. The step never sees the heads: the model returns its
+    list of logits and the loss takes it whole.
+    """
+    dtype = autocast_dtype(device, amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    def step(engine: Engine, batch: dict[str, Any]) -> dict[str, float]:
+        model.train()
+        image, label = prepare(batch, device, channels_last)
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast(device, dtype):
+            outputs = model(image)
+        loss = loss_fn([o.float() for o in outputs], label)
+        scaler.scale(loss).backward()
+        if grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        return {"loss": loss.item()}
+
+    step.scaler = scaler  # type: ignore[attr-defined]  # checkpointed with the rest of the state
+    return step

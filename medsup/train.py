@@ -1,0 +1,402 @@
+"""``run_training(cfg, data_dir)``: the composition root of a training run. Reads top to bottom:
+
+check data -> plan -> split -> track -> datasets -> model, loss, optimiser -> engine + handlers -> (resume)
+-> run -> final checkpoint, model bundle, curves.
+
+Under ``torchrun`` (WORLD_SIZE > 1) the same function runs on every rank through ``ignite.distributed``:
+cases are sharded per rank, metrics all-reduced, and only rank 0 logs to MLflow and writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import ignite.distributed as idist
+import monai
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+
+import medsup
+from medsup.config import Config, from_json
+from medsup.data.check import check_dataset
+from medsup.data.datalist import load_datalist
+from medsup.data.fingerprint import plan_dataset
+from medsup.data.io import atomic_path
+from medsup.data.planning import Plan
+from medsup.data.splits import make_splits, save_splits
+from medsup.data.transforms import eval_transforms, train_transforms
+from medsup.engine.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from medsup.engine.handlers import BestTracker, EpochMetrics, LossEpoch, PolyLR
+from medsup.engine.steps import make_train_step
+from medsup.engine.validation import make_inferer, summarise, validate
+from medsup.losses import build_loss, heads_may_go_unused
+from medsup.models.unet import build_model
+from medsup.tasks import get_task
+from medsup.tracking import RunTracker, check_reachable, resolve_tracking_uri
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot start or go on; the message says which case or setting to fix."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished training run leaves behind."""
+
+    output_dir: Path
+    run_id: str | None
+    tracking_uri: str
+    best_dice: float
+    best_epoch: int
+    epochs_done: int
+    bundle_dir: Path
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class _Options:
+    data_dir: Path
+    output: Path | None
+    tracking_uri: str | None
+    experiment: str | None
+    run_name: str | None
+    resume: str | None
+    device: str | None
+    plan_path: Path | None
+
+
+def run_training(cfg: Config, data_dir: Path | str, *, output: Path | str | None = None,
+                 tracking_uri: str | None = None, experiment: str | None = None, run_name: str | None = None,
+                 resume: str | None = None, device: str | None = None,
+                 plan_path: Path | str | None = None) -> TrainResult:
+    """Train ``cfg.task`` on the dataset at ``data_dir`` (see the module docstring).
+
+    Args:
+        output: run folder (checkpoints, plan, bundle); default ``runs/<task>-fold<k>-<time>``.
+        tracking_uri: MLflow URI (else $MLFLOW_TRACKING_URI, config, ``sqlite:///<cwd>/mlflow.db``).
+        resume: a checkpoint file, a run folder, or an MLflow run id whose run folder still exists.
+        device: ``cpu`` / ``cuda``; default ``cfg.train.device``.
+        plan_path: reuse this plan.json instead of planning the dataset.
+
+    Raises:
+        TrainingError: bad data, unreachable tracking server, unusable checkpoint, out of GPU memory.
+    """
+    opts = _Options(Path(data_dir), Path(output) if output else None, tracking_uri, experiment, run_name,
+                    resume, device, Path(plan_path) if plan_path else None)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and idist.model_name() != "native-dist":
+        result: list[TrainResult] = []
+        backend = "nccl" if torch.cuda.is_available() and (device or cfg.train.device) != "cpu" else "gloo"
+        with idist.Parallel(backend=backend) as parallel:
+            parallel.run(lambda _rank: result.append(_train(cfg, opts)))
+        return result[0]
+    return _train(cfg, opts)
+
+
+def _train(cfg: Config, opts: _Options) -> TrainResult:
+    rank0 = idist.get_rank() == 0
+    checkpoint = _load_resume(opts) if opts.resume else None
+    if checkpoint is not None:
+        cfg = from_json(checkpoint["config"])  # a resumed run keeps the config it started with
+    output = _output_dir(cfg, opts, checkpoint)
+    task = get_task(cfg.task)
+
+    # data: every case must pass the check before a single step is taken
+    if not opts.data_dir.is_dir():
+        raise TrainingError(f"data folder {opts.data_dir} does not exist")
+    report = check_dataset(opts.data_dir, cfg)
+    if not report.ok:
+        raise TrainingError(f"dataset {opts.data_dir} fails `medsup data check`:\n{report.render()}")
+
+    # plan and split (rank 0 writes, the others read after a barrier)
+    plan = _plan(cfg, opts, output, checkpoint, rank0)
+    datalist = load_datalist(opts.data_dir)
+    cases = {c.case_id: c for c in datalist.labelled}
+    splits = make_splits(sorted(cases), cfg.data.num_folds, cfg.seed)
+    fold = min(cfg.data.fold, len(splits) - 1)
+    if rank0:
+        save_splits(splits, output / "splits.json")
+        (output / "config.json").write_text(cfg.to_json() + "\n")
+    split = splits[fold]
+
+    dev = _device(opts.device or cfg.train.device)
+    uri, source = resolve_tracking_uri(opts.tracking_uri, cfg.tracking.uri, Path.cwd())
+    if rank0:
+        try:
+            check_reachable(uri)
+        except Exception as err:
+            raise TrainingError(f"MLflow tracking store unavailable ({source}: {uri}): {err}") from None
+    tracker = RunTracker(
+        uri, opts.experiment or cfg.tracking.experiment or f"medsup-{cfg.task}",
+        opts.run_name or output.name, run_id=checkpoint.get("run_id") if checkpoint else None,
+        spool_dir=output, enabled=rank0,
+    )
+    with tracker:
+        if checkpoint is None:
+            tracker.log_params({**cfg.flat(), **{f"planned.{k}": v for k, v in _flat_plan(plan).items()},
+                                "data.dir": str(opts.data_dir.resolve()), "data.fold_used": fold})
+        tracker.set_tags(_tags(cfg, plan, fold, dev, output, uri))
+        for name in ("config.json", "plan.json", "splits.json"):
+            if rank0:
+                tracker.log_artifact(output / name)
+        result = _fit(cfg, plan, task.labels, cases, split, dev, output, tracker, checkpoint)
+        result.tracking_uri = uri
+    return result
+
+
+def _fit(cfg: Config, plan: Plan, labels: dict[int, str], cases: dict[str, Any], split: dict[str, list[str]],
+         dev: torch.device, output: Path, tracker: RunTracker, checkpoint: dict[str, Any] | None) -> TrainResult:
+    rank0 = idist.get_rank() == 0
+    torch.manual_seed(cfg.seed + idist.get_rank())
+    np.random.seed((cfg.seed + idist.get_rank()) % 2**32)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    elif dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    train_loader, val_items = _loaders(cfg, plan, cases, split, dev)
+    model = build_model(cfg, plan).to(dev)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
+    net = idist.auto_model(model, find_unused_parameters=heads_may_go_unused(cfg.loss))
+    if cfg.train.compile:
+        net = torch.compile(net)  # type: ignore[assignment]
+    loss_fn = build_loss(cfg)
+    optimizer = _optimizer(cfg, model)
+    step = make_train_step(net, loss_fn, optimizer, dev, amp=cfg.train.amp, grad_clip=cfg.train.grad_clip,
+                           channels_last=cfg.train.channels_last)
+    trainer = Engine(step)
+    total_iterations = cfg.train.epochs * cfg.train.iterations_per_epoch
+    trainer.add_event_handler(Events.ITERATION_STARTED, PolyLR(optimizer, cfg.train.lr, total_iterations,
+                                                                cfg.train.poly_exponent))
+    trainer.add_event_handler(Events.EPOCH_STARTED, LossEpoch(loss_fn))
+    epoch_metrics = EpochMetrics(loss_fn, optimizer, plan.batch_size)
+    trainer.add_event_handler(Events.EPOCH_STARTED, epoch_metrics.started_epoch)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, epoch_metrics.iteration)
+    best = BestTracker("val.dice", cfg.train.early_stop_patience)
+    history: list[dict[str, float]] = []
+    inferer = make_inferer(plan.patch_size, cfg.infer.overlap, cfg.infer.sw_batch_size, cfg.infer.blend)
+    fg_names = [labels[c] for c in sorted(labels) if c != 0]
+    fg_classes = [c for c in sorted(labels) if c != 0]
+    ckpt_dir = output / "checkpoints"
+
+    def payload() -> dict[str, Any]:
+        return {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": step.scaler.state_dict(),  # type: ignore[attr-defined]
+            "trainer": trainer.state_dict(), "epoch": trainer.state.epoch, "best": best.state_dict(),
+            "history": history,
+            "rng": rng_state(), "run_id": tracker.run_id or "", "config": cfg.to_json(),
+            "plan": plan.model_dump_json(), "medsup_version": medsup.__version__,
+            "loss_running": loss_fn._running if loss_fn._running is not None else torch.zeros(0),
+        }
+
+    @trainer.on(Events.EPOCH_COMPLETED)
+    def end_of_epoch(engine: Engine) -> None:
+        epoch = engine.state.epoch
+        metrics = epoch_metrics.compute(engine)
+        if epoch % cfg.train.val_every == 0 or epoch == cfg.train.epochs:
+            started = time.perf_counter()
+            results = validate(net, val_items, inferer, dev, fg_classes, cfg.train.amp)
+            if idist.get_world_size() > 1:  # every rank validated its shard of cases
+                gathered = cast(list[list[dict[str, Any]]], idist.all_gather(results))
+                results = [r for part in gathered for r in part]
+            metrics.update(summarise(results, fg_names))
+            metrics["val.seconds"] = time.perf_counter() - started
+            if best.update(engine, metrics) and rank0:
+                save_checkpoint(ckpt_dir / "best.pt", payload())
+        metrics["epoch"] = float(epoch)
+        history.append(metrics)
+        tracker.log_metrics(metrics, step=epoch)
+        if rank0:
+            save_checkpoint(ckpt_dir / "last.pt", payload())
+        dice = ", ".join(f"{k.removeprefix('val.dice.')} {v:.3f}" for k, v in metrics.items()
+                         if k.startswith("val.dice."))
+        log.info("epoch %d/%d: loss %.4f%s, %.1f s", epoch, cfg.train.epochs, metrics.get("train.loss.total", 0),
+                 f", dice {dice}" if dice else "", metrics["train.epoch_seconds"])
+
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        step.scaler.load_state_dict(checkpoint["scaler"])  # type: ignore[attr-defined]
+        trainer.load_state_dict(checkpoint["trainer"])
+        best.load_state_dict(checkpoint["best"])
+        history.extend(checkpoint["history"])
+        if checkpoint["loss_running"].numel():
+            loss_fn._running = checkpoint["loss_running"].to(dev)
+        set_rng_state(checkpoint["rng"])
+        log.info("resumed at epoch %d (iteration %d)", trainer.state.epoch, trainer.state.iteration)
+
+    try:
+        trainer.run(train_loader, max_epochs=cfg.train.epochs)
+    except torch.cuda.OutOfMemoryError:
+        raise TrainingError(
+            f"out of GPU memory with patch {list(plan.patch_size)} x batch {plan.batch_size}: lower "
+            "plan.memory_budget_gb (re-plan), or set plan.patch_size / plan.batch_size smaller"
+        ) from None
+
+    bundle = output / "model"
+    if rank0:
+        best_path = ckpt_dir / "best.pt" if (ckpt_dir / "best.pt").is_file() else ckpt_dir / "last.pt"
+        write_bundle(bundle, load_checkpoint(best_path)["model"], cfg, plan, labels)
+        tracker.log_artifact(bundle / "plan.json", "model")
+        try:
+            from medsup.evaluation.figures import training_curves
+
+            tracker.log_artifact(training_curves(history, output / "training_curves.png"))
+        except Exception as err:  # a figure must never fail a finished training
+            log.warning("training curves not drawn: %s", err)
+    return TrainResult(output, tracker.run_id, "", best.best, best.best_epoch, trainer.state.epoch, bundle, history)
+
+
+def write_bundle(folder: Path, weights: dict[str, torch.Tensor], cfg: Config, plan: Plan,
+                 labels: dict[int, str]) -> Path:
+    """A self-describing model folder: weights + resolved config + plan + label map + versions."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(folder / "weights.pt", {"model": weights})
+    for name, text in (
+        ("config.json", cfg.to_json()),
+        ("plan.json", plan.model_dump_json(indent=2)),
+        ("labels.json", json.dumps({str(k): v for k, v in sorted(labels.items())}, indent=2)),
+        ("versions.json", json.dumps(_versions(), indent=2)),
+    ):
+        with atomic_path(folder / name) as tmp:
+            tmp.write_text(text + "\n")
+    return folder
+
+
+def _loaders(cfg: Config, plan: Plan, cases: dict[str, Any], split: dict[str, list[str]],
+             dev: torch.device) -> tuple[Any, Any]:
+    from monai.data import CacheDataset, DataLoader
+
+    rank, world = idist.get_rank(), idist.get_world_size()
+    train_ids = split["train"][rank::world] or split["train"]
+    val_ids = split["val"][rank::world]
+    if cfg.train.val_max_cases:
+        val_ids = val_ids[: cfg.train.val_max_cases]
+    item = lambda cid: {"image": str(cases[cid].image), "label": str(cases[cid].label)}  # noqa: E731
+    fg = [c for c in sorted(get_task(cfg.task).labels) if c != 0]
+    workers = cfg.train.num_workers
+    train_tf = train_transforms(cfg, plan, fg)
+    train_tf.set_random_state(cfg.seed + rank)
+    train_ds = CacheDataset([item(c) for c in train_ids], train_tf, cache_rate=cfg.train.cache_rate,
+                            num_workers=max(1, workers), progress=False)
+    val_ds = CacheDataset([item(c) for c in val_ids], eval_transforms(plan), cache_rate=cfg.train.cache_rate,
+                          num_workers=max(1, workers), progress=False)
+    generator = torch.Generator().manual_seed(cfg.seed + rank)
+    sampler = torch.utils.data.RandomSampler(
+        train_ds, replacement=True, num_samples=cfg.train.iterations_per_epoch * plan.batch_size, generator=generator
+    )
+    train_loader = DataLoader(train_ds, batch_size=plan.batch_size, sampler=sampler, num_workers=workers,
+                              pin_memory=dev.type == "cuda", persistent_workers=workers > 0, drop_last=True)
+    val_loader = DataLoader(val_ds, batch_size=1, num_workers=0)
+    return train_loader, val_loader
+
+
+def _optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    t = cfg.train
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
+                               nesterov=True)
+    return torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+
+
+def _device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("--device cuda asked for, but no CUDA device is available")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and idist.get_world_size() > 1:
+        return torch.device(f"cuda:{idist.get_local_rank()}")
+    return torch.device(name)
+
+
+def _load_resume(opts: _Options) -> dict[str, Any]:
+    assert opts.resume is not None
+    target = Path(opts.resume)
+    if not target.exists():
+        from medsup.tracking import run_output_dir
+
+        try:
+            found = run_output_dir(resolve_tracking_uri(opts.tracking_uri, None, Path.cwd())[0], opts.resume)
+        except Exception as err:
+            raise TrainingError(f"--resume {opts.resume}: neither a checkpoint/run folder nor a known MLflow run "
+                                f"({err})") from None
+        target = found
+    try:
+        checkpoint = load_checkpoint(target)
+    except CheckpointError as err:
+        raise TrainingError(f"--resume: {err}") from None
+    checkpoint["_path"] = str(target)
+    return checkpoint
+
+
+def _output_dir(cfg: Config, opts: _Options, checkpoint: dict[str, Any] | None) -> Path:
+    if checkpoint is not None:
+        path = Path(checkpoint["_path"])
+        path = path.parent if path.is_file() else path
+        out = path.parent if path.name == "checkpoints" else path
+    elif opts.output is not None:
+        out = opts.output
+    else:
+        out = Path("runs") / f"{cfg.task}-fold{cfg.data.fold}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if idist.get_rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    return out.resolve()
+
+
+def _plan(cfg: Config, opts: _Options, output: Path, checkpoint: dict[str, Any] | None, rank0: bool) -> Plan:
+    if checkpoint is not None:
+        return Plan.model_validate_json(checkpoint["plan"])
+    if opts.plan_path is not None:
+        plan = Plan.load(opts.plan_path)
+        if plan.task != cfg.task:
+            raise TrainingError(f"{opts.plan_path} plans task {plan.task!r}, not {cfg.task!r}")
+        if rank0:
+            plan.save(output / "plan.json")
+        return plan
+    if rank0:
+        plan_dataset(opts.data_dir, cfg, output / "plan.json")
+    idist.barrier()
+    return Plan.load(output / "plan.json")
+
+
+def _flat_plan(plan: Plan) -> dict[str, Any]:
+    data = plan.model_dump(mode="json")
+    norm = data.pop("normalization")
+    return {**data, **{f"normalization.{k}": v for k, v in norm.items()}}
+
+
+def _versions() -> dict[str, str]:
+    return {"medsup": medsup.__version__, "torch": torch.__version__, "monai": monai.__version__,
+            "python": platform.python_version()}
+
+
+def _git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _tags(cfg: Config, plan: Plan, fold: int, dev: torch.device, output: Path, uri: str) -> dict[str, str]:
+    versions = _versions()
+    return {
+        "task": cfg.task, "fold": str(fold), "git_sha": _git_sha(), "data_fingerprint": plan.fingerprint_hash,
+        "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
+        "world_size": str(idist.get_world_size()), "loss_scheme": cfg.loss.scheme,
+        "medsup.output_dir": str(output), **{f"version.{k}": v for k, v in versions.items()},
+    }

@@ -1,0 +1,148 @@
+"""Tiny end-to-end trainings (smoke preset, CPU, seconds each) tracked to real MLflow stores."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from medsup.config import load
+from medsup.engine.checkpoint import load_checkpoint
+from medsup.train import TrainingError, run_training
+from tests.conftest import write_msd
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_msd(tmp_path_factory.mktemp("data") / "tiny", n=4)
+
+
+def _metric_keys(client: MlflowClient, run_id: str) -> set[str]:
+    return set(client.get_run(run_id).data.metrics)
+
+
+def test_train_two_epochs_to_sqlite(tiny_data: Path, tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load("tiny", presets=["smoke"])
+    result = run_training(cfg, tiny_data, output=tmp_path / "run", tracking_uri=uri, run_name="smoke-test")
+    assert result.epochs_done == 2 and result.run_id
+    client = MlflowClient(uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "smoke-test"
+    params, tags = run.data.params, run.data.tags
+    assert params["train.epochs"] == "2" and params["loss.scheme"] == "nnunet"
+    assert params["planned.patch_size"] == "[32, 32, 32]"
+    for tag in ("task", "fold", "git_sha", "data_fingerprint", "version.torch", "version.monai", "device"):
+        assert tags.get(tag), tag
+    keys = _metric_keys(client, result.run_id)
+    heads = load_checkpoint(result.output_dir / "checkpoints" / "last.pt")["model"]
+    n_heads = sum(1 for k in heads if k.startswith("heads.") and k.endswith("conv.conv.weight"))
+    assert n_heads == 2  # 3 stages -> 2 decoder scales, one head each
+    for i in range(n_heads):
+        assert {f"train.loss.head{i}", f"train.loss.weight{i}", f"train.loss.active{i}"} <= keys
+    assert {"train.loss.total", "train.lr", "val.dice", "val.dice.organ", "train.samples_per_s"} <= keys
+    assert len(client.get_metric_history(result.run_id, "train.loss.total")) == 2
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"config.json", "plan.json", "splits.json", "training_curves.png"} <= artifacts
+    bundle = result.bundle_dir
+    assert {p.name for p in bundle.iterdir()} >= {"weights.pt", "config.json", "plan.json", "labels.json"}
+    assert json.loads((bundle / "labels.json").read_text())["2"] == "lesion"
+
+
+def test_none_scheme_logs_a_single_supervised_head(tiny_data: Path, tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load("tiny", ["loss.scheme=none", "train.epochs=1"], presets=["smoke"])
+    result = run_training(cfg, tiny_data, output=tmp_path / "run", tracking_uri=uri)
+    metrics = MlflowClient(uri).get_run(result.run_id).data.metrics
+    assert metrics["train.loss.weight0"] == 1.0 and metrics["train.loss.weight1"] == 0.0
+    assert metrics["train.loss.active1"] == 0.0
+
+
+def test_train_against_live_server(tiny_data: Path, tmp_path: Path, mlflow_server: str) -> None:
+    cfg = load("tiny", ["train.epochs=1"], presets=["smoke"])
+    result = run_training(cfg, tiny_data, output=tmp_path / "run", tracking_uri=mlflow_server,
+                          experiment="live")
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED" and "train.loss.total" in run.data.metrics
+    assert "plan.json" in {a.path for a in client.list_artifacts(result.run_id)}
+
+
+def test_unreachable_server_fails_before_training(tiny_data: Path, tmp_path: Path) -> None:
+    cfg = load("tiny", presets=["smoke"])
+    with pytest.raises(TrainingError, match="127.0.0.1:9"):
+        run_training(cfg, tiny_data, output=tmp_path / "run", tracking_uri="http://127.0.0.1:9")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_bad_dataset_names_the_case(tiny_data: Path, tmp_path: Path) -> None:
+    bad = write_msd(tmp_path / "bad", n=2)
+    (bad / "labelsTr" / "case1.nii.gz").unlink()
+    with pytest.raises(TrainingError, match="case1"):
+        run_training(load("tiny", presets=["smoke"]), bad, output=tmp_path / "run",
+                     tracking_uri=f"sqlite:///{tmp_path / 'db.sqlite'}")
+    with pytest.raises(TrainingError, match="does not exist"):
+        run_training(load("tiny", presets=["smoke"]), tmp_path / "nowhere", output=tmp_path / "run2",
+                     tracking_uri=f"sqlite:///{tmp_path / 'db.sqlite'}")
+
+
+def _cli(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "medsup", *args], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def test_resume_after_sigkill(tiny_data: Path, tmp_path: Path) -> None:
+    """Kill a training mid-run with SIGKILL, resume it: same run, all epochs, a monotone history."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    args = ["train", "--task", "tiny", "--data", str(tiny_data), "--preset", "smoke", "--set", "train.epochs=6",
+            "--set", "train.iterations_per_epoch=4", "--output", str(out), "--tracking-uri", uri]
+    proc = _cli(*args, env=env)
+    last = out / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 240
+    # wait for the second epoch's checkpoint, then kill without warning
+    while time.monotonic() < deadline and proc.poll() is None:
+        if last.is_file() and load_checkpoint(last)["epoch"] >= 2:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, f"training ended before it could be killed:\n{proc.communicate()[0]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    killed_at = load_checkpoint(last)["epoch"]
+    assert 2 <= killed_at < 6
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")], "temp checkpoint left"
+    resumed = _cli("train", "--task", "tiny", "--data", str(tiny_data), "--resume", str(out),
+                   "--tracking-uri", uri, "--json", env=env)
+    output, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, output
+    summary = json.loads(output[output.index("{"):])
+    assert summary["epochs"] == 6
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("medsup-tiny").experiment_id])
+    assert len(runs) == 1 and runs[0].info.run_id == summary["run_id"]
+    steps = [m.step for m in client.get_metric_history(summary["run_id"], "train.loss.total")]
+    assert sorted(set(steps)) == [1, 2, 3, 4, 5, 6] and steps == sorted(steps)
+
+
+def test_pickle_bomb_checkpoint_is_refused(tiny_data: Path, tmp_path: Path) -> None:
+    class Bomb:
+        def __reduce__(self) -> tuple[object, tuple[str]]:
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    bad = tmp_path / "bomb.pt"
+    torch.save({"model": Bomb()}, bad)
+    with pytest.raises(TrainingError, match="not a loadable medsup checkpoint"):
+        run_training(load("tiny", presets=["smoke"]), tiny_data, resume=str(bad),
+                     tracking_uri=f"sqlite:///{tmp_path / 'db.sqlite'}")
+    assert not (tmp_path / "pwned").exists()
