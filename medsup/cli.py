@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -212,6 +213,8 @@ def train(
                               run_name=run_name, resume=resume, device=device, plan_path=plan_file)
     except TrainingError as err:
         _fail(str(err), code=1)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun only rank 0 reports
     summary = {"output_dir": str(result.output_dir), "run_id": result.run_id, "tracking_uri": result.tracking_uri,
                "best_val_dice": result.best_dice, "best_epoch": result.best_epoch, "epochs": result.epochs_done,
                "bundle": str(result.bundle_dir)}

@@ -146,3 +146,24 @@ def test_pickle_bomb_checkpoint_is_refused(tiny_data: Path, tmp_path: Path) -> N
         run_training(load("tiny", presets=["smoke"]), tiny_data, resume=str(bad),
                      tracking_uri=f"sqlite:///{tmp_path / 'db.sqlite'}")
     assert not (tmp_path / "pwned").exists()
+
+
+def test_ddp_two_gloo_ranks(tiny_data: Path, tmp_path: Path) -> None:
+    """torchrun with 2 CPU processes: one MLflow run (rank 0), metrics reduced, one checkpoint writer."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    port = 29500 + os.getpid() % 1000
+    proc = subprocess.run(
+        [str(torchrun), "--nproc_per_node=2", f"--master_port={port}", "-m", "medsup", "-q", "train",
+         "--task", "tiny", "--data", str(tiny_data), "--preset", "smoke", "--output", str(tmp_path / "run"),
+         "--tracking-uri", uri, "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count('"run_id"') == 1  # only rank 0 reports
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("medsup-tiny").experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.tags["world_size"] == "2" and run.info.status == "FINISHED"
+    assert len(client.get_metric_history(run.info.run_id, "val.dice")) == 2
