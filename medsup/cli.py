@@ -189,8 +189,8 @@ def model(
 
 @app.command()
 def train(
+    data: Annotated[Path, typer.Option("--data", "-d", help="Dataset folder (MSD or images/ + labels/).")],
     task: TaskOpt = "liver",
-    data: Annotated[Path, typer.Option("--data", "-d", help="Dataset folder (MSD or images/ + labels/).")] = Path("data"),
     fold: Annotated[int | None, typer.Option(help="Cross-validation fold (default data.fold).")] = None,
     preset: PresetOpt = None,
     overrides: SetOpt = None,

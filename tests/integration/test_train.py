@@ -80,7 +80,7 @@ def test_train_against_live_server(tiny_data: Path, tmp_path: Path, mlflow_serve
 
 def test_unreachable_server_fails_before_training(tiny_data: Path, tmp_path: Path) -> None:
     cfg = load("tiny", presets=["smoke"])
-    with pytest.raises(TrainingError, match="127.0.0.1:9"):
+    with pytest.raises(TrainingError, match=r"127\.0\.0\.1:9"):
         run_training(cfg, tiny_data, output=tmp_path / "run", tracking_uri="http://127.0.0.1:9")
     assert not (tmp_path / "run" / "checkpoints").exists()
 
@@ -111,14 +111,16 @@ def test_resume_after_sigkill(tiny_data: Path, tmp_path: Path) -> None:
     proc = _cli(*args, env=env)
     last = out / "checkpoints" / "last.pt"
     deadline = time.monotonic() + 240
-    # wait for the second epoch's checkpoint, then kill without warning
-    while time.monotonic() < deadline and proc.poll() is None:
-        if last.is_file() and load_checkpoint(last)["epoch"] >= 2:
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, f"training ended before it could be killed:\n{proc.communicate()[0]}"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(30)
+    try:
+        # wait for the second epoch's checkpoint, then kill without warning
+        while time.monotonic() < deadline and proc.poll() is None:
+            if last.is_file() and load_checkpoint(last)["epoch"] >= 2:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, f"training ended before it could be killed:\n{proc.communicate()[0]}"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
     killed_at = load_checkpoint(last)["epoch"]
     assert 2 <= killed_at < 6
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")], "temp checkpoint left"
