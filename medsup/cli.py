@@ -27,6 +27,15 @@ data_app = typer.Typer(help="Dataset tools.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
 
+
+def _models_app() -> typer.Typer:
+    from medsup.cli_models import models_app  # light: mlflow is imported inside its commands
+
+    return models_app
+
+
+app.add_typer(_models_app(), name="models", help="MLflow model registry: list, promote, pull.")
+
 log = logging.getLogger("medsup")
 
 TaskOpt = Annotated[str, typer.Option("--task", "-t", help="Task name (see `medsup tasks`).")]
@@ -223,6 +232,66 @@ def train(
     else:
         typer.echo(f"trained {result.epochs_done} epochs: best val Dice {result.best_dice:.4f} at epoch "
                    f"{result.best_epoch}; run {result.run_id} in {result.tracking_uri}; model in {result.bundle_dir}")
+
+
+@app.command()
+def infer(
+    inputs: Annotated[list[str], typer.Option("--input", "-i", help="File, folder, glob or .txt list (repeatable).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder (created).")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Bundle folder, checkpoint, models:/NAME@ALIAS, "
+                                       "models:/NAME/N or runs:/ID/model.")],
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Descend into sub-folders.")] = False,
+    fmt: Annotated[str, typer.Option("--format", help="Output suffix: nii.gz, nrrd, mha or keep.")] = "nii.gz",
+    probabilities: Annotated[bool, typer.Option("--probabilities", help="Also write softmax maps.")] = False,
+    overlap: Annotated[float | None, typer.Option(help="Sliding-window overlap (default: the bundle's).")] = None,
+    sw_batch_size: Annotated[int | None, typer.Option(help="Windows per forward pass.")] = None,
+    tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help="Mirror TTA (all 8 flips).")] = None,
+    postprocess: Annotated[bool | None, typer.Option("--postprocess/--no-postprocess",
+                                                     help="Task postprocessing.")] = None,
+    exit_level: Annotated[int | None, typer.Option(help="Early-exit preview from head K (faster, coarser).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Skip cases whose output is complete.")] = False,
+    fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first failed case.")] = False,
+    shard: Annotated[str | None, typer.Option(help="I/N: take every N-th case from the I-th (job arrays).")] = None,
+    report: Annotated[Path | None, typer.Option(help="JSON report path (default OUT/report.json).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow URI for models:/ and runs:/ models.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Segment CT volumes with a trained model; output labels land exactly on each input's grid."""
+    from rich.progress import Progress
+
+    from medsup.inference.api import InferRequest, bundle_for, parse_shard
+    from medsup.inference.api import infer as run_infer
+    from medsup.inference.bundle import BundleError
+
+    try:
+        model_path, version = bundle_for(model, tracking_uri)
+        request = InferRequest(
+            inputs=inputs, output_dir=output, model=model, model_path=model_path, recursive=recursive, fmt=fmt,
+            device=device, overlap=overlap, sw_batch_size=sw_batch_size, tta=tta, postprocess=postprocess,
+            exit_level=exit_level, resume=resume, fail_fast=fail_fast, probabilities=probabilities,
+            shard=parse_shard(shard) if shard else None, report=report, model_version=version,
+        )
+        with Progress(transient=True, disable=as_json or not sys.stderr.isatty()) as bar:
+            task_id = bar.add_task("segmenting", total=None)
+
+            def tick(entry: dict[str, Any]) -> None:
+                bar.update(task_id, advance=1, description=f"{Path(entry['input']).name}: {entry['status']}")
+
+            result = run_infer(request, progress=tick)
+    except (BundleError, FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    summary = result.as_dict()
+    if as_json:
+        _emit(summary)
+    elif int(os.environ.get("RANK", "0")) == 0:
+        counts = summary["summary"]
+        typer.echo(f"{counts['ok']} segmented, {counts['skipped']} skipped, {counts['error']} failed; "
+                   f"outputs in {output}, report {report or output / 'report.json'}")
+        for case in result.failed:
+            typer.secho(f"  failed: {case['input']}: {case['error']}", fg=typer.colors.RED, err=True)
+    if result.failed:
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -15,6 +15,8 @@ class Task:
 
     ``labels`` maps every label value that may appear in a label map to its name; 0 is background.
     ``lesion_classes`` are the classes foreground oversampling must not miss (tumours, nodules).
+    ``organ_classes`` drive postprocessing: the organ (with its lesions) keeps its largest connected
+    component, and lesions must lie inside or touch it. Empty: no postprocessing.
     """
 
     name: str
@@ -23,6 +25,7 @@ class Task:
     labels: dict[int, str]
     config: str
     lesion_classes: tuple[int, ...] = field(default=())
+    organ_classes: tuple[int, ...] = field(default=())
     reference: str = ""
 
     @property
@@ -44,6 +47,7 @@ class Task:
             "labels": {str(k): v for k, v in sorted(self.labels.items())},
             "num_classes": self.num_classes,
             "lesion_classes": list(self.lesion_classes),
+            "organ_classes": list(self.organ_classes),
             "config": self.config,
             "reference": self.reference,
         }
@@ -59,6 +63,7 @@ TASKS: dict[str, Task] = {
             labels={0: "background", 1: "liver", 2: "tumour"},
             config="configs/tasks/liver.yaml",
             lesion_classes=(2,),
+            organ_classes=(1,),
             reference="MSD Task03_Liver / LiTS",
         ),
         Task(
@@ -77,6 +82,7 @@ TASKS: dict[str, Task] = {
             labels={0: "background", 1: "organ", 2: "lesion"},
             config="configs/tasks/tiny.yaml",
             lesion_classes=(2,),
+            organ_classes=(1,),
             reference="synthetic",
         ),
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import subprocess
@@ -26,6 +27,7 @@ import torch
 from ignite.engine import Engine, Events
 
 import medsup
+from medsup.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from medsup.config import Config, from_json
 from medsup.data.check import check_dataset
 from medsup.data.datalist import load_datalist
@@ -33,11 +35,12 @@ from medsup.data.fingerprint import plan_dataset
 from medsup.data.io import atomic_path
 from medsup.data.planning import Plan
 from medsup.data.splits import make_splits, save_splits
-from medsup.data.transforms import eval_transforms, train_transforms
-from medsup.engine.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from medsup.data.transforms import background_value, eval_transforms, train_transforms
+from medsup.device import resolve_device
 from medsup.engine.handlers import BestTracker, EpochMetrics, LossEpoch, PolyLR
 from medsup.engine.steps import make_train_step
-from medsup.engine.validation import make_inferer, summarise, validate
+from medsup.engine.validation import summarise, validate
+from medsup.inference.window import make_inferer
 from medsup.losses import build_loss, heads_may_go_unused
 from medsup.models.unet import build_model
 from medsup.tasks import get_task
@@ -62,6 +65,7 @@ class TrainResult:
     epochs_done: int
     bundle_dir: Path
     history: list[dict[str, float]] = field(default_factory=list)
+    model_version: int | None = None
 
 
 @dataclass
@@ -186,7 +190,8 @@ def _fit(cfg: Config, plan: Plan, labels: dict[int, str], cases: dict[str, Any],
     trainer.add_event_handler(Events.ITERATION_COMPLETED, epoch_metrics.iteration)
     best = BestTracker("val.dice", cfg.train.early_stop_patience)
     history: list[dict[str, float]] = []
-    inferer = make_inferer(plan.patch_size, cfg.infer.overlap, cfg.infer.sw_batch_size, cfg.infer.blend)
+    inferer = make_inferer(plan.patch_size, cfg.infer.overlap, cfg.infer.sw_batch_size, cfg.infer.blend,
+                           background_value(plan.normalization))
     fg_names = [labels[c] for c in sorted(labels) if c != 0]
     fg_classes = [c for c in sorted(labels) if c != 0]
     ckpt_dir = output / "checkpoints"
@@ -247,17 +252,39 @@ def _fit(cfg: Config, plan: Plan, labels: dict[int, str], cases: dict[str, Any],
         ) from None
 
     bundle = output / "model"
+    model_version: int | None = None
     if rank0:
         best_path = ckpt_dir / "best.pt" if (ckpt_dir / "best.pt").is_file() else ckpt_dir / "last.pt"
         write_bundle(bundle, load_checkpoint(best_path)["model"], cfg, plan, labels)
-        tracker.log_artifact(bundle / "plan.json", "model")
+        if cfg.tracking.register_best and tracker.run_id:
+            model_version = _register(tracker, bundle, cfg.task, best.best)
         try:
             from medsup.evaluation.figures import training_curves
 
             tracker.log_artifact(training_curves(history, output / "training_curves.png"))
         except Exception as err:  # a figure must never fail a finished training
             log.warning("training curves not drawn: %s", err)
-    return TrainResult(output, tracker.run_id, "", best.best, best.best_epoch, trainer.state.epoch, bundle, history)
+    return TrainResult(output, tracker.run_id, "", best.best, best.best_epoch, trainer.state.epoch, bundle, history,
+                       model_version)
+
+
+def _register(tracker: RunTracker, bundle: Path, task: str, score: float) -> int | None:
+    """Log the bundle as the run's pyfunc model and register it as ``medsup-<task>`` @candidate.
+
+    A registry that fails here must not cost the finished training: the bundle stays on disk and the
+    error says so.
+    """
+    from medsup.tracking.registry import log_bundle_model, register
+
+    assert tracker.run_id is not None
+    try:
+        model_uri = log_bundle_model(tracker.uri, tracker.run_id, bundle)
+        version = register(tracker.uri, tracker.run_id, task, model_uri, score if math.isfinite(score) else None)
+    except Exception as err:
+        log.error("model not registered (%s); the bundle is kept in %s", err, bundle)
+        return None
+    log.info("registered medsup-%s version %d (alias candidate) from run %s", task, version, tracker.run_id)
+    return version
 
 
 def write_bundle(folder: Path, weights: dict[str, torch.Tensor], cfg: Config, plan: Plan,
@@ -313,13 +340,10 @@ def _optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
 
 
 def _device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("--device cuda asked for, but no CUDA device is available")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and idist.get_world_size() > 1:
-        return torch.device(f"cuda:{idist.get_local_rank()}")
-    return torch.device(name)
+    try:
+        return resolve_device(name, idist.get_local_rank() if idist.get_world_size() > 1 else 0)
+    except ValueError as err:
+        raise TrainingError(str(err)) from None
 
 
 def _load_resume(opts: _Options) -> dict[str, Any]:

@@ -27,6 +27,7 @@ import nibabel as nib
 import nibabel.orientations as nio
 import numpy as np
 import SimpleITK as sitk
+from nibabel.filebasedimages import ImageFileError
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +178,13 @@ def is_image_path(path: Path) -> bool:
 
 def _dicom_files(folder: Path, quiet: bool = False) -> list[str]:
     """File names of the largest DICOM series in ``folder`` (a folder may hold several)."""
-    ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or []
+    # ITK prints a warning for every folder without DICOM; asking is how we find out, so silence it
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or []
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
     if not ids:
         return []
     series = [sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid) for sid in ids]
@@ -287,7 +294,7 @@ def _nifti_voxels(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
     """
     try:
         array = np.asanyarray(nib.load(str(path), mmap=False).dataobj)  # type: ignore[attr-defined]
-    except (EOFError, OSError, ValueError, zlib.error) as err:
+    except (EOFError, OSError, ValueError, zlib.error, ImageFileError) as err:
         raise ImageReadError(f"{path}: truncated or corrupt image data ({err})") from None
     array = array.reshape(array.shape[:3]) if array.ndim == 4 and array.shape[3] == 1 else array
     if array.shape != shape:

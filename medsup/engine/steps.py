@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -10,18 +9,8 @@ import torch
 from ignite.engine import Engine
 from torch import nn
 
+from medsup.device import autocast, autocast_dtype
 from medsup.losses import DeepSupervisionLoss
-
-
-def autocast_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
-    """bf16 where the GPU supports it, else fp16; None on CPU or when AMP is off."""
-    if not enabled or device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def prepare(batch: dict[str, Any], device: torch.device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,7 +48,7 @@ def make_train_step(
         model.train()
         image, label = prepare(batch, device, channels_last)
         optimizer.zero_grad(set_to_none=True)
-        with _autocast(device, dtype):
+        with autocast(device, dtype):
             outputs = model(image)
         loss = loss_fn([o.float() for o in outputs], label)
         scaler.scale(loss).backward()

@@ -10,7 +10,8 @@ import torch
 from monai.inferers import SlidingWindowInferer
 from torch import nn
 
-from medsup.engine.steps import _autocast, autocast_dtype, prepare
+from medsup.device import autocast, autocast_dtype
+from medsup.engine.steps import prepare
 
 
 def dice_per_class(pred: torch.Tensor, label: torch.Tensor, classes: Sequence[int]) -> list[float]:
@@ -27,12 +28,6 @@ def dice_per_class(pred: torch.Tensor, label: torch.Tensor, classes: Sequence[in
     return out
 
 
-def make_inferer(patch: Sequence[int], overlap: float, sw_batch_size: int, blend: str) -> SlidingWindowInferer:
-    """MONAI's sliding window with Gaussian (or constant) blending of overlapping tiles."""
-    return SlidingWindowInferer(roi_size=list(patch), sw_batch_size=sw_batch_size, overlap=overlap,
-                                mode=blend, sigma_scale=0.125, padding_mode="constant", progress=False)
-
-
 @torch.inference_mode()
 def validate(model: nn.Module, cases: Iterable[dict[str, Any]], inferer: SlidingWindowInferer,
              device: torch.device, classes: Sequence[int], amp: bool = True) -> list[dict[str, Any]]:
@@ -42,7 +37,7 @@ def validate(model: nn.Module, cases: Iterable[dict[str, Any]], inferer: Sliding
     results = []
     for batch in cases:
         image, label = prepare(batch, device, channels_last=False)
-        with _autocast(device, dtype):
+        with autocast(device, dtype):
             logits = inferer(image, model)
         pred = torch.as_tensor(logits).argmax(dim=1, keepdim=True)
         name = batch["image"].meta.get("filename_or_obj", "?") if hasattr(batch["image"], "meta") else "?"

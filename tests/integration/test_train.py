@@ -14,8 +14,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from medsup.checkpoint import load_checkpoint
 from medsup.config import load
-from medsup.engine.checkpoint import load_checkpoint
 from medsup.train import TrainingError, run_training
 from tests.conftest import write_msd
 

@@ -1,0 +1,141 @@
+"""Entry points: ``infer`` (what ``medsup infer`` calls) and ``predict_files`` (what the MLflow pyfunc calls).
+
+Both go through the same :class:`~medsup.inference.predictor.Predictor` and batch runner.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import medsup
+from medsup.device import resolve_device
+from medsup.inference.batch import BatchReport, discover_inputs, plan_outputs, run_batch
+from medsup.inference.bundle import Bundle, load_bundle
+from medsup.inference.predictor import Predictor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    """Everything ``medsup infer`` was asked for."""
+
+    inputs: list[str]
+    output_dir: Path
+    model: str
+    model_path: Path
+    recursive: bool = False
+    fmt: str = "nii.gz"
+    device: str = "auto"
+    overlap: float | None = None
+    sw_batch_size: int | None = None
+    tta: bool | None = None
+    postprocess: bool | None = None
+    exit_level: int | None = None
+    resume: bool = False
+    fail_fast: bool = False
+    shard: tuple[int, int] | None = None
+    report: Path | None = None
+    model_version: str | None = None
+    probabilities: bool = False
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"2/8"`` -> ``(2, 8)``: this job takes every 8th case starting at index 2."""
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {text!r}: expected I/N, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise ValueError(f"--shard {text!r}: need 0 <= I < N")
+    return i, n
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world) under torchrun, else (0, 1); initialises gloo/NCCL only for the final report gather."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world
+
+
+def infer(request: InferRequest, progress: Any = None) -> BatchReport:
+    """Run batch inference; returns the (merged, under torchrun) report. Bad cases never stop the others."""
+    rank, world = _distributed()
+    bundle = load_bundle(request.model_path)
+    device = resolve_device(request.device, int(os.environ.get("LOCAL_RANK", "0")))
+    options = Predictor.options_from(bundle, overlap=request.overlap, sw_batch_size=request.sw_batch_size,
+                                     tta=request.tta, postprocess=request.postprocess,
+                                     exit_level=request.exit_level, probabilities=request.probabilities)
+    found = [pair for spec in request.inputs for pair in discover_inputs(spec, request.recursive)]
+    jobs = plan_outputs(found, request.output_dir, request.fmt)
+    index, count = request.shard or (0, 1)
+    index, count = index * world + rank, count * world
+    jobs = jobs[index::count]
+    report_path = request.report or request.output_dir / "report.json"
+    if count > 1:  # each shard keeps its own report; rank 0 merges under torchrun
+        report_path = report_path.with_name(f"{report_path.stem}.shard{index}of{count}{report_path.suffix}")
+    report = BatchReport(header={
+        "model": request.model, "model_version": request.model_version, "bundle": bundle.describe(),
+        "medsup_version": medsup.__version__, "device": str(device),
+        "settings": {**options.__dict__, "format": request.fmt, "shard": f"{index}/{count}"},
+    })
+    predictor = Predictor(bundle, device, options)
+    log.info("%d case(s) for shard %d/%d on %s", len(jobs), index, count, device)
+    run_batch(predictor, jobs, report, report_path, resume=request.resume, fail_fast=request.fail_fast,
+              progress=progress)
+    if world > 1:
+        report = _gather(report, rank, request.report or request.output_dir / "report.json")
+    return report
+
+
+def _gather(report: BatchReport, rank: int, path: Path) -> BatchReport:
+    import torch.distributed as dist
+
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, report.cases)
+    merged = BatchReport(header={**report.header, "settings": {**report.header["settings"], "shard": "all"}},
+                         cases=[c for part in parts for c in part])
+    if rank == 0:
+        merged.write(path)
+    dist.barrier()
+    return merged
+
+
+def predict_files(bundle_dir: Path, paths: list[Path], output_dir: Path) -> list[dict[str, Any]]:
+    """Predict ``paths`` with the bundle at ``bundle_dir`` into ``output_dir`` (the MLflow pyfunc's path).
+
+    Returns one dict per input with ``input``, ``output``, ``status`` and ``error`` keys.
+    """
+    request = InferRequest(inputs=[str(p) for p in paths], output_dir=Path(output_dir), model=str(bundle_dir),
+                           model_path=Path(bundle_dir))
+    report = infer(request)
+    return [{"input": c["input"], "output": c["output"] if c["status"] != "error" else None,
+             "status": c["status"], "error": c.get("error")} for c in report.cases]
+
+
+def bundle_for(model: str, tracking_uri: str | None) -> tuple[Path, str | None]:
+    """Local bundle path for a MODEL argument: a folder/checkpoint, or an MLflow ``models:/`` / ``runs:/`` URI.
+
+    Returns ``(path, version)``; ``version`` is the registry version when known.
+    """
+    if model.startswith(("models:/", "runs:/")):
+        from medsup.tracking import resolve_tracking_uri
+        from medsup.tracking.registry import resolve_model
+
+        path, version = resolve_model(resolve_tracking_uri(tracking_uri, None, Path.cwd())[0], model)
+        return path, None if version is None else str(version)
+    return Path(model), None
+
+
+__all__ = ["Bundle", "InferRequest", "bundle_for", "infer", "parse_shard", "predict_files"]

@@ -1,0 +1,545 @@
+"""The model registry: log a bundle as an MLflow pyfunc model, register, list, promote, resolve, pull.
+
+A trained bundle (``model/``: weights.pt, config.json, plan.json, labels.json, versions.json) is logged
+to its training run as a **models-from-code** pyfunc model named ``model`` (:mod:`.pyfunc_model`, the
+medsup package as ``code_paths``, pinned pip requirements: nothing pickled, nothing inferred), then
+registered as a version of ``medsup-<task>`` with the alias ``candidate``; :func:`promote` moves
+``champion``. :func:`resolve_bundle` turns ``models:/medsup-liver@champion``, ``models:/medsup-liver/3``,
+``models:/m-<id>`` or ``runs:/<run_id>/model`` into a local bundle folder (downloaded once, cached).
+
+MLflow 3 notes that shaped this module:
+
+- A logged model is a LoggedModel (``models:/m-<id>``) stored under the experiment's artifact root
+  (``<root>/models/m-<id>/artifacts``), not in the run's artifacts. :func:`log_bundle_model` creates it
+  in the run's experiment itself: left to MLflow, a call without an active fluent run puts it in the
+  *default* experiment.
+- ``mlflow.models.Model.log(run_id=...)`` links the model to a run without ``mlflow.start_run``, whose
+  resume-and-end would flip a RUNNING run to FINISHED (and rewrite a finished run's end time) under a
+  :class:`~medsup.tracking.runs.RunTracker` that still owns it. The run's status is never touched here.
+- ``Model.log``, ``models:/`` downloads (so they are avoided: the logged model's artifact location is
+  downloaded instead) and a SQLite registry creating a version from a ``models:/m-<id>`` source read
+  MLflow's process-global tracking URI, whatever client is passed; :func:`_global_tracking_uri`
+  sets it for the duration of such a call and restores it (and ``$MLFLOW_TRACKING_URI``) afterwards.
+  Everything else uses an explicit ``MlflowClient(uri)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import partial
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, TypeVar
+
+import mlflow
+import yaml
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model, ModelSignature
+from mlflow.tracking import MlflowClient
+from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+from medsup.tracking.batching import is_permanent
+from medsup.tracking.uri import TrackingUnavailable, is_http, prepare_store, sqlite_path
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+MODEL_NAME = "model"  # the logged model's name: runs:/<run_id>/model
+MODEL_PREFIX = "medsup-"
+PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # medsup/: shipped as code_paths
+BUNDLE_FILES = ("weights.pt", "plan.json")
+CACHE_ENV = "MEDSUP_CACHE"
+COMPLETE_MARK = ".medsup-complete"
+PULL_RECORD = "medsup-pull.json"
+
+# Distributions the pyfunc model needs, pinned to the running versions. torch's local label (+cpu,
+# +cu124) is dropped: PyPI has no such files, and a serving host picks its own build of that version.
+REQUIREMENTS = ("torch", "monai", "nibabel", "SimpleITK", "pytorch-ignite", "mlflow", "numpy", "scipy",
+                "pydantic", "pyyaml")
+
+# No input schema: inputs are paths as a list or a DataFrame (see pyfunc_model), which one column schema
+# cannot describe. The params schema is what lets `output_dir` through: MLflow drops params a model's
+# signature does not declare. "" means unset (a ParamSpec needs a default).
+SIGNATURE = ModelSignature(
+    inputs=None,
+    outputs=Schema([ColSpec("string", name) for name in ("input", "output", "status", "error")]),
+    params=ParamSchema([ParamSpec("output_dir", "string", "")]),
+)
+
+_RUNS_REF = re.compile(r"^runs:/(?P<run_id>[^/]+)/(?P<name>[^/]+)/?$")
+_ALIAS_REF = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/@]+)/?$")
+_VERSION_REF = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)/?$")
+_LOGGED_REF = re.compile(r"^models:/(?P<model_id>m-[0-9a-f]+)/?$")
+
+
+def model_name(task: str) -> str:
+    """The registered model of a task: ``medsup-<task>``."""
+    return f"{MODEL_PREFIX}{task}"
+
+
+def pinned_requirements() -> list[str]:
+    """``dist==version`` for :data:`REQUIREMENTS`, from the running environment (no inference, no network)."""
+    pins = []
+    for dist in REQUIREMENTS:
+        try:
+            pins.append(f"{dist}=={version(dist).split('+')[0]}")
+        except PackageNotFoundError:
+            log.warning("%s is not installed; the model's requirements list it unpinned", dist)
+            pins.append(dist)
+    return pins
+
+
+# ----------------------------------------------------------------------------------------- logging
+
+
+def log_bundle_model(uri: str, run_id: str, bundle_dir: Path) -> str:
+    """Log ``bundle_dir`` to run ``run_id`` as the pyfunc model ``model`` (models-from-code).
+
+    Safe on a run that a :class:`~medsup.tracking.runs.RunTracker` still has open: the run's status and
+    end time are left as they are (see the module docstring). The process-global MLflow tracking URI is
+    switched to ``uri`` while the model is written, then restored.
+
+    Returns:
+        The logged model's URI, ``models:/m-<id>``: pass it to :func:`register`.
+
+    Raises:
+        ValueError: ``bundle_dir`` is not a bundle, or the run does not exist.
+        TrackingUnavailable: the store does not answer.
+    """
+    bundle_dir = Path(bundle_dir).resolve()
+    missing = [name for name in BUNDLE_FILES if not (bundle_dir / name).is_file()]
+    if missing:
+        raise ValueError(f"{bundle_dir} is not a model bundle: {', '.join(missing)} missing")
+    client = _client(uri)
+    run = _call(uri, f"look up run {run_id}", lambda: client.get_run(run_id), missing=f"no run {run_id!r} at {uri}")
+    task = _bundle_task(bundle_dir)
+    logged = _call(uri, "create a logged model", lambda: client.create_logged_model(
+        experiment_id=run.info.experiment_id, name=MODEL_NAME, source_run_id=run_id,
+        tags={"medsup.task": task, "medsup.bundle": bundle_dir.name}, model_type="medsup-bundle",
+    ))
+    started = time.perf_counter()
+    with _global_tracking_uri(uri), warnings.catch_warnings():
+        # paths in, files out: an input example would have to be a real image; the signature documents it
+        warnings.filterwarnings("ignore", message=".*An input example was not provided")
+        try:
+            info = Model.log(
+                artifact_path=None, name=MODEL_NAME, flavor=mlflow.pyfunc, run_id=run_id, model_id=logged.model_id,
+                python_model=str(PYFUNC_FILE), artifacts={"bundle": str(bundle_dir)},
+                code_paths=[str(PACKAGE_DIR)], pip_requirements=pinned_requirements(), signature=SIGNATURE,
+            )
+        except MlflowException as err:
+            if is_permanent(err):
+                raise ValueError(f"MLflow refused to log {bundle_dir} to run {run_id}: {err}") from err
+            raise TrackingUnavailable(f"{uri}: logging the model of run {run_id} failed: {_short(err)}") from err
+    log.info("logged %s to run %s as %s in %.1f s", bundle_dir, run_id, info.model_uri,
+             time.perf_counter() - started)
+    return str(info.model_uri)
+
+
+def register(uri: str, run_id: str, task: str, model_uri: str, val_dice: float | None,
+             alias: str = "candidate") -> int:
+    """Register ``model_uri`` as a new version of ``medsup-<task>`` and point ``alias`` at it.
+
+    The version is tagged ``run_id``, ``task`` and (when known) ``val_dice``.
+
+    Args:
+        model_uri: what :func:`log_bundle_model` returned (``models:/m-<id>``), or ``runs:/<run_id>/model``.
+
+    Returns:
+        The new version number.
+
+    Raises:
+        ValueError: an unknown logged model or run, a refused name or alias.
+        TrackingUnavailable: the store does not answer.
+    """
+    client = _client(uri)
+    name = model_name(task)
+    model_id = _logged_model_id(client, uri, model_uri)
+    source = f"models:/{model_id}"
+    try:
+        client.create_registered_model(name, description=f"medsup {task} segmentation bundles")
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":  # else: a later version of a known model
+            raise _as_error(uri, f"create {name}", err) from err
+    tags = {"run_id": run_id, "task": task}
+    if val_dice is not None:
+        tags["val_dice"] = repr(float(val_dice))
+    # a SQLite registry resolves a models:/ source with MLflow's *global* client (an MLflow TODO)
+    with _global_tracking_uri(uri):
+        mv = _call(uri, f"register {source} as {name}", lambda: client.create_model_version(
+            name=name, source=source, run_id=run_id, tags=tags, model_id=model_id,
+        ))
+    _call(uri, f"set alias {alias}", lambda: client.set_registered_model_alias(name, alias, mv.version))
+    _link_version(client, model_id, name, int(mv.version))
+    log.info("registered %s as %s version %s (@%s)", source, name, mv.version, alias)
+    return int(mv.version)
+
+
+def _link_version(client: MlflowClient, model_id: str, name: str, number: int) -> None:
+    """Record the version on the logged model, as ``mlflow.register_model`` does (the UI shows it)."""
+    try:
+        logged = client.get_logged_model(model_id)
+        known = json.loads(logged.tags.get("mlflow.modelVersions") or "[]")
+        known.append({"name": name, "version": str(number)})
+        client.set_logged_model_tags(model_id, {"mlflow.modelVersions": json.dumps(known)})
+    except Exception as err:  # cosmetic: the version exists whatever happens here
+        log.warning("could not link %s version %d to logged model %s: %s", name, number, model_id, err)
+
+
+# ----------------------------------------------------------------------------------------- registry
+
+
+def list_models(uri: str, task: str | None = None) -> list[dict[str, Any]]:
+    """Versions of ``medsup-<task>`` (or of every ``medsup-*`` model), sorted by name and version.
+
+    Returns:
+        One dict per version: ``name``, ``version`` (int), ``aliases`` (sorted), ``val_dice`` (float or
+        None), ``run_id``, ``created`` (ISO 8601, UTC), ``status`` (``READY`` once usable).
+
+    Raises:
+        ValueError: a SQLite store that does not exist.
+        TrackingUnavailable: the store does not answer.
+    """
+    client = _client(uri, must_exist=True)
+    query = f"name = '{model_name(task)}'" if task else f"name LIKE '{MODEL_PREFIX}%'"
+    versions: list[ModelVersion] = []
+    token: str | None = None
+    while True:
+        page = _call(uri, "search model versions", partial(client.search_model_versions, query, page_token=token))
+        versions.extend(page)
+        token = page.token
+        if not token:
+            break
+    aliases: dict[tuple[str, int], list[str]] = {}
+    for name in sorted({mv.name for mv in versions}):
+        registered = _call(uri, f"read {name}", partial(client.get_registered_model, name))
+        for alias, number in (registered.aliases or {}).items():
+            aliases.setdefault((name, int(number)), []).append(alias)
+    rows = [{
+        "name": mv.name,
+        "version": int(mv.version),
+        "aliases": sorted(aliases.get((mv.name, int(mv.version)), [])),
+        "val_dice": _float(mv.tags.get("val_dice")),
+        "run_id": mv.run_id or mv.tags.get("run_id"),
+        "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, tz=timezone.utc).isoformat(
+            timespec="seconds"),
+        "status": mv.status,
+    } for mv in versions]
+    return sorted(rows, key=lambda r: (r["name"], r["version"]))
+
+
+def promote(uri: str, task: str, version: int, alias: str = "champion") -> None:
+    """Point ``alias`` of ``medsup-<task>`` at ``version`` (moving it off any other version).
+
+    Raises:
+        ValueError: no such model or version.
+        TrackingUnavailable: the store does not answer.
+    """
+    client = _client(uri, must_exist=True)
+    name = model_name(task)
+    _call(uri, f"look up {name} version {version}", lambda: client.get_model_version(name, str(version)),
+          missing=f"{name} has no version {version} at {uri}")
+    _call(uri, f"set alias {alias}", lambda: client.set_registered_model_alias(name, alias, str(version)))
+    log.info("%s@%s -> version %d", name, alias, version)
+
+
+# ----------------------------------------------------------------------------------------- resolving
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    """A model reference resolved against a store: what to download, and its identity."""
+
+    ref: str
+    model_id: str | None
+    download_uri: str
+    name: str | None = None
+    version: int | None = None
+
+    @property
+    def key(self) -> str:
+        """Cache folder name: a logged model id never changes content; a plain version keeps its source."""
+        return self.model_id or f"{self.name}-v{self.version}"
+
+
+def resolve_bundle(uri: str, model_ref: str, cache_dir: Path | None = None) -> Path:
+    """The local bundle folder (weights.pt + plan.json) of a registered or logged model.
+
+    ``model_ref``: ``models:/<name>@<alias>``, ``models:/<name>/<version>``, ``models:/m-<id>`` or
+    ``runs:/<run_id>/model`` (the run's latest logged model of that name). Aliases are resolved on every
+    call; the download is cached under ``cache_dir`` (default ``$MEDSUP_CACHE/models`` or
+    ``~/.cache/medsup/models``) by logged-model id, whose artifacts never change.
+
+    Raises:
+        ValueError: not an MLflow model URI; an unknown model, alias, version or run (named).
+        TrackingUnavailable: the store does not answer.
+    """
+    return resolve_model(uri, model_ref, cache_dir)[0]
+
+
+def resolve_model(uri: str, model_ref: str, cache_dir: Path | None = None) -> tuple[Path, int | None]:
+    """:func:`resolve_bundle` plus the registered version the reference points at (None for a run's or
+    logged model that no version was asked for), so reports can say which version ran."""
+    client = _client(uri, must_exist=True)
+    resolved = _resolve(client, uri, model_ref)
+    return _download(uri, resolved, _cache_root(cache_dir) / _uri_key(uri)), resolved.version
+
+
+def pull(uri: str, model_ref: str, out_dir: Path) -> Path:
+    """Export a model's bundle to ``out_dir`` (a plain copy, loadable without MLflow).
+
+    ``out_dir`` must be missing, empty, or an earlier pull of the same logged model (refreshed then);
+    ``medsup-pull.json`` in it records where the bundle came from.
+
+    Returns:
+        ``out_dir``.
+
+    Raises:
+        ValueError: a bad reference (see :func:`resolve_bundle`), or ``out_dir`` holds something else.
+        TrackingUnavailable: the store does not answer.
+    """
+    out_dir = Path(out_dir)
+    client = _client(uri, must_exist=True)
+    resolved = _resolve(client, uri, model_ref)
+    record = {"model_ref": model_ref, "tracking_uri": uri, "model_id": resolved.model_id,
+              "name": resolved.name, "version": resolved.version, "source": resolved.download_uri}
+    if out_dir.exists() and any(out_dir.iterdir()):
+        previous = _read_pull_record(out_dir)
+        same = previous is not None and previous.get("model_id") == resolved.model_id and (
+            resolved.model_id is not None or previous.get("source") == resolved.download_uri)
+        if not same:
+            raise ValueError(f"{out_dir} is not empty and not an earlier pull of {model_ref}; "
+                             "choose an empty or new folder")
+    with tempfile.TemporaryDirectory(prefix="medsup-pull-") as tmp:
+        bundle = _download(uri, resolved, Path(tmp))
+        staged = out_dir.with_name(f".{out_dir.name}.pull-{os.getpid()}")
+        shutil.rmtree(staged, ignore_errors=True)
+        shutil.copytree(bundle, staged)
+        (staged / PULL_RECORD).write_text(json.dumps({**record, "pulled": _now_iso()}, indent=2) + "\n")
+        # swap in whole: a failed copy never leaves a half-written bundle in out_dir
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staged.rename(out_dir)
+    log.info("pulled %s into %s", model_ref, out_dir)
+    return out_dir
+
+
+def _resolve(client: MlflowClient, uri: str, ref: str) -> _Resolved:
+    ref = ref.strip()
+    if m := _LOGGED_REF.match(ref):
+        return _from_logged(client, uri, ref, m["model_id"])
+    if m := _ALIAS_REF.match(ref):
+        name, alias = m["name"], m["alias"]
+        _require_model(client, uri, name)
+        mv = _call(uri, f"resolve {ref}", lambda: client.get_model_version_by_alias(name, alias),
+                   missing=f"{name} has no alias {alias!r} at {uri} ({ref})")
+        return _from_version(client, uri, ref, mv)
+    if m := _VERSION_REF.match(ref):
+        name, number = m["name"], int(m["version"])
+        _require_model(client, uri, name)
+        mv = _call(uri, f"resolve {ref}", lambda: client.get_model_version(name, str(number)),
+                   missing=f"{name} has no version {number} at {uri} ({ref})")
+        return _from_version(client, uri, ref, mv)
+    if m := _RUNS_REF.match(ref):
+        model_id = _run_model_id(client, uri, m["run_id"], m["name"])
+        return _from_logged(client, uri, ref, model_id)
+    raise ValueError(f"not an MLflow model URI: {ref!r} (expected models:/<name>@<alias>, "
+                     "models:/<name>/<version>, models:/m-<id> or runs:/<run_id>/model)")
+
+
+def _from_logged(client: MlflowClient, uri: str, ref: str, model_id: str) -> _Resolved:
+    logged = _call(uri, f"look up {model_id}", lambda: client.get_logged_model(model_id),
+                   missing=f"no logged model {model_id} at {uri} ({ref})")
+    return _Resolved(ref, model_id, logged.artifact_location)
+
+
+def _from_version(client: MlflowClient, uri: str, ref: str, mv: ModelVersion) -> _Resolved:
+    model_id = getattr(mv, "model_id", None) or _parse_logged_id(mv.source)
+    if model_id:
+        return _Resolved(ref, model_id, _from_logged(client, uri, ref, model_id).download_uri, mv.name,
+                         int(mv.version))
+    where = _call(uri, f"locate {ref}", lambda: client.get_model_version_download_uri(mv.name, mv.version))
+    return _Resolved(ref, None, where, mv.name, int(mv.version))
+
+
+def _run_model_id(client: MlflowClient, uri: str, run_id: str, name: str) -> str:
+    run = _call(uri, f"look up run {run_id}", lambda: client.get_run(run_id), missing=f"no run {run_id!r} at {uri}")
+    found = _call(uri, f"search the models of run {run_id}", lambda: client.search_logged_models(
+        experiment_ids=[run.info.experiment_id], filter_string=f"name = '{name}'",
+        order_by=[{"field_name": "creation_timestamp", "ascending": False}],
+    ))
+    mine = [m for m in found if m.source_run_id == run_id]
+    if not mine:
+        raise ValueError(f"run {run_id} at {uri} has no logged model named {name!r}")
+    return str(mine[0].model_id)
+
+
+def _logged_model_id(client: MlflowClient, uri: str, model_uri: str) -> str:
+    """The logged-model id behind ``models:/m-<id>`` or ``runs:/<run_id>/<name>``."""
+    if m := _LOGGED_REF.match(model_uri.strip()):
+        _from_logged(client, uri, model_uri, m["model_id"])  # exists?
+        return m["model_id"]
+    if m := _RUNS_REF.match(model_uri.strip()):
+        return _run_model_id(client, uri, m["run_id"], m["name"])
+    raise ValueError(f"not a logged model URI: {model_uri!r} (expected models:/m-<id> or runs:/<run_id>/model)")
+
+
+def _download(uri: str, resolved: _Resolved, cache: Path) -> Path:
+    """Download (once) the model's artifacts under ``cache/<key>``; return its bundle folder."""
+    dest = cache / resolved.key
+    if (dest / COMPLETE_MARK).is_file():
+        log.debug("%s: cached at %s", resolved.ref, dest)
+        return _find_bundle(dest, resolved.ref)
+    cache.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{resolved.key}-", dir=cache))
+    try:
+        # the logged model's own location (file:, mlflow-artifacts:, s3: ...), not a models:/ URI, whose
+        # resolution would read the global tracking URI; mlflow-artifacts:/ resolves against tracking_uri
+        mlflow.artifacts.download_artifacts(artifact_uri=resolved.download_uri, dst_path=str(staging),
+                                            tracking_uri=uri)
+        _find_bundle(staging, resolved.ref)  # fail before publishing a download without a bundle
+        (staging / COMPLETE_MARK).write_text(json.dumps({"ref": resolved.ref, "source": resolved.download_uri}))
+        try:
+            staging.rename(dest)
+        except OSError:  # another process published the same model first: use theirs
+            if not (dest / COMPLETE_MARK).is_file():
+                raise
+    except MlflowException as err:
+        raise TrackingUnavailable(f"{uri}: downloading {resolved.ref} from {resolved.download_uri} failed: "
+                                  f"{_short(err)}") from err
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return _find_bundle(dest, resolved.ref)
+
+
+def _find_bundle(root: Path, ref: str) -> Path:
+    """The bundle folder inside a downloaded pyfunc model: from the MLmodel file, else by its files."""
+    mlmodel = root / "MLmodel"
+    if mlmodel.is_file():
+        conf = yaml.safe_load(mlmodel.read_text()) or {}
+        rel = (conf.get("flavors", {}).get("python_function", {}).get("artifacts", {})
+               .get("bundle", {}).get("path"))
+        if rel and all((root / rel / f).is_file() for f in BUNDLE_FILES):
+            return root / rel
+    found = sorted(p.parent for p in root.rglob(BUNDLE_FILES[0]) if (p.parent / BUNDLE_FILES[1]).is_file())
+    if not found:
+        raise ValueError(f"{ref} holds no medsup bundle (no folder with {' + '.join(BUNDLE_FILES)})")
+    return found[0]
+
+
+def _read_pull_record(folder: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((folder / PULL_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _require_model(client: MlflowClient, uri: str, name: str) -> None:
+    _call(uri, f"look up {name}", lambda: client.get_registered_model(name),
+          missing=f"no registered model {name!r} at {uri}")
+
+
+def _parse_logged_id(source: str | None) -> str | None:
+    m = _LOGGED_REF.match(source or "")
+    return m["model_id"] if m else None
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+
+def _client(uri: str, must_exist: bool = False) -> MlflowClient:
+    """A client bound to ``uri``; for reads, a SQLite store must already exist (do not create one)."""
+    prepare_store(uri)
+    db = sqlite_path(uri)
+    if must_exist and db is not None and not db.is_file():
+        raise ValueError(f"no MLflow store at {uri} ({db} does not exist)")
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _call(uri: str, what: str, fn: Callable[[], T], missing: str | None = None) -> T:
+    """Run one MLflow call: a refusal is a ValueError (``missing`` when given), anything else unavailability."""
+    try:
+        return fn()
+    except (MlflowException, OSError) as err:
+        raise _as_error(uri, what, err, missing) from err
+
+
+def _as_error(uri: str, what: str, err: Exception, missing: str | None = None) -> Exception:
+    """A refusal by the store (bad name, not found) as ValueError, anything else as TrackingUnavailable."""
+    if isinstance(err, MlflowException) and (is_permanent(err) or err.error_code == "NOT_FOUND"):
+        return ValueError(missing or f"{uri}: cannot {what}: {_short(err)}")
+    return TrackingUnavailable(f"{uri}: cannot {what}: {_short(err)}")
+
+
+@contextlib.contextmanager
+def _global_tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's process-global tracking URI at ``uri`` for a call that reads only that.
+
+    MLflow's own ``_use_tracking_uri`` restores ``None`` by deleting ``$MLFLOW_TRACKING_URI``; the
+    variable is put back here as it was. Not thread-safe against other fluent-API users in the process.
+    """
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    old_uri = tracking_utils._tracking_uri
+    old_env = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(old_uri)  # type: ignore[arg-type]  # None means "unset", as MLflow keeps it
+        if old_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old_env
+
+
+def _cache_root(cache_dir: Path | None) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir)
+    base = os.environ.get(CACHE_ENV)
+    return (Path(base) if base else Path.home() / ".cache" / "medsup") / "models"
+
+
+def _uri_key(uri: str) -> str:
+    """A short folder name per store, so two stores' models never share a cache entry."""
+    kind = "http" if is_http(uri) else uri.split(":", 1)[0]
+    return f"{kind}-{hashlib.sha256(uri.encode()).hexdigest()[:12]}"
+
+
+def _bundle_task(bundle_dir: Path) -> str:
+    try:
+        return str(json.loads((bundle_dir / "config.json").read_text()).get("task", ""))
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
+def _float(text: str | None) -> float | None:
+    try:
+        return float(text) if text not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def _now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _short(err: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

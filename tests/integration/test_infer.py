@@ -1,0 +1,191 @@
+"""Batch inference with a tiny model trained in seconds: exact output grids, robustness, resume, sharding."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from medsup.cli import app
+from medsup.config import load
+from medsup.data.io import Geometry, read_header, read_image, write_image
+from medsup.engine.validation import dice_per_class
+from medsup.inference.api import InferRequest, infer
+from medsup.train import run_training
+from tests.conftest import make_volume, write_msd
+from tests.unit.test_io import write_dicom_series
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(bundle folder, dataset folder) of a tiny model that has learnt the organ."""
+    root = tmp_path_factory.mktemp("infer")
+    data = write_msd(root / "data", n=4)
+    cfg = load("tiny", ["plan.target_spacing=[1.5, 1.5, 1.5]", "train.epochs=6", "train.iterations_per_epoch=20",
+                        "plan.base_filters=8",
+                        "train.val_every=6", "infer.overlap=0.5"], presets=["smoke"])
+    result = run_training(cfg, data, output=root / "run", tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    return result.bundle_dir, data
+
+
+@pytest.fixture(scope="module")
+def coarse(trained: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bundle planned at 4 mm (the smoke preset), for full-size CT where only the grid matters."""
+    root = tmp_path_factory.mktemp("coarse")
+    cfg = load("tiny", ["train.epochs=1"], presets=["smoke"])
+    return run_training(cfg, trained[1], output=root / "run", tracking_uri=f"sqlite:///{root / 'db'}").bundle_dir
+
+
+def _request(model: Path, inputs: list[str], out: Path, **kw: object) -> InferRequest:
+    return InferRequest(inputs=inputs, output_dir=out, model=str(model), model_path=model, device="cpu", **kw)  # type: ignore[arg-type]
+
+
+def test_folder_outputs_on_exact_input_grid(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    bundle, data = trained
+    report = infer(_request(bundle, [str(data / "imagesTr")], tmp_path / "out"))
+    assert [c["status"] for c in report.cases] == ["ok"] * 4
+    dices = []
+    for case in report.cases:
+        image, pred = read_header(case["input"]).geometry, read_image(case["output"])
+        assert pred.geometry.mismatches(image, tol=1e-5) == []
+        assert pred.array.dtype == np.uint8
+        label = read_image(Path(case["input"]).parents[1] / "labelsTr" / Path(case["input"]).name)
+        dices.append(dice_per_class(pred.array, label.array, [1])[0])
+        assert set(case["seconds"]) >= {"read", "preprocess", "network", "export", "write"}
+        assert case["volumes_ml"]["organ"] > 0
+    assert np.mean(dices) > 0.6, dices
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["summary"] == {"ok": 4, "skipped": 0, "error": 0}
+    assert saved["bundle"]["task"] == "tiny" and saved["device"] == "cpu"
+
+
+def test_lps_and_ras_copies_give_the_same_labels(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    bundle, _ = trained
+    image, _ = make_volume(11)
+    lps = write_image(tmp_path / "in" / "lps.nii.gz", image.array, image.geometry)
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    flip[:2, 3] = [image.array.shape[0] - 1, image.array.shape[1] - 1]
+    ras_geom = Geometry.from_affine(image.geometry.affine() @ flip, image.array.shape)
+    ras = write_image(tmp_path / "in" / "ras.nii.gz", np.ascontiguousarray(image.array[::-1, ::-1]), ras_geom)
+    assert read_header(lps).geometry.orientation != read_header(ras).geometry.orientation
+    infer(_request(bundle, [str(tmp_path / "in")], tmp_path / "out"))
+    a, b = read_image(tmp_path / "out" / "lps.nii.gz"), read_image(tmp_path / "out" / "ras.nii.gz")
+    assert b.geometry.mismatches(ras_geom, tol=1e-5) == []
+    np.testing.assert_array_equal(a.array, b.array[::-1, ::-1])
+    assert a.array.any()
+
+
+def test_bad_cases_are_reported_and_skipped(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    bundle, data = trained
+    inp = tmp_path / "in"
+    shutil.copytree(data / "imagesTr", inp)
+    (inp / "corrupt.nii.gz").write_bytes((inp / "case0.nii.gz").read_bytes()[:300])
+    write_image(inp / "nan.nii.gz", np.full((20, 20, 12), np.nan, np.float32), make_volume()[0].geometry.__class__(
+        (20, 20, 12), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)))
+    flat = make_volume()[0]
+    write_image(inp / "slice.nii.gz", flat.array[:, :, :1], Geometry((24, 20, 1), flat.geometry.spacing,
+                                                                      flat.geometry.origin, flat.geometry.direction))
+    result = runner.invoke(app, ["infer", "-i", str(inp), "-o", str(tmp_path / "out"), "--model", str(bundle),
+                                 "--device", "cpu", "--json"])
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.stdout)
+    status = {Path(c["input"]).name: c for c in report["cases"]}
+    assert [n for n, c in status.items() if c["status"] == "ok"] == [f"case{i}.nii.gz" for i in range(4)]
+    assert "corrupt.nii.gz" in status["corrupt.nii.gz"]["error"]
+    assert "NaN/Inf" in status["nan.nii.gz"]["error"]
+    assert "single slice" in status["slice.nii.gz"]["error"]
+    outputs = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert outputs == [*(f"case{i}.nii.gz" for i in range(4)), "report.json"]  # no partial or temp files
+    # --fail-fast stops at the first failure (cases run in name order: case0..3, corrupt, nan, slice)
+    ff = infer(_request(bundle, [str(inp)], tmp_path / "ff", fail_fast=True))
+    assert [c["status"] for c in ff.cases] == ["ok"] * 4 + ["error"]
+
+
+def test_resume_skips_complete_outputs(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    bundle, data = trained
+    out = tmp_path / "out"
+    infer(_request(bundle, [str(data / "imagesTr" / "case0.nii.gz"), str(data / "imagesTr" / "case1.nii.gz")], out))
+    (out / "case1.nii.gz").write_bytes(b"truncated")  # an incomplete output from some other writer
+    again = infer(_request(bundle, [str(data / "imagesTr")], out, resume=True))
+    status = {Path(c["input"]).name: c["status"] for c in again.cases}
+    assert status == {"case0.nii.gz": "skipped", "case1.nii.gz": "ok", "case2.nii.gz": "ok", "case3.nii.gz": "ok"}
+
+
+def test_shards_cover_every_case_once(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    bundle, data = trained
+    seen = []
+    for i in range(3):
+        report = infer(_request(bundle, [str(data / "imagesTr")], tmp_path / "out", shard=(i, 3)))
+        seen += [c["input"] for c in report.cases]
+        assert (tmp_path / "out" / f"report.shard{i}of3.json").is_file()
+    assert sorted(seen) == sorted(str(p) for p in (data / "imagesTr").iterdir())
+
+
+def test_early_exit_probabilities_and_format(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    bundle, data = trained
+    src = data / "imagesTr" / "case2.nii.gz"
+    report = infer(_request(bundle, [str(src)], tmp_path / "out", exit_level=1, probabilities=True, fmt="nrrd"))
+    case = report.cases[0]
+    assert case["status"] == "ok" and case["exit_level"] == 1 and "early-exit" in case["note"]
+    assert case["output"].endswith("case2.nrrd")
+    probs = {k: read_image(v).array for k, v in case["probabilities"].items()}
+    assert set(probs) == {"background", "organ", "lesion"}
+    np.testing.assert_allclose(sum(probs.values()), 1.0, atol=1e-4)
+    with pytest.raises(ValueError, match="exit-level must be in"):
+        infer(_request(bundle, [str(src)], tmp_path / "bad", exit_level=9))
+
+
+def test_output_never_overwrites_an_input(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    bundle, data = trained
+    inp = tmp_path / "in"
+    shutil.copytree(data / "imagesTr", inp)
+    with pytest.raises(ValueError, match="would overwrite an input"):
+        infer(_request(bundle, [str(inp)], inp))
+
+
+def test_dicom_series_input(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    bundle, _ = trained
+    image, _ = make_volume(5, shape=(20, 18, 10), spacing=(0.9, 0.9, 2.5), angle=0.0)
+    write_dicom_series(image, tmp_path / "in" / "series1")
+    report = infer(_request(bundle, [str(tmp_path / "in")], tmp_path / "out"))
+    assert report.cases[0]["status"] == "ok", report.cases
+    out = read_image(tmp_path / "out" / "series1.nii.gz")
+    assert out.geometry.mismatches(read_image(tmp_path / "in" / "series1").geometry, tol=1e-4) == []
+
+
+def test_real_ct_lands_on_its_grid(coarse: Path, tmp_path: Path, realdata: Path) -> None:
+    """A 512x512 LPS portal-venous CT with -3024 padding: output on its exact grid (and a DICOM series)."""
+    bundle = coarse
+    inputs = [realdata / "unlabeled/crlm/CRLM-CT-1004_ct.nii.gz", realdata / "unlabeled/dicom_series_ts_example"]
+    report = infer(_request(bundle, [str(p) for p in inputs], tmp_path / "out"))
+    for case, src in zip(report.cases, inputs, strict=True):
+        assert case["status"] == "ok", case
+        assert read_header(case["output"]).geometry.mismatches(read_header(src).geometry, tol=1e-5) == []
+
+
+def test_registry_candidate_promote_champion_infer(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    """Training registered medsup-tiny@candidate; promote it to champion; infer through the alias."""
+    bundle, data = trained
+    uri = f"sqlite:///{bundle.parents[1] / 'mlflow.db'}"
+    listed = runner.invoke(app, ["models", "list", "--task", "tiny", "--json", "--tracking-uri", uri])
+    assert listed.exit_code == 0, listed.output
+    versions = json.loads(listed.stdout)
+    assert [v["aliases"] for v in versions] == [["candidate"]]
+    promoted = runner.invoke(app, ["models", "promote", "--task", "tiny", "--version", str(versions[0]["version"]),
+                                   "--tracking-uri", uri])
+    assert promoted.exit_code == 0, promoted.output
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["infer", "-i", str(data / "imagesTr" / "case3.nii.gz"), "-o", str(out),
+                                 "--model", "models:/medsup-tiny@champion", "--tracking-uri", uri, "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["model"] == "models:/medsup-tiny@champion" and report["model_version"] == "1"
+    local = read_image(Path(infer(_request(bundle, [str(data / "imagesTr" / "case3.nii.gz")], tmp_path / "b"))
+                            .cases[0]["output"])).array
+    np.testing.assert_array_equal(read_image(out / "case3.nii.gz").array, local)
