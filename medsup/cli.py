@@ -147,13 +147,14 @@ def plan(
     data: Annotated[Path, typer.Option("--data", "-d", help="Dataset folder.")],
     task: TaskOpt = "liver",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="plan.json path (default DATA/plan.json).")] = None,
+    preset: PresetOpt = None,
     overrides: SetOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Fingerprint a dataset and plan spacing, patch, batch and topology (writes plan.json)."""
     from medsup.data.fingerprint import plan_dataset
 
-    cfg = _config(task, overrides)
+    cfg = _config(task, overrides, preset)
     try:
         result = plan_dataset(data, cfg, out)
     except (FileNotFoundError, ValueError) as err:

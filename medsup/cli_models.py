@@ -73,17 +73,24 @@ def list_cmd(
 @models_app.command()
 def promote(
     task: Annotated[str, typer.Option("--task", "-t", help="Task: the model is medsup-<task>.")],
-    version: Annotated[int, typer.Option("--version", help="The version that gets the alias.")],
+    version: Annotated[int | None, typer.Option("--version", help="The version that gets the alias.")] = None,
+    from_alias: Annotated[str | None, typer.Option(
+        "--from-alias", help="Instead of --version: the version this alias points at (e.g. candidate).")] = None,
     alias: Annotated[str, typer.Option(help="Alias to move onto the version.")] = "champion",
     tracking_uri: UriOpt = None,
 ) -> None:
     """Point an alias (default champion) at a version; it leaves any other version."""
     from medsup.tracking import TrackingUnavailable
-    from medsup.tracking.registry import model_name
+    from medsup.tracking.registry import model_name, resolve_version
     from medsup.tracking.registry import promote as promote_version
 
+    if (version is None) == (from_alias is None):
+        _fail("give exactly one of --version N and --from-alias ALIAS")
     uri = _uri(tracking_uri)
     try:
+        if version is None:
+            assert from_alias is not None
+            version = resolve_version(uri, task, from_alias)
         promote_version(uri, task, version, alias)
     except (ValueError, TrackingUnavailable) as err:
         _fail(str(err))

@@ -276,6 +276,16 @@ class _Resolved:
         return self.model_id or f"{self.name}-v{self.version}"
 
 
+def resolve_version(uri: str, task: str, alias: str) -> int:
+    """The version number ``medsup-<task>@<alias>`` points at (ValueError naming it when unset)."""
+    client = _client(uri, must_exist=True)
+    name = model_name(task)
+    _require_model(client, uri, name)
+    mv = _call(uri, f"resolve {name}@{alias}", lambda: client.get_model_version_by_alias(name, alias),
+               missing=f"{name} has no alias {alias!r} at {uri}")
+    return int(mv.version)
+
+
 def resolve_bundle(uri: str, model_ref: str, cache_dir: Path | None = None) -> Path:
     """The local bundle folder (weights.pt + plan.json) of a registered or logged model.
 

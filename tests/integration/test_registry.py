@@ -58,7 +58,7 @@ class Registered:
 def registered(tmp_path_factory: pytest.TempPathFactory) -> Registered:
     root = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    cfg = load("tiny", ["train.epochs=1"], presets=["smoke"])
+    cfg = load("tiny", ["train.epochs=1", "tracking.register_best=false"], presets=["smoke"])  # registers below
     result = run_training(cfg, write_msd(root / "data", n=4), output=root / "run", tracking_uri=uri)
     assert result.run_id
     before = MlflowClient(uri).get_run(result.run_id).info
