@@ -15,6 +15,7 @@ import math
 import os
 import platform
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -231,6 +232,9 @@ def _fit(cfg: Config, plan: Plan, labels: dict[int, str], cases: dict[str, Any],
         log.info("epoch %d/%d: loss %.4f%s, %.1f s", epoch, cfg.train.epochs, metrics.get("train.loss.total", 0),
                  f", dice {dice}" if dice else "", metrics["train.epoch_seconds"])
 
+    if rank0 and sys.stderr.isatty():  # a live bar for people; logs stay line-based for files and CI
+        _attach_progress(trainer, history)
+
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -266,6 +270,18 @@ def _fit(cfg: Config, plan: Plan, labels: dict[int, str], cases: dict[str, Any],
             log.warning("training curves not drawn: %s", err)
     return TrainResult(output, tracker.run_id, "", best.best, best.best_epoch, trainer.state.epoch, bundle, history,
                        model_version)
+
+
+def _attach_progress(trainer: Engine, history: list[dict[str, float]]) -> None:
+    """tqdm bar per epoch (loss, ETA); the last validation Dice per class is shown beside the loss."""
+    from ignite.handlers import ProgressBar
+
+    def shown(output: dict[str, float]) -> dict[str, float]:
+        last = next((h for h in reversed(history) if "val.dice" in h), {})
+        dice = {k.removeprefix("val.dice."): round(v, 3) for k, v in last.items() if k.startswith("val.dice.")}
+        return {"loss": output["loss"], **dice}
+
+    ProgressBar(persist=False).attach(trainer, output_transform=shown)
 
 
 def _register(tracker: RunTracker, bundle: Path, task: str, score: float) -> int | None:

@@ -31,7 +31,6 @@ from monai.transforms import (
     RandRotate90d,
     RandScaleIntensityd,
     RandShiftIntensityd,
-    Spacingd,
     SpatialPadd,
     Transform,
 )
@@ -39,6 +38,7 @@ from monai.transforms import (
 from medsup.config import AugmentConfig, Config
 from medsup.data.io import read_image
 from medsup.data.planning import Normalization, Plan
+from medsup.data.resample import resample_to_spacing
 
 IMAGE, LABEL = "image", "label"
 FG_LOCATIONS = "fg_locations"
@@ -67,6 +67,29 @@ class LoadVolumed(MapTransform):
         return d
 
 
+class ResampleToSpacingd(MapTransform):
+    """Resample each key onto ``spacing`` mm (same origin and axis directions; MONAI ``Spacing``'s grid),
+    slab by slab so memory stays near input + output (MONAI's ``Spacingd`` holds a full coordinate grid).
+
+    ``modes`` per key: ``bilinear`` for images, ``nearest`` for labels.
+    """
+
+    def __init__(self, keys: Sequence[str], spacing: Sequence[float], modes: Sequence[str]) -> None:
+        super().__init__(keys)
+        self.spacing = (float(spacing[0]), float(spacing[1]), float(spacing[2]))
+        self.modes = dict(zip(keys, modes, strict=True))
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            src = d[key]
+            affine = np.asarray(src.affine, dtype=np.float64)
+            array, new_affine = resample_to_spacing(src.as_tensor(), affine, self.spacing, self.modes[key])
+            meta = {k: v for k, v in src.meta.items() if k != "affine"}  # the new grid's affine replaces it
+            d[key] = MetaTensor(array, affine=torch.as_tensor(new_affine), meta=meta)
+        return d
+
+
 class NormalizeCTd(MapTransform):
     """Clip HU to the plan's foreground ``[p0.5, p99.5]`` then z-score with the foreground mean/std."""
 
@@ -78,7 +101,8 @@ class NormalizeCTd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             n = self.norm
-            d[key] = (d[key].clamp(n.clip_low, n.clip_high) - n.mean) / n.std
+            # clamp makes the one copy; the rest is in place (a full-size CT is ~1 GB in float32)
+            d[key] = d[key].clamp(n.clip_low, n.clip_high).sub_(n.mean).div_(n.std)
         return d
 
 
@@ -156,8 +180,7 @@ def preprocess(plan: Plan, keys: Sequence[str] = (IMAGE, LABEL)) -> list[Transfo
     modes = ["bilinear" if k == IMAGE else "nearest" for k in keys]
     return [
         LoadVolumed(list(keys), plan.orientation),
-        Spacingd(list(keys), pixdim=plan.target_spacing, mode=modes, padding_mode="border",
-                 dtype=np.float32),
+        ResampleToSpacingd(list(keys), plan.target_spacing, modes),
         NormalizeCTd([IMAGE], plan.normalization),
     ]
 

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 
 from medsup.data.io import Geometry, Volume
+from medsup.data.resample import resample_argmax, resample_probability
 from medsup.data.transforms import IMAGE, LoadVolumed, background_value, eval_transforms
 from medsup.device import autocast, autocast_dtype
 from medsup.inference.bundle import Bundle
 from medsup.inference.postprocess import postprocess
-from medsup.inference.resample import resample_argmax, resample_probability
 from medsup.inference.window import make_inferer, sliding_window_logits
 from medsup.tasks import get_task
 

@@ -1,0 +1,95 @@
+"""Peak host memory of `medsup infer` on a full-size CT, as a multiple of the raw volume.
+
+Runs in child processes so each peak is its own: a baseline child that only imports the inference stack,
+then `medsup infer` on a synthetic 512 x 512 x N int16 CT. Prints the raw size, both peaks and the ratio
+(peak above baseline / raw). The model is randomly initialised (memory, not accuracy, is measured) and
+planned at --spacing mm so the network part stays CPU-sized; reading, resampling and export still work
+on the full-resolution grid.
+
+    .venv/bin/python bench/infer_memory.py --slices 1000 --spacing 1.6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("bench.infer_memory")
+
+
+def _peak_child_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+def make_bundle(folder: Path, spacing: float) -> Path:
+    """A random-weights liver bundle planned at ``spacing`` mm, with a small network."""
+    import torch
+
+    from medsup.config import load
+    from medsup.data.planning import default_plan
+    from medsup.models.unet import build_model
+    from medsup.tasks import get_task
+    from medsup.train import write_bundle
+
+    cfg = load("liver", [f"plan.target_spacing=[{spacing}, {spacing}, {spacing}]", "plan.patch_size=[64, 64, 64]",
+                         "plan.base_filters=8", "plan.max_stages=4", "plan.max_filters=64"])
+    plan = default_plan(cfg)
+    torch.manual_seed(0)
+    return write_bundle(folder, build_model(cfg, plan).state_dict(), cfg, plan, get_task("liver").labels)
+
+
+def make_ct(path: Path, slices: int) -> int:
+    """A 512 x 512 x ``slices`` int16 CT-like volume (LPS, 0.8 x 0.8 x 1 mm); returns its raw bytes."""
+    from medsup.data.io import Geometry, write_image
+
+    rng = np.random.default_rng(0)
+    i, j = np.meshgrid(np.arange(512), np.arange(512), indexing="ij")
+    body = ((i - 256) / 200) ** 2 + ((j - 256) / 150) ** 2 < 1
+    plane = np.where(body, 40, -1000).astype(np.int16)
+    array = np.repeat(plane[:, :, None], slices, axis=2)
+    array += rng.integers(-20, 20, size=(512, 512, 1), dtype=np.int16)
+    geometry = Geometry((512, 512, slices), (0.8, 0.8, 1.0), (-200.0, -200.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    write_image(path, array, geometry, compress=False)
+    return int(array.nbytes)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slices", type=int, default=1000)
+    parser.add_argument("--spacing", type=float, default=1.6, help="plan spacing of the random model (mm)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        bundle = make_bundle(root / "bundle", args.spacing)
+        raw = make_ct(root / "ct.nii", args.slices)
+        code = "import torch, monai, medsup.inference.api, medsup.inference.predictor"
+        subprocess.run([sys.executable, "-c", code], check=True)
+        baseline = _peak_child_mb()
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "medsup", "-q", "infer", "-i", str(root / "ct.nii"), "-o",
+                               str(root / "out"), "--model", str(bundle), "--device", "cpu", "--json"],
+                              capture_output=True, text=True)
+        seconds = time.perf_counter() - t0
+        if proc.returncode:
+            raise SystemExit(proc.stdout + proc.stderr)
+        peak = _peak_child_mb()
+        case = json.loads(proc.stdout)["cases"][0]
+    raw_mb = raw / 2**20
+    print(f"volume 512x512x{args.slices} int16: {raw_mb:.0f} MB raw; model planned at {args.spacing} mm")
+    print(f"peak RSS: imports only {baseline:.0f} MB, medsup infer {peak:.0f} MB ({seconds:.0f} s)")
+    print(f"peak above imports / raw volume: {(peak - baseline) / raw_mb:.2f}x   (total / raw: {peak / raw_mb:.2f}x)")
+    print("seconds per stage:", case["seconds"])
+
+
+if __name__ == "__main__":
+    main()
