@@ -78,7 +78,7 @@ def main() -> None:
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "medsup", "-q", "infer", "-i", str(root / "ct.nii"), "-o",
                                str(root / "out"), "--model", str(bundle), "--device", "cpu", "--json"],
-                              capture_output=True, text=True)
+                              capture_output=True, encoding="utf-8", errors="replace")
         seconds = time.perf_counter() - t0
         if proc.returncode:
             raise SystemExit(proc.stdout + proc.stderr)

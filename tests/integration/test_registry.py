@@ -268,7 +268,7 @@ def test_mlflow_models_predict_cli(registered: Registered, tmp_path: Path) -> No
     proc = subprocess.run(
         [sys.executable, "-c", without_medsup, "models", "predict", "-m", "models:/medsup-tiny@champion",
          "-i", "input.json", "-o", "predictions.json", "-t", "json", "--env-manager", "local"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     predictions = json.loads((tmp_path / "predictions.json").read_text())["predictions"]
