@@ -97,8 +97,8 @@ def test_bad_dataset_names_the_case(tiny_data: Path, tmp_path: Path) -> None:
 
 
 def _cli(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "medsup", *args], cwd=REPO, env=env, encoding="utf-8", errors="replace",
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return subprocess.Popen([sys.executable, "-m", "medsup", *args], cwd=REPO, env=env, encoding="utf-8",
+                            errors="replace", stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def test_resume_after_sigkill(tiny_data: Path, tmp_path: Path) -> None:
@@ -159,7 +159,8 @@ def test_ddp_two_gloo_ranks(tiny_data: Path, tmp_path: Path) -> None:
         [str(torchrun), "--nproc_per_node=2", f"--master_port={port}", "-m", "medsup", "-q", "train",
          "--task", "tiny", "--data", str(tiny_data), "--preset", "smoke", "--output", str(tmp_path / "run"),
          "--tracking-uri", uri, "--json"],
-        cwd=REPO, capture_output=True, encoding="utf-8", errors="replace", timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=REPO, capture_output=True, encoding="utf-8", errors="replace", timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count('"run_id"') == 1  # only rank 0 reports

@@ -20,7 +20,8 @@ def test_tasks_json_and_no_torch_import() -> None:
     code = "import sys; from medsup.cli import app; app(['tasks'], standalone_mode=False); " \
            "bad = [m for m in ('torch', 'monai', 'mlflow', 'SimpleITK') if m in sys.modules]; " \
            "sys.exit(f'imported {bad}' if bad else 0)"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, encoding="utf-8", errors="replace", timeout=60)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, encoding="utf-8", errors="replace",
+                          timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "liver" in proc.stdout
 
