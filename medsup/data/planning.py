@@ -6,7 +6,6 @@ so inference never depends on the current ``configs/``.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -188,9 +187,23 @@ def plan_patch(cfg: Config, spacing: tuple[float, float, float], median_shape: t
     return patch3, batch, topology, per_sample * batch
 
 
+def _assemble(cfg: Config, spacing: tuple[float, float, float], median_shape: tuple[int, int, int],
+              dataset_voxels: float, normalization: Normalization, **extra: Any) -> Plan:
+    """Plan the patch, batch and topology at ``spacing`` and put the whole plan together."""
+    task = get_task(cfg.task)
+    patch, batch, topology, mem = plan_patch(cfg, spacing, median_shape, task.num_classes, dataset_voxels)
+    log.info("plan: spacing %s, patch %s, batch %d, %d stages, ~%.2f GB", _fmt(spacing), list(patch), batch,
+             topology.num_stages, mem)
+    return Plan(
+        task=cfg.task, orientation=cfg.data.orientation, target_spacing=spacing, patch_size=patch,
+        batch_size=batch, kernels=topology.kernels, strides=topology.strides, filters=topology.filters,
+        num_classes=task.num_classes, normalization=normalization, median_shape=median_shape,
+        memory_estimate_gb=round(mem, 3), **extra,
+    )
+
+
 def make_plan(cfg: Config, fingerprint: dict[str, Any]) -> Plan:
     """Plan training for ``cfg.task`` from a dataset fingerprint (see :mod:`medsup.data.fingerprint`)."""
-    task = get_task(cfg.task)
     spacings = np.asarray(fingerprint["spacings"], dtype=np.float64)
     shapes = np.asarray(fingerprint["shapes"], dtype=np.float64)
     if spacings.ndim != 2 or spacings.shape[1] != 3 or len(spacings) == 0:
@@ -200,33 +213,12 @@ def make_plan(cfg: Config, fingerprint: dict[str, Any]) -> Plan:
     else:
         spacing = target_spacing(spacings, shapes, cfg.plan.anisotropy_threshold)
     resampled = shapes * spacings / spacing[None, :]
-    median_shape = tuple(round(v) for v in np.median(resampled, axis=0).tolist())
-    spacing3 = (float(spacing[0]), float(spacing[1]), float(spacing[2]))
-    patch, batch, topology, mem = plan_patch(
-        cfg, spacing3, median_shape, task.num_classes, float(np.prod(resampled, axis=1).sum())
-    )
+    m = [round(v) for v in np.median(resampled, axis=0).tolist()]
     fg = fingerprint["foreground"]
-    plan = Plan(
-        task=cfg.task,
-        orientation=cfg.data.orientation,
-        target_spacing=spacing3,
-        patch_size=patch,
-        batch_size=batch,
-        kernels=topology.kernels,
-        strides=topology.strides,
-        filters=topology.filters,
-        num_classes=task.num_classes,
-        normalization=Normalization(
-            clip_low=fg["p0.5"], clip_high=fg["p99.5"], mean=fg["mean"], std=max(fg["std"], 1e-3)
-        ),
-        median_shape=median_shape,
-        memory_estimate_gb=round(mem, 3),
-        fingerprint_hash=str(fingerprint.get("hash", "")),
-        num_cases=len(spacings),
-    )
-    log.info("plan: spacing %s, patch %s, batch %d, %d stages, ~%.2f GB", _fmt(spacing3), list(patch), batch,
-             topology.num_stages, mem)
-    return plan
+    norm = Normalization(clip_low=fg["p0.5"], clip_high=fg["p99.5"], mean=fg["mean"], std=max(fg["std"], 1e-3))
+    return _assemble(cfg, (float(spacing[0]), float(spacing[1]), float(spacing[2])), (m[0], m[1], m[2]),
+                     float(np.prod(resampled, axis=1).sum()), norm,
+                     fingerprint_hash=str(fingerprint.get("hash", "")), num_cases=len(spacings))
 
 
 def default_plan(cfg: Config) -> Plan:
@@ -237,22 +229,10 @@ def default_plan(cfg: Config) -> Plan:
     ref = _UNPLANNED.get(cfg.task, _UNPLANNED["tiny"])
     spacing = cfg.plan.target_spacing or ref.spacing
     m = [max(1, round(n * r / s)) for n, r, s in zip(ref.median_shape, ref.spacing, spacing, strict=True)]
-    median = (m[0], m[1], m[2])
-    task = get_task(cfg.task)
-    patch, batch, topology, mem = plan_patch(cfg, spacing, median, task.num_classes, float(np.prod(median)) * 100)
     lo, hi, mean, std = ref.normalization
-    return Plan(
-        task=cfg.task, orientation=cfg.data.orientation, target_spacing=spacing, patch_size=patch,
-        batch_size=batch, kernels=topology.kernels, strides=topology.strides, filters=topology.filters,
-        num_classes=task.num_classes, normalization=Normalization(clip_low=lo, clip_high=hi, mean=mean, std=std),
-        median_shape=median, memory_estimate_gb=round(mem, 3), source="unplanned",
-    )
+    return _assemble(cfg, spacing, (m[0], m[1], m[2]), float(np.prod(m)) * 100,
+                     Normalization(clip_low=lo, clip_high=hi, mean=mean, std=std), source="unplanned")
 
 
 def _fmt(values: tuple[float, ...]) -> str:
     return "[" + ", ".join(f"{v:.3g}" for v in values) + "]"
-
-
-def plan_json(plan: Plan) -> str:
-    """Stable JSON form of a plan."""
-    return json.dumps(plan.model_dump(mode="json"), indent=2, sort_keys=True)

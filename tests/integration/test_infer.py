@@ -86,7 +86,7 @@ def test_bad_cases_are_reported_and_skipped(trained: tuple[Path, Path], tmp_path
     inp = tmp_path / "in"
     shutil.copytree(data / "imagesTr", inp)
     (inp / "corrupt.nii.gz").write_bytes((inp / "case0.nii.gz").read_bytes()[:300])
-    write_image(inp / "nan.nii.gz", np.full((20, 20, 12), np.nan, np.float32), make_volume()[0].geometry.__class__(
+    write_image(inp / "nan.nii.gz", np.full((20, 20, 12), np.nan, np.float32), Geometry(
         (20, 20, 12), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)))
     flat = make_volume()[0]
     write_image(inp / "slice.nii.gz", flat.array[:, :, :1], Geometry((24, 20, 1), flat.geometry.spacing,

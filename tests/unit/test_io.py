@@ -123,7 +123,7 @@ def test_truncated_and_garbage_files(tmp_path: Path) -> None:
 
 def test_huge_header_is_refused_before_allocation(tmp_path: Path) -> None:
     path = tmp_path / "huge.nii"
-    write_image(path, np.zeros((4, 4, 4), np.int16), make_volume()[0].geometry.__class__(
+    write_image(path, np.zeros((4, 4, 4), np.int16), Geometry(
         (4, 4, 4), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)))
     raw = bytearray(path.read_bytes())
     # NIfTI-1 dim[1..3] are int16 at byte offsets 42, 44, 46
