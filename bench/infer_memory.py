@@ -1,9 +1,9 @@
 """Peak host memory of `medsup infer` on a full-size CT, as a multiple of the raw volume.
 
-Runs in child processes so each peak is its own: a baseline child that only imports the inference stack,
-then `medsup infer` on a synthetic 512 x 512 x N int16 CT. Prints the raw size, both peaks and the ratio
-(peak above baseline / raw). The model is randomly initialised (memory, not accuracy, is measured) and
-planned at --spacing mm so the network part stays CPU-sized; reading, resampling and export still work
+Runs in child processes that each report their own peak RSS (VmHWM): a baseline child that only imports
+the inference stack, then `medsup infer` on a synthetic 512 x 512 x N int16 CT. Prints the raw size, both
+peaks and the ratio (peak above baseline / raw). The model is randomly initialised (memory, not accuracy,
+is measured) and planned at --spacing mm so the network part stays CPU-sized; reading, resampling and export still work
 on the full-resolution grid.
 
     .venv/bin/python bench/infer_memory.py --slices 1000 --spacing 1.6
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import resource
 import subprocess
 import sys
 import tempfile
@@ -26,8 +25,25 @@ import numpy as np
 log = logging.getLogger("bench.infer_memory")
 
 
-def _peak_child_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+# the child runs ``code`` then writes its own peak RSS (MB) to argv[1], whatever ``code`` raised. VmHWM, not
+# getrusage: ru_maxrss survives execve, so a child would inherit the bench's own peak at fork time.
+_CHILD = """
+import sys
+out = sys.argv.pop(1)
+try:
+    {code}
+finally:
+    hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))
+    open(out, "w").write(str(int(hwm.split()[1]) / 1024))
+"""
+
+
+def run_child(code: str, args: list[str], folder: Path) -> tuple[float, subprocess.CompletedProcess[str]]:
+    """Run ``code`` in a fresh interpreter with ``sys.argv[1:] = args``; returns (its peak RSS in MB, result)."""
+    peak_file = folder / "peak.txt"
+    proc = subprocess.run([sys.executable, "-c", _CHILD.format(code=code), str(peak_file), *args],
+                          capture_output=True, encoding="utf-8", errors="replace")
+    return float(peak_file.read_text()), proc
 
 
 def make_bundle(folder: Path, spacing: float) -> Path:
@@ -66,26 +82,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=1000)
     parser.add_argument("--spacing", type=float, default=1.6, help="plan spacing of the random model (mm)")
+    parser.add_argument("--gz", action="store_true", help="write the CT as .nii.gz (default: .nii)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         bundle = make_bundle(root / "bundle", args.spacing)
-        raw = make_ct(root / "ct.nii", args.slices)
-        code = "import torch, monai, medsup.inference.api, medsup.inference.predictor"
-        subprocess.run([sys.executable, "-c", code], check=True)
-        baseline = _peak_child_mb()
+        ct = root / ("ct.nii.gz" if args.gz else "ct.nii")
+        raw = make_ct(ct, args.slices)
+        imports = "import torch, monai, medsup.cli, medsup.inference.api, medsup.inference.predictor"
+        baseline, proc = run_child(imports, [], root)
+        if proc.returncode:
+            raise SystemExit(proc.stderr)
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "medsup", "-q", "infer", "-i", str(root / "ct.nii"), "-o",
-                               str(root / "out"), "--model", str(bundle), "--device", "cpu", "--json"],
-                              capture_output=True, encoding="utf-8", errors="replace")
+        infer = "from medsup.cli import app; app()"
+        peak, proc = run_child(infer, ["-q", "infer", "-i", str(ct), "-o", str(root / "out"), "--model",
+                                       str(bundle), "--device", "cpu", "--json"], root)
         seconds = time.perf_counter() - t0
         if proc.returncode:
             raise SystemExit(proc.stdout + proc.stderr)
-        peak = _peak_child_mb()
         case = json.loads(proc.stdout)["cases"][0]
     raw_mb = raw / 2**20
-    print(f"volume 512x512x{args.slices} int16: {raw_mb:.0f} MB raw; model planned at {args.spacing} mm")
+    print(f"volume 512x512x{args.slices} int16 ({ct.name}): {raw_mb:.0f} MB raw; model planned at {args.spacing} mm")
     print(f"peak RSS: imports only {baseline:.0f} MB, medsup infer {peak:.0f} MB ({seconds:.0f} s)")
     print(f"peak above imports / raw volume: {(peak - baseline) / raw_mb:.2f}x   (total / raw: {peak / raw_mb:.2f}x)")
     print("seconds per stage:", case["seconds"])

@@ -41,7 +41,7 @@ from medsup.device import resolve_device
 from medsup.engine.handlers import BestTracker, EpochMetrics, LossEpoch, PolyLR
 from medsup.engine.steps import make_train_step
 from medsup.engine.validation import summarise, validate
-from medsup.inference.window import make_inferer
+from medsup.inference.window import SlidingWindow, sliding_window_logits
 from medsup.losses import build_loss, heads_may_go_unused
 from medsup.models.unet import build_model
 from medsup.tasks import get_task
@@ -191,8 +191,11 @@ def _fit(cfg: Config, plan: Plan, labels: dict[int, str], cases: dict[str, Any],
     trainer.add_event_handler(Events.ITERATION_COMPLETED, epoch_metrics.iteration)
     best = BestTracker("val.dice", cfg.train.early_stop_patience)
     history: list[dict[str, float]] = []
-    inferer = make_inferer(plan.patch_size, cfg.infer.overlap, cfg.infer.sw_batch_size, cfg.infer.blend,
+    window = SlidingWindow(plan.patch_size, cfg.infer.overlap, cfg.infer.sw_batch_size, cfg.infer.blend,
                            background_value(plan.normalization))
+
+    def inferer(image: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
+        return sliding_window_logits(image, model, window)
     fg_names = [labels[c] for c in sorted(labels) if c != 0]
     fg_classes = [c for c in sorted(labels) if c != 0]
     ckpt_dir = output / "checkpoints"

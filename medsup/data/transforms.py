@@ -36,7 +36,7 @@ from monai.transforms import (
 )
 
 from medsup.config import AugmentConfig, Config
-from medsup.data.io import read_image
+from medsup.data.io import Volume, read_image
 from medsup.data.planning import Normalization, Plan
 from medsup.data.resample import resample_to_spacing
 
@@ -44,65 +44,49 @@ IMAGE, LABEL = "image", "label"
 FG_LOCATIONS = "fg_locations"
 
 
-class LoadVolumed(MapTransform):
-    """Read each key's path with :func:`medsup.data.io.read_image`, reoriented to ``orientation``.
+def normalize_ct(x: torch.Tensor, norm: Normalization) -> torch.Tensor:
+    """Clip HU to the plan's foreground ``[p0.5, p99.5]`` then z-score with the foreground mean/std."""
+    # clamp makes the one copy; the rest is in place
+    return x.clamp(norm.clip_low, norm.clip_high).sub_(norm.mean).div_(norm.std)
 
-    Output: a ``(1, X, Y, Z)`` float32 MetaTensor with the RAS affine and the file name in its meta; the
-    original geometry is kept under ``meta["medsup_geometry"]`` so outputs can be mapped back exactly.
+
+def preprocess_volume(volume: Volume, plan: Plan, image: bool = True,
+                      dtype: type[np.generic] = np.float32) -> MetaTensor:
+    """Reorient ``volume`` exactly to the plan orientation, resample it onto the plan spacing (trilinear for
+    an image, nearest for a label) and, for an image, CT-normalise it: one streamed pass, slab by slab, so a
+    full-size int16 CT is never copied to float at its own resolution.
+
+    Returns a ``(1, X, Y, Z)`` MetaTensor of ``dtype`` with the RAS affine of the plan grid; the input's own
+    geometry is kept under ``meta["medsup_geometry"]`` so outputs can be mapped back exactly.
+    """
+    oriented = volume.reoriented(plan.orientation)  # a view: flips and transposes only
+    norm = plan.normalization
+    array, affine = resample_to_spacing(
+        oriented.array[None], oriented.geometry.affine(), plan.target_spacing,
+        mode="bilinear" if image else "nearest", reduce=(lambda x: normalize_ct(x[0], norm)) if image else None,
+        dtype=dtype)
+    meta = {"medsup_geometry": volume.geometry.as_dict()}
+    return MetaTensor(array, affine=torch.as_tensor(affine), meta=meta)
+
+
+class PreprocessVolumed(MapTransform):
+    """Read each key's path with :func:`medsup.data.io.read_image` and :func:`preprocess_volume` it.
+
+    Output: ``(1, X, Y, Z)`` float32 MetaTensors (image in normalised units, label with integer values)
+    carrying the file name in their meta.
     """
 
-    def __init__(self, keys: Sequence[str], orientation: str, allow_missing_keys: bool = False) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.orientation = orientation
+    def __init__(self, keys: Sequence[str], plan: Plan) -> None:
+        super().__init__(keys)
+        self.plan = plan
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
             path = d[key]
-            original = read_image(path)
-            volume = original.reoriented(self.orientation)
-            array = torch.from_numpy(np.ascontiguousarray(volume.array, dtype=np.float32))[None]
-            meta = {"filename_or_obj": str(path), "medsup_geometry": original.geometry.as_dict()}
-            d[key] = MetaTensor(array, affine=torch.as_tensor(volume.geometry.affine()), meta=meta)
-        return d
-
-
-class ResampleToSpacingd(MapTransform):
-    """Resample each key onto ``spacing`` mm (same origin and axis directions; MONAI ``Spacing``'s grid),
-    slab by slab so memory stays near input + output (MONAI's ``Spacingd`` holds a full coordinate grid).
-
-    ``modes`` per key: ``bilinear`` for images, ``nearest`` for labels.
-    """
-
-    def __init__(self, keys: Sequence[str], spacing: Sequence[float], modes: Sequence[str]) -> None:
-        super().__init__(keys)
-        self.spacing = (float(spacing[0]), float(spacing[1]), float(spacing[2]))
-        self.modes = dict(zip(keys, modes, strict=True))
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            src = d[key]
-            affine = np.asarray(src.affine, dtype=np.float64)
-            array, new_affine = resample_to_spacing(src.as_tensor(), affine, self.spacing, self.modes[key])
-            meta = {k: v for k, v in src.meta.items() if k != "affine"}  # the new grid's affine replaces it
-            d[key] = MetaTensor(array, affine=torch.as_tensor(new_affine), meta=meta)
-        return d
-
-
-class NormalizeCTd(MapTransform):
-    """Clip HU to the plan's foreground ``[p0.5, p99.5]`` then z-score with the foreground mean/std."""
-
-    def __init__(self, keys: Sequence[str], norm: Normalization) -> None:
-        super().__init__(keys)
-        self.norm = norm
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            n = self.norm
-            # clamp makes the one copy; the rest is in place (a full-size CT is ~1 GB in float32)
-            d[key] = d[key].clamp(n.clip_low, n.clip_high).sub_(n.mean).div_(n.std)
+            out = preprocess_volume(read_image(path), self.plan, image=key == IMAGE)
+            out.meta["filename_or_obj"] = str(path)
+            d[key] = out
         return d
 
 
@@ -173,16 +157,9 @@ class ForegroundOversampledCropd(RandomizableTransform, MapTransform):
 
 
 def preprocess(plan: Plan, keys: Sequence[str] = (IMAGE, LABEL)) -> list[Transform]:
-    """Deterministic load -> reorient -> resample to ``plan.target_spacing`` -> normalise.
-
-    Images are resampled trilinearly and labels by nearest neighbour.
-    """
-    modes = ["bilinear" if k == IMAGE else "nearest" for k in keys]
-    return [
-        LoadVolumed(list(keys), plan.orientation),
-        ResampleToSpacingd(list(keys), plan.target_spacing, modes),
-        NormalizeCTd([IMAGE], plan.normalization),
-    ]
+    """Deterministic load -> reorient -> resample to ``plan.target_spacing`` -> normalise (one transform; what
+    inference runs too, through :func:`preprocess_volume`)."""
+    return [PreprocessVolumed(list(keys), plan)]
 
 
 def _augmentations(aug: AugmentConfig, plan: Plan) -> list[Transform]:

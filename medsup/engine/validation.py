@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
-from monai.inferers import SlidingWindowInferer
 from torch import nn
 
 from medsup.device import autocast, autocast_dtype
@@ -29,9 +28,13 @@ def dice_per_class(pred: torch.Tensor, label: torch.Tensor, classes: Sequence[in
 
 
 @torch.inference_mode()
-def validate(model: nn.Module, cases: Iterable[dict[str, Any]], inferer: SlidingWindowInferer,
+def validate(model: nn.Module, cases: Iterable[dict[str, Any]],
+             inferer: Callable[[torch.Tensor, nn.Module], torch.Tensor],
              device: torch.device, classes: Sequence[int], amp: bool = True) -> list[dict[str, Any]]:
-    """Run whole-volume inference on each case and return ``[{"case", "dice": [per class]}]``."""
+    """Run whole-volume inference on each case and return ``[{"case", "dice": [per class]}]``.
+
+    ``inferer(image, model)`` maps ``(1, 1, X, Y, Z)`` to logits ``(1, C, X, Y, Z)`` (a sliding window).
+    """
     model.eval()
     dtype = autocast_dtype(device, amp)
     results = []

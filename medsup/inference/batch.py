@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from medsup.data.io import (
     ImageReadError,
     atomic_path,
@@ -192,9 +190,9 @@ def _one(predictor: Predictor, job: CaseJob, prepared: Future[Prepared]) -> dict
         if prediction.exit_level is not None:
             entry["exit_level"] = prediction.exit_level
             entry["note"] = f"early-exit preview from head {prediction.exit_level}: coarser than full inference"
-        classes = np.unique(prediction.labels).tolist()
-        log.info("%s -> %s (%.1f s, classes %s)", job.input.name, job.output, time.perf_counter() - started,
-                 classes)
+        found = [name for name, ml in prediction.volumes_ml.items() if ml > 0]
+        log.info("%s -> %s (%.1f s, found %s)", job.input.name, job.output, time.perf_counter() - started,
+                 ", ".join(found) or "no foreground")
     except (CaseError, ImageReadError) as err:  # expected: the message names the file and the problem
         entry.update({"status": "error", "error": str(err)})
         log.error("%s", err)

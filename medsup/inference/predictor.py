@@ -15,13 +15,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from medsup.data.io import Geometry, Volume
-from medsup.data.resample import resample_argmax, resample_probability
-from medsup.data.transforms import IMAGE, LoadVolumed, background_value, eval_transforms
+from medsup.data.io import Geometry, ImageReadError, Volume, read_image
+from medsup.data.resample import SlabResampler, argmax_reduce, push_array
+from medsup.data.transforms import background_value, preprocess_volume
 from medsup.device import autocast, autocast_dtype
 from medsup.inference.bundle import Bundle
-from medsup.inference.postprocess import postprocess
-from medsup.inference.window import make_inferer, sliding_window_logits
+from medsup.inference.postprocess import bincount_slabs, postprocess
+from medsup.inference.window import SlidingWindow
 from medsup.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ class Prepared:
     """A case after reading and preprocessing, ready for the network."""
 
     path: Path
-    image: torch.Tensor  # (1, 1, x, y, z) normalised, at the plan spacing, plan orientation
+    image: torch.Tensor  # (1, 1, x, y, z) float16 normalised, at the plan spacing, plan orientation
     affine: np.ndarray  # (4, 4) RAS affine of ``image``'s grid
     geometry: Geometry  # the input file's own grid (what the output must match)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -71,7 +71,13 @@ class PredictOptions:
 
 
 class Predictor:
-    """Predict cases with one bundle on one device. Preprocessing is the bundle's, not the current config's."""
+    """Predict cases with one bundle on one device. Preprocessing is the bundle's, not the current config's.
+
+    Host memory per case stays near the raw volume: the input is read in its own pixel type and resampled
+    and normalised slab by slab into a float16 network input at the plan spacing; logits are stitched in a
+    one-patch-deep rolling buffer and each finished slab is resampled onto the input grid and argmax'ed at
+    once, so only the uint8 label map of the full grid is ever held (``bench/infer_memory.py``).
+    """
 
     def __init__(self, bundle: Bundle, device: torch.device, options: PredictOptions) -> None:
         self.bundle, self.device, self.options = bundle, device, options
@@ -79,10 +85,9 @@ class Predictor:
         if options.exit_level is not None and not 0 <= options.exit_level < self.network.num_heads:
             raise ValueError(f"--exit-level must be in 0..{self.network.num_heads - 1} for this model "
                              f"(0 = full resolution), got {options.exit_level}")
-        self.loader = LoadVolumed([IMAGE], bundle.plan.orientation)
-        self.rest = eval_transforms(bundle.plan, with_label=False).transforms[1:]  # all but loading
         self.task = get_task(bundle.cfg.task)
-        self.pad_value = background_value(bundle.plan.normalization)
+        self.window = SlidingWindow(bundle.plan.patch_size, options.overlap, options.sw_batch_size, options.blend,
+                                    background_value(bundle.plan.normalization), options.tta)
 
     @classmethod
     def options_from(cls, bundle: Bundle, **overrides: Any) -> PredictOptions:
@@ -97,79 +102,108 @@ class Predictor:
         """Read and preprocess one case (CPU; runs in the prefetch thread)."""
         t0 = time.perf_counter()
         try:
-            data = self.loader({IMAGE: str(path)})
-        except ValueError as err:  # ImageReadError is a ValueError naming the file
+            volume = read_image(path)
+        except ImageReadError as err:  # the message names the file
             raise CaseError(str(err)) from None
-        image = data[IMAGE]
-        if not bool(torch.isfinite(image).all()):
-            bad = int((~torch.isfinite(image)).sum())
+        bad = nonfinite_count(volume.array)
+        if bad:
             raise CaseError(f"{path}: {bad} NaN/Inf voxels; refusing to segment a corrupt image")
-        geometry = Geometry(**{k: tuple(v) if isinstance(v, list) else v for k, v in
-                               image.meta["medsup_geometry"].items() if k != "orientation"})
         t1 = time.perf_counter()
-        for transform in self.rest:
-            data = transform(data)
-        image = data[IMAGE]
+        # float16 holds a z-scored, clipped CT with ~1e-3 relative precision (bf16 autocast is coarser) at half
+        # the memory of float32; tiles go to the network as float32
+        image = preprocess_volume(volume, self.bundle.plan, image=True, dtype=np.float16)
         affine = np.asarray(image.affine, dtype=np.float64)
-        tensor = image.as_tensor()[None].contiguous()
-        return Prepared(path, tensor, affine, geometry,
+        return Prepared(path, image.as_tensor()[None], affine, volume.geometry,
                         {"read": t1 - t0, "preprocess": time.perf_counter() - t1})
 
     @torch.inference_mode()
     def predict(self, prepared: Prepared) -> Prediction:
-        """Network, then labels on the input grid."""
+        """Network and export (resampling onto the input grid, argmax) streamed slab by slab, then postprocessing."""
         opts, dev = self.options, self.device
         t0 = time.perf_counter()
-        image = prepared.image.to(dev, non_blocking=True)
         level = opts.exit_level
+        dtype = autocast_dtype(dev, opts.amp)
 
         def network(x: torch.Tensor) -> torch.Tensor:
-            return self.network(x, exit_level=level) if level is not None else self.network(x)
+            # autocast around the network only: the resampling in the sink needs float32 coordinates
+            with autocast(dev, dtype):
+                return self.network(x, exit_level=level) if level is not None else self.network(x)
 
-        with autocast(dev, autocast_dtype(dev, opts.amp)):
-            logits = self._window(image, network)
-        logits = logits[0].float()
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+        try:
+            labels, export, logits = self._stream(prepared, network, dev)
+        except torch.cuda.OutOfMemoryError:
+            # the volume's stitch buffers do not fit beside the network: stitch and resample on the host
+            log.warning("%s: stitching on the GPU ran out of memory; stitching on the CPU instead", prepared.path)
+            torch.cuda.empty_cache()
+            labels, export, logits = self._stream(prepared, network, torch.device("cpu"))
         t1 = time.perf_counter()
-        labels = self._to_input_grid(logits, prepared, resample_argmax)
-        probability = None
-        if opts.probabilities:
-            def probability(channel: int) -> np.ndarray:
-                return self._to_input_grid(logits, prepared, partial(resample_probability, channel=channel))
         if opts.postprocess:
             labels = postprocess(labels, self.task.organ_classes, self.task.lesion_classes)
+        volumes = label_volumes_ml(labels, prepared.geometry.spacing, self.bundle.labels)
         t2 = time.perf_counter()
-        voxel_ml = float(np.prod(prepared.geometry.spacing)) / 1000.0
-        counts = np.bincount(labels.ravel(), minlength=self.bundle.plan.num_classes)
-        volumes = {name: float(counts[c]) * voxel_ml for c, name in self.bundle.labels.items() if c != 0}
-        seconds = {**prepared.seconds, "network": t1 - t0, "export": t2 - t1}
+        probability = None
+        if logits is not None:
+            kept = logits
+
+            def probability(channel: int) -> np.ndarray:
+                out, resampler = self._onto_input_grid(prepared, partial(_softmax_channel, channel=channel),
+                                                       np.float32, kept.device)
+                push_array(resampler, kept)
+                resampler.close()
+                return out
+
+        seconds = {**prepared.seconds, "network": t1 - t0 - export, "export": export + t2 - t1}
         return Prediction(prepared.path, labels, prepared.geometry, seconds, volumes, level, probability)
 
-    def _window(self, image: torch.Tensor, network: Any) -> torch.Tensor:
-        opts = self.options
-        inferer = make_inferer(self.bundle.plan.patch_size, opts.overlap, opts.sw_batch_size, opts.blend,
-                               self.pad_value)
-        try:
-            return sliding_window_logits(image, network, inferer, opts.tta)
-        except torch.cuda.OutOfMemoryError:
-            # the stitched output of a huge volume does not fit next to the tiles: stitch on the host
-            log.warning("%s: stitching on the GPU ran out of memory; stitching on the CPU instead",
-                        image.shape)
-            torch.cuda.empty_cache()
-            cpu = make_inferer(self.bundle.plan.patch_size, opts.overlap, opts.sw_batch_size, opts.blend,
-                               self.pad_value, device=torch.device("cpu"))
-            return sliding_window_logits(image, network, cpu, opts.tta)
+    def _stream(self, prepared: Prepared, network: Callable[[torch.Tensor], torch.Tensor],
+                stitch: torch.device) -> tuple[np.ndarray, float, torch.Tensor | None]:
+        """Sliding window whose finished slabs go straight onto the input grid; returns ``(labels, seconds
+        spent resampling, the whole logits when probabilities are asked for else None)``."""
+        labels, resampler = self._onto_input_grid(prepared, argmax_reduce, np.uint8, stitch)
+        kept: list[torch.Tensor] = []
+        export = 0.0
 
-    def _to_input_grid(self, logits: torch.Tensor, prepared: Prepared,
-                       resample: Callable[..., np.ndarray]) -> np.ndarray:
-        """Resample onto the input grid in the plan orientation, then undo the reorientation exactly."""
+        def sink(slab: torch.Tensor) -> None:
+            nonlocal export
+            t = time.perf_counter()
+            resampler.push(slab)
+            if self.options.probabilities:
+                kept.append(slab.cpu())
+            export += time.perf_counter() - t
+
+        self.window.run(prepared.image, network, sink, self.device, stitch)
+        resampler.close()
+        return labels, export, torch.cat(kept, dim=3) if kept else None
+
+    def _onto_input_grid(self, prepared: Prepared, reduce: Callable[[torch.Tensor], torch.Tensor],
+                         dtype: type[np.generic], device: torch.device) -> tuple[np.ndarray, SlabResampler]:
+        """An output array with exactly the input file's shape, and a resampler filling it from network-grid
+        slabs. The resampler writes through a view of the array in the plan orientation (flips and axis
+        swaps only), so no reorientation copy is made; Fortran order makes the writer's ``(k, j, i)`` view
+        contiguous."""
         geometry = prepared.geometry
-        # the input grid as the loader saw it (reoriented): same voxels, permuted/flipped axes
-        dummy = np.broadcast_to(np.uint8(0), geometry.shape)
-        oriented = Volume(dummy, geometry).reoriented(self.bundle.plan.orientation).geometry
-        values = resample(logits, prepared.affine, oriented.affine(), oriented.shape)
-        back = Volume(values, oriented).reoriented(geometry.orientation)
-        if back.array.shape != geometry.shape:
-            raise RuntimeError(f"{prepared.path}: output {back.array.shape} != input {geometry.shape}")
-        return np.ascontiguousarray(back.array)
+        out = np.empty(geometry.shape, dtype=dtype, order="F")
+        oriented = Volume(out, geometry).reoriented(self.bundle.plan.orientation)
+        src = prepared.image.shape[2:]
+        resampler = SlabResampler((int(src[0]), int(src[1]), int(src[2])), prepared.affine,
+                                  oriented.geometry.affine(), oriented.array, reduce, device=device)
+        return out, resampler
+
+
+def _softmax_channel(x: torch.Tensor, channel: int) -> torch.Tensor:
+    return torch.softmax(x, 0)[channel]
+
+
+def nonfinite_count(array: np.ndarray, chunk: int = 16) -> int:
+    """NaN/Inf voxels in an ``(I, J, K)`` array, counted slab by slab (no full-size temporary)."""
+    if not np.issubdtype(array.dtype, np.floating):
+        return 0
+    return sum(int((~np.isfinite(array[..., k:k + chunk])).sum()) for k in range(0, array.shape[2], chunk))
+
+
+def label_volumes_ml(labels: np.ndarray, spacing: tuple[float, float, float], names: dict[int, str]
+                     ) -> dict[str, float]:
+    """Volume in mL of each named foreground class of an ``(I, J, K)`` label map."""
+    counts = bincount_slabs(labels, max(names) + 1)
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    return {name: float(counts[c]) * voxel_ml for c, name in names.items() if c != 0}
