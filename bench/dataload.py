@@ -3,8 +3,11 @@ training step rate it must feed, measured side by side in one process on the sam
 
     .venv/bin/python bench/dataload.py --data demo/liver_synth --preset quick --batches 40
 
-Prints the median seconds per batch of (a) the loader alone and (b) a training step on synthetic tensors
-of the same shape, and their ratio: below 1 the loader keeps up; above 1 the step waits for data.
+Prints the median seconds per batch of (a) the loader alone, (b) a training step on synthetic tensors of
+the same shape, (c) the step fed by the loader (both competing for the same cores, as in training), and
+the ratio loader / step: below 1 the loader keeps up; above 1 the step waits for data. Then, to say where
+it starves, the median milliseconds per sample of each random transform after the cache (crop, affine,
+flips, intensity, noise), run in this process one after another on cached cases.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ import argparse
 import logging
 import statistics
 import time
+from copy import deepcopy
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -35,6 +40,7 @@ def main() -> None:
     parser.add_argument("--preset", default="quick")
     parser.add_argument("--batches", type=int, default=40)
     parser.add_argument("--workers", type=int, default=None, help="override train.num_workers")
+    parser.add_argument("--samples", type=int, default=20, help="samples for the per-transform breakdown")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     overrides = [f"train.iterations_per_epoch={args.batches}"]
@@ -67,16 +73,59 @@ def main() -> None:
         loss_fn(model(x), y).backward()
         opt.step()
         step_times.append(time.perf_counter() - t)
+    fed_times = []
+    it = iter(loader)
+    for _ in range(2 * max(1, cfg.train.num_workers)):  # drain the prefetch queue: time the steady rate
+        next(it)
+    t = time.perf_counter()
+    for batch in it:
+        opt.zero_grad()
+        image, label = batch["image"].as_tensor(), batch["label"].as_tensor().round().long()
+        loss_fn(model(image), label).backward()
+        opt.step()
+        now = time.perf_counter()
+        fed_times.append(now - t)
+        t = now
+        if len(fed_times) >= min(10, args.batches):
+            break
     load_med = statistics.median(loader_times[1:])  # the first batch includes worker start-up
     step_med = statistics.median(step_times[1:])
+    fed_med = statistics.median(fed_times)
     bs = plan.batch_size
     print(f"patch {list(plan.patch_size)} x batch {bs}, workers {cfg.train.num_workers}, "
           f"{torch.get_num_threads()} torch threads; caching {len(split['train'])} cases took {cache_s:.1f} s")
     n = len(loader_times) - 1
     print(f"loader alone: {load_med:.3f} s/batch ({bs / load_med:.1f} samples/s, median of {n})")
     print(f"training step: {step_med:.3f} s/batch ({bs / step_med:.1f} samples/s, median of {len(step_times) - 1})")
+    print(f"step fed by the loader: {fed_med:.3f} s/batch ({bs / fed_med:.1f} samples/s, median of {len(fed_times)}; "
+          f"{fed_med / step_med:.2f}x the step alone)")
     verdict = "keeps up" if load_med < step_med else "STARVES the step"
     print(f"loader / step time: {load_med / step_med:.2f} ({verdict})")
+    print("random transforms per sample (after the cache, in this process):")
+    for name, ms in transform_breakdown(loader.dataset, args.samples):
+        print(f"  {name:<28} {ms:8.1f} ms")
+
+
+def transform_breakdown(dataset: Any, samples: int) -> list[tuple[str, float]]:
+    """Median milliseconds per sample of each transform from the first random one on (what the workers run
+    for every sample), applied in order to copies of the cached cases."""
+    from monai.transforms import RandomizableTrait, Transform
+
+    chain = dataset.transform
+    first = chain.get_index_of_first(lambda t: isinstance(t, RandomizableTrait) or not isinstance(t, Transform))
+    steps = chain.transforms[first:] if first is not None else []
+    cached = [c for c in dataset._cache if c is not None]
+    times: dict[str, list[float]] = {}
+    for n in range(samples):
+        data = deepcopy(cached[n % len(cached)])
+        for i, t in enumerate(steps):
+            t0 = time.perf_counter()
+            data = t(data)
+            axis = getattr(t, "flipper", None)
+            name = type(t).__name__ + (f"(axis {axis.spatial_axis})" if axis is not None else "")
+            times.setdefault(f"{i:2d} {name}", []).append(1000 * (time.perf_counter() - t0))
+    rows = [(name, statistics.median(v)) for name, v in times.items()]
+    return [*rows, ("total", sum(ms for _, ms in rows))]
 
 
 if __name__ == "__main__":

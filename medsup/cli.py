@@ -36,6 +36,15 @@ def _models_app() -> typer.Typer:
 
 app.add_typer(_models_app(), name="models", help="MLflow model registry: list, promote, pull.")
 
+
+def _ablation_app() -> typer.Typer:
+    from medsup.cli_ablation import ablation_app  # light: mlflow and matplotlib load inside its command
+
+    return ablation_app
+
+
+app.add_typer(_ablation_app(), name="ablation", help="Deep-supervision ablation: summarize its runs.")
+
 log = logging.getLogger("medsup")
 
 TaskOpt = Annotated[str, typer.Option("--task", "-t", help="Task name (see `medsup tasks`).")]
@@ -140,6 +149,35 @@ def data_check(
         typer.echo(report.render())
     if not report.ok:
         raise typer.Exit(1)
+
+
+@data_app.command("split")
+def data_split(
+    data: Annotated[Path, typer.Argument(help="Dataset folder (MSD layout or images/ + labels/).")],
+    task: TaskOpt = "liver",
+    fold: Annotated[int | None, typer.Option(help="Cross-validation fold (default data.fold).")] = None,
+    subset: Annotated[str, typer.Option(help="val or train.")] = "val",
+    labels: Annotated[bool, typer.Option("--labels", help="Print label paths instead of image paths.")] = False,
+    preset: PresetOpt = None,
+    overrides: SetOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print one fold's validation (or training) cases, one path per line: the split `medsup train` uses
+    with the same task, preset and --set (data.num_folds, seed, data.split_seed, data.max_train_cases)."""
+    from medsup.data.splits import fold_cases
+
+    if subset not in ("val", "train"):
+        _fail(f"--subset must be val or train, not {subset!r}")
+    cfg = _config(task, list(overrides or []) + ([f"data.fold={fold}"] if fold is not None else []), preset)
+    try:
+        result = fold_cases(data, cfg)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    if as_json:
+        _emit(result)
+        return
+    for case in result[subset]:
+        typer.echo(case["label" if labels else "image"])
 
 
 @app.command()
@@ -259,11 +297,10 @@ def infer(
     as_json: JsonOpt = False,
 ) -> None:
     """Segment CT volumes with a trained model; output labels land exactly on each input's grid."""
-    from rich.progress import Progress
-
     from medsup.inference.api import InferRequest, bundle_for, parse_shard
     from medsup.inference.api import infer as run_infer
     from medsup.inference.bundle import BundleError
+    from medsup.inference.progress import RichBatchProgress
 
     try:
         model_path, version = bundle_for(model, tracking_uri)
@@ -273,14 +310,9 @@ def infer(
             exit_level=exit_level, resume=resume, fail_fast=fail_fast, probabilities=probabilities,
             shard=parse_shard(shard) if shard else None, report=report, model_version=version,
         )
-        with Progress(transient=True, disable=as_json or not sys.stderr.isatty()) as bar:
-            task_id = bar.add_task("segmenting", total=None)
-
-            def tick(entry: dict[str, Any]) -> None:
-                bar.update(task_id, advance=1, description=f"{Path(entry['input']).name}: {entry['status']}")
-
-            result = run_infer(request, progress=tick)
-    except (BundleError, FileNotFoundError, ValueError) as err:
+        with RichBatchProgress(disable=as_json or not sys.stderr.isatty()) as progress:
+            result = run_infer(request, progress=progress)
+    except (BundleError, OSError, ValueError) as err:  # OSError: unreadable input folder, full disk
         _fail(str(err))
     summary = result.as_dict()
     if as_json:
@@ -293,6 +325,15 @@ def infer(
             typer.secho(f"  failed: {case['input']}: {case['error']}", fg=typer.colors.RED, err=True)
     if result.failed:
         raise typer.Exit(1)
+
+
+from medsup.cli_evaluate import evaluate_command  # noqa: E402  (light: numpy/ITK/MLflow load inside it)
+
+app.command("evaluate")(evaluate_command)
+
+from medsup.cli_figures import figures_command  # noqa: E402  (light: torch/matplotlib load inside it)
+
+app.command("figures")(figures_command)
 
 
 def main() -> None:

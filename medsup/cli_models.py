@@ -76,25 +76,42 @@ def promote(
     version: Annotated[int | None, typer.Option("--version", help="The version that gets the alias.")] = None,
     from_alias: Annotated[str | None, typer.Option(
         "--from-alias", help="Instead of --version: the version this alias points at (e.g. candidate).")] = None,
+    best: Annotated[bool, typer.Option(
+        "--best", help="Instead of --version: the version with the highest --metric.")] = False,
+    metric: Annotated[str, typer.Option(help="With --best: a version tag or source-run metric, higher is "
+                                             "better.")] = "val_dice",
+    experiment: Annotated[str | None, typer.Option(
+        help="With --best: only versions trained in this MLflow experiment.")] = None,
     alias: Annotated[str, typer.Option(help="Alias to move onto the version.")] = "champion",
     tracking_uri: UriOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Point an alias (default champion) at a version; it leaves any other version."""
     from medsup.tracking import TrackingUnavailable
-    from medsup.tracking.registry import model_name, resolve_version
+    from medsup.tracking.registry import best_version, model_name, resolve_version
     from medsup.tracking.registry import promote as promote_version
 
-    if (version is None) == (from_alias is None):
-        _fail("give exactly one of --version N and --from-alias ALIAS")
+    if sum((version is not None, from_alias is not None, best)) != 1:
+        _fail("give exactly one of --version N, --from-alias ALIAS and --best")
+    if (metric != "val_dice" or experiment is not None) and not best:
+        _fail("--metric and --experiment go with --best")
     uri = _uri(tracking_uri)
+    value = None
     try:
-        if version is None:
+        if best:
+            version, value = best_version(uri, task, metric, experiment)
+        elif version is None:
             assert from_alias is not None
             version = resolve_version(uri, task, from_alias)
         promote_version(uri, task, version, alias)
     except (ValueError, TrackingUnavailable) as err:
         _fail(str(err))
-    typer.echo(f"{model_name(task)}@{alias} -> version {version}")
+    if as_json:
+        _emit({"name": model_name(task), "alias": alias, "version": version, "metric": metric if best else None,
+               "value": value})
+        return
+    typer.echo(f"{model_name(task)}@{alias} -> version {version}"
+               + (f" (best {metric} {value:.4f})" if value is not None else ""))
 
 
 @models_app.command()

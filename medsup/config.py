@@ -36,6 +36,8 @@ class DataConfig(_Section):
     geometry_tolerance: PositiveFloat = 1e-3
     num_folds: Annotated[int, Field(ge=1)] = 5
     fold: Annotated[int, Field(ge=0)] = 0
+    split_seed: Annotated[int, Field(ge=0)] | None = None
+    max_train_cases: Annotated[int, Field(ge=1)] | None = None
     check_workers: Annotated[int, Field(ge=1)] = 2
     fingerprint_samples: Annotated[int, Field(ge=100)] = 10000
     ct_padding_threshold: float = -1500.0
@@ -130,6 +132,7 @@ class TrainConfig(_Section):
     cache_rate: Probability = 1.0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     deterministic: bool = False
+    grad_norm_every: Annotated[int, Field(ge=0)] = 10
 
 
 class AugmentConfig(_Section):
@@ -174,6 +177,11 @@ class SynthConfig(_Section):
     test_cases: Annotated[int, Field(ge=0)] = 2
 
 
+class EvaluateConfig(_Section):
+    nsd_tolerance_mm: dict[str, PositiveFloat] = Field(
+        default_factory=lambda: {"liver": 5.0, "tumour": 2.0, "organ": 5.0, "lesion": 2.0})
+
+
 class Config(_Section):
     """The whole resolved configuration. Frozen: derive variants with :func:`load` overrides."""
 
@@ -188,6 +196,7 @@ class Config(_Section):
     infer: InferConfig = InferConfig()
     tracking: TrackingConfig = TrackingConfig()
     synth: SynthConfig = SynthConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
     @field_validator("task")
     @classmethod
@@ -200,6 +209,16 @@ class Config(_Section):
     def _fold_in_range(self) -> Config:
         if self.data.fold >= self.data.num_folds:
             raise ValueError(f"data.fold={self.data.fold} must be < data.num_folds={self.data.num_folds}")
+        return self
+
+    @model_validator(mode="after")
+    def _tolerance_per_class(self) -> Config:
+        # keyed by class name, so one table serves every task; each foreground class of this task needs one
+        names = [name for value, name in sorted(TASKS[self.task].labels.items()) if value != 0]
+        missing = [n for n in names if n not in self.evaluate.nsd_tolerance_mm]
+        if missing:
+            raise ValueError(f"evaluate.nsd_tolerance_mm has no tolerance for class(es) {', '.join(missing)} "
+                             f"of task {self.task}")
         return self
 
     def flat(self) -> dict[str, Any]:

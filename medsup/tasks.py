@@ -27,6 +27,8 @@ class Task:
     lesion_classes: tuple[int, ...] = field(default=())
     organ_classes: tuple[int, ...] = field(default=())
     reference: str = ""
+    #: CT display window (width, level) in HU for figures: soft tissue by default, lung for chest tasks
+    window: tuple[float, float] = (400.0, 40.0)
 
     @property
     def num_classes(self) -> int:
@@ -74,6 +76,7 @@ TASKS: dict[str, Task] = {
             config="configs/tasks/lung.yaml",
             lesion_classes=(1,),
             reference="MSD Task06_Lung",
+            window=(1500.0, -600.0),
         ),
         Task(
             name="tiny",

@@ -1,7 +1,7 @@
 """``run_training(cfg, data_dir)``: the composition root of a training run. Reads top to bottom:
 
 check data -> plan -> split -> track -> datasets -> model, loss, optimiser -> engine + handlers -> (resume)
--> run -> final checkpoint, model bundle, curves.
+-> run -> final checkpoint, model bundle, figures (``figures/``, logged as MLflow artifacts).
 
 Under ``torchrun`` (WORLD_SIZE > 1) the same function runs on every rank through ``ignite.distributed``:
 cases are sharded per rank, metrics all-reduced, and only rank 0 logs to MLflow and writes files.
@@ -35,15 +35,16 @@ from medsup.data.datalist import load_datalist
 from medsup.data.fingerprint import plan_dataset
 from medsup.data.io import atomic_path
 from medsup.data.planning import Plan
-from medsup.data.splits import make_splits, save_splits
+from medsup.data.splits import fold_split, save_splits
 from medsup.data.transforms import background_value, eval_transforms, train_transforms
 from medsup.device import resolve_device
-from medsup.engine.handlers import BestTracker, EpochMetrics, LossEpoch, PolyLR
-from medsup.engine.steps import make_train_step
+from medsup.engine.handlers import BestTracker, EpochMetrics, GradNorms, LossEpoch, PolyLR
+from medsup.engine.steps import StepEvents, make_train_step
 from medsup.engine.validation import summarise, validate
+from medsup.evaluation.history import HISTORY, VALIDATION, read_validation, write_history, write_validation
 from medsup.inference.window import SlidingWindow, sliding_window_logits
 from medsup.losses import build_loss, heads_may_go_unused
-from medsup.models.unet import build_model
+from medsup.models.unet import DeepSupervisedUNet, build_model
 from medsup.tasks import get_task
 from medsup.tracking import RunTracker, check_reachable, resolve_tracking_uri
 
@@ -114,26 +115,28 @@ def _train(cfg: Config, opts: _Options) -> TrainResult:
     checkpoint = _load_resume(opts) if opts.resume else None
     if checkpoint is not None:
         cfg = from_json(checkpoint["config"])  # a resumed run keeps the config it started with
-    output = _output_dir(cfg, opts, checkpoint)
     task = get_task(cfg.task)
 
-    # data: every case must pass the check before a single step is taken
+    # data: every case must pass the check before a single step is taken, and before the run folder is made
+    # (a refused dataset leaves nothing behind)
     if not opts.data_dir.is_dir():
         raise TrainingError(f"data folder {opts.data_dir} does not exist")
-    report = check_dataset(opts.data_dir, cfg)
+    try:
+        report = check_dataset(opts.data_dir, cfg)
+    except (FileNotFoundError, ValueError) as err:  # no recognisable layout, a bad dataset.json
+        raise TrainingError(f"dataset {opts.data_dir}: {err}") from None
     if not report.ok:
         raise TrainingError(f"dataset {opts.data_dir} fails `medsup data check`:\n{report.render()}")
+    output = _output_dir(cfg, opts, checkpoint)
 
     # plan and split (rank 0 writes, the others read after a barrier)
     plan = _plan(cfg, opts, output, checkpoint, rank0)
     datalist = load_datalist(opts.data_dir)
     cases = {c.case_id: c for c in datalist.labelled}
-    splits = make_splits(sorted(cases), cfg.data.num_folds, cfg.seed)
-    fold = min(cfg.data.fold, len(splits) - 1)
+    splits, fold, split = fold_split(sorted(cases), cfg)  # split: at most data.max_train_cases training cases
     if rank0:
         save_splits(splits, output / "splits.json")
         (output / "config.json").write_text(cfg.to_json() + "\n")
-    split = splits[fold]
 
     dev = _device(opts.device or cfg.train.device)
     uri, source = resolve_tracking_uri(opts.tracking_uri, cfg.tracking.uri, Path.cwd())
@@ -151,7 +154,8 @@ def _train(cfg: Config, opts: _Options) -> TrainResult:
         if checkpoint is None:
             tracker.log_params({**cfg.flat(), **{f"planned.{k}": v for k, v in _flat_plan(plan).items()},
                                 "data.dir": str(opts.data_dir.resolve()), "data.fold_used": fold})
-        tracker.set_tags(_tags(cfg, plan, fold, dev, output, uri))
+        tracker.set_tags({**_tags(cfg, plan, fold, dev, output, uri), "seed": str(cfg.seed),
+                          "n_train": str(len(split["train"])), "n_val": str(len(split["val"]))})
         for name in ("config.json", "plan.json", "splits.json"):
             if rank0:
                 tracker.log_artifact(output / name)
@@ -182,6 +186,7 @@ def _fit(cfg: Config, plan: Plan, labels: dict[int, str], cases: dict[str, Any],
     step = make_train_step(net, loss_fn, optimizer, dev, amp=cfg.train.amp, grad_clip=cfg.train.grad_clip,
                            channels_last=cfg.train.channels_last)
     trainer = Engine(step)
+    trainer.register_events(*StepEvents)
     total_iterations = cfg.train.epochs * cfg.train.iterations_per_epoch
     trainer.add_event_handler(Events.ITERATION_STARTED, PolyLR(optimizer, cfg.train.lr, total_iterations,
                                                                 cfg.train.poly_exponent))
@@ -189,6 +194,9 @@ def _fit(cfg: Config, plan: Plan, labels: dict[int, str], cases: dict[str, Any],
     epoch_metrics = EpochMetrics(loss_fn, optimizer, plan.batch_size)
     trainer.add_event_handler(Events.EPOCH_STARTED, epoch_metrics.started_epoch)
     trainer.add_event_handler(Events.ITERATION_COMPLETED, epoch_metrics.iteration)
+    grad_norms = GradNorms(model.named_stages(), cfg.train.grad_norm_every) if cfg.train.grad_norm_every else None
+    if grad_norms is not None:  # train.grad_norm.<stage>: encoder0.., decoder0.., head0.., total
+        grad_norms.attach(trainer)
     best = BestTracker("val.dice", cfg.train.early_stop_patience)
     history: list[dict[str, float]] = []
     window = SlidingWindow(plan.patch_size, cfg.infer.overlap, cfg.infer.sw_batch_size, cfg.infer.blend,
@@ -199,6 +207,8 @@ def _fit(cfg: Config, plan: Plan, labels: dict[int, str], cases: dict[str, Any],
     fg_names = [labels[c] for c in sorted(labels) if c != 0]
     fg_classes = [c for c in sorted(labels) if c != 0]
     ckpt_dir = output / "checkpoints"
+    case_files = {str(c.image): c for c in cases.values()}
+    last_validation: list[dict[str, Any]] = []  # per case, for validation.json and the case figures
 
     def payload() -> dict[str, Any]:
         return {
@@ -215,6 +225,8 @@ def _fit(cfg: Config, plan: Plan, labels: dict[int, str], cases: dict[str, Any],
     def end_of_epoch(engine: Engine) -> None:
         epoch = engine.state.epoch
         metrics = epoch_metrics.compute(engine)
+        if grad_norms is not None:
+            metrics.update(grad_norms.compute())
         if epoch % cfg.train.val_every == 0 or epoch == cfg.train.epochs:
             started = time.perf_counter()
             results = validate(net, val_items, inferer, dev, fg_classes, cfg.train.amp)
@@ -222,6 +234,9 @@ def _fit(cfg: Config, plan: Plan, labels: dict[int, str], cases: dict[str, Any],
                 gathered = cast(list[list[dict[str, Any]]], idist.all_gather(results))
                 results = [r for part in gathered for r in part]
             metrics.update(summarise(results, fg_names))
+            last_validation[:] = _validation_rows(results, case_files, fg_names)
+            if rank0:
+                write_validation(output / VALIDATION, last_validation)
             metrics["val.seconds"] = time.perf_counter() - started
             if best.update(engine, metrics) and rank0:
                 save_checkpoint(ckpt_dir / "best.pt", payload())
@@ -230,6 +245,7 @@ def _fit(cfg: Config, plan: Plan, labels: dict[int, str], cases: dict[str, Any],
         tracker.log_metrics(metrics, step=epoch)
         if rank0:
             save_checkpoint(ckpt_dir / "last.pt", payload())
+            write_history(output / HISTORY, history)
         dice = ", ".join(f"{k.removeprefix('val.dice.')} {v:.3f}" for k, v in metrics.items()
                          if k.startswith("val.dice."))
         log.info("epoch %d/%d: loss %.4f%s, %.1f s", epoch, cfg.train.epochs, metrics.get("train.loss.total", 0),
@@ -245,6 +261,8 @@ def _fit(cfg: Config, plan: Plan, labels: dict[int, str], cases: dict[str, Any],
         trainer.load_state_dict(checkpoint["trainer"])
         best.load_state_dict(checkpoint["best"])
         history.extend(checkpoint["history"])
+        if (output / VALIDATION).is_file():  # the case figures need the last validation even if none is left
+            last_validation[:] = read_validation(output)
         if checkpoint["loss_running"].numel():
             loss_fn._running = checkpoint["loss_running"].to(dev)
         set_rng_state(checkpoint["rng"])
@@ -265,14 +283,31 @@ def _fit(cfg: Config, plan: Plan, labels: dict[int, str], cases: dict[str, Any],
         write_bundle(bundle, load_checkpoint(best_path)["model"], cfg, plan, labels)
         if cfg.tracking.register_best and tracker.run_id:
             model_version = _register(tracker, bundle, cfg.task, best.best)
-        try:
-            from medsup.evaluation.figures import training_curves
-
-            tracker.log_artifact(training_curves(history, output / "training_curves.png"))
-        except Exception as err:  # a figure must never fail a finished training
-            log.warning("training curves not drawn: %s", err)
+        _figures(output, history, last_validation, model, cfg, plan, dev, tracker)
     return TrainResult(output, tracker.run_id, "", best.best, best.best_epoch, trainer.state.epoch, bundle, history,
                        model_version)
+
+
+def _validation_rows(results: list[dict[str, Any]], cases_by_image: dict[str, Any],
+                     names: list[str]) -> list[dict[str, Any]]:
+    """validate()'s results as ``validation.json`` rows: case id, image and label paths, Dice by class name."""
+    rows = []
+    for r in results:
+        case = cases_by_image.get(r["case"])
+        rows.append({"case": case.case_id if case else r["case"], "image": r["case"],
+                     "label": str(case.label) if case else "", "dice": dict(zip(names, r["dice"], strict=True))})
+    return rows
+
+
+def _figures(output: Path, history: list[dict[str, float]], validation: list[dict[str, Any]],
+             model: DeepSupervisedUNet, cfg: Config, plan: Plan, dev: torch.device, tracker: RunTracker) -> None:
+    """``figures/``: curves, gradient norms, overlays of the best and worst last-validation case and the
+    deep-supervision panel (final network), each logged as an MLflow artifact under ``figures/``."""
+    from medsup.evaluation.run_figures import run_figures  # matplotlib, only at the end
+
+    cases = [c for c in validation if c["label"]]
+    for path in run_figures(output / "figures", history, model=model, cfg=cfg, plan=plan, cases=cases, device=dev):
+        tracker.log_artifact(path, "figures")
 
 
 def _attach_progress(trainer: Engine, history: list[dict[str, float]]) -> None:
@@ -293,12 +328,15 @@ def _register(tracker: RunTracker, bundle: Path, task: str, score: float) -> int
     A registry that fails here must not cost the finished training: the bundle stays on disk and the
     error says so.
     """
-    from medsup.tracking.registry import log_bundle_model, register
+    from medsup.tracking.registry import log_bundle_model, register, with_patience
 
     assert tracker.run_id is not None
+    run_id, uri, patience = tracker.run_id, tracker.uri, tracker.outage_tolerance_s
     try:
-        model_uri = log_bundle_model(tracker.uri, tracker.run_id, bundle)
-        version = register(tracker.uri, tracker.run_id, task, model_uri, score if math.isfinite(score) else None)
+        # a server that is down right now gets the same patience as the metrics (retries with backoff)
+        model_uri = with_patience(lambda: log_bundle_model(uri, run_id, bundle), patience, "log the model")
+        version = with_patience(lambda: register(uri, run_id, task, model_uri, score if math.isfinite(score) else None),
+                                patience, "register the model")
     except Exception as err:
         log.error("model not registered (%s); the bundle is kept in %s", err, bundle)
         return None

@@ -4,14 +4,14 @@
 #   -> promote to champion -> batch inference on the test images through models:/medsup-liver@champion.
 # Everything lands in $DEMO_DIR (default demo/), the MLflow store included.
 set -euo pipefail
-DEMO_DIR="${DEMO_DIR:-demo}"
-BIN="${BIN:-.venv/bin}"
+# shellcheck source=pipelines/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # ROOT, BIN (.venv/bin of the repository) and medsup
+DEMO_DIR="${DEMO_DIR:-$ROOT/demo}"
 PRESET="${PRESET:-quick}"
 mkdir -p "$DEMO_DIR"
 DEMO_DIR="$(cd "$DEMO_DIR" && pwd)"
 export MLFLOW_TRACKING_URI="sqlite:///$DEMO_DIR/mlflow.db"
 data="$DEMO_DIR/liver_synth"
-medsup() { "$BIN/medsup" "$@"; }
 
 medsup synth --task liver --cases 20 --out "$data" --seed 0
 medsup data check "$data" --task liver

@@ -141,7 +141,7 @@ def check_case(case: Case, allowed: set[int], tol: float) -> tuple[list[str], Ca
     if image_header is not None and label_header is not None:
         mismatch = image_header.geometry.mismatches(label_header.geometry, tol)
         if mismatch:
-            problems.append(f"image and label geometry differ: {'; '.join(mismatch)}")
+            problems.append(f"image {case.image} and label {case.label} geometry differ: {'; '.join(mismatch)}")
     if problems:
         return problems, None
     assert case.label is not None and image_header is not None
@@ -173,6 +173,15 @@ def check_case(case: Case, allowed: set[int], tol: float) -> tuple[list[str], Ca
     return [], CaseStats(case.case_id, image_header.geometry, fractions, hu)
 
 
+def _check_safely(case: Case, allowed: set[int], tol: float) -> tuple[list[str], CaseStats | None]:
+    """:func:`check_case`, with a failure nobody foresaw reported against its case instead of ending the check."""
+    try:
+        return check_case(case, allowed, tol)
+    except Exception as err:  # MemoryError included: one huge case must not hide the others' problems
+        log.exception("%s: unexpected failure while checking", case.case_id)
+        return [f"{case.image}: unexpected {type(err).__name__} while checking: {err}"], None
+
+
 def _few(values: np.ndarray, n: int = 6) -> str:
     shown = ", ".join(f"{v:g}" for v in values[:n].tolist())
     return f"[{shown}{', ...' if values.size > n else ''}]"
@@ -192,7 +201,7 @@ def check_dataset(root: Path | str, cfg: Config) -> CheckReport:
     already_bad = {p.case_id for p in datalist.problems}
     to_check = [c for c in datalist.training if c.label is not None or c.case_id not in already_bad]
     with ThreadPoolExecutor(max_workers=cfg.data.check_workers) as pool:
-        results = list(pool.map(lambda c: check_case(c, allowed, cfg.data.geometry_tolerance), to_check))
+        results = list(pool.map(lambda c: _check_safely(c, allowed, cfg.data.geometry_tolerance), to_check))
     for case, (problems, stats) in zip(to_check, results, strict=True):
         report.problems.extend(Problem(case.case_id, m) for m in problems)
         if stats is not None:

@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medsup.data.io import image_suffix, is_image_path, strip_suffix
+from medsup.data.io import image_suffix, is_image_path, real_path, strip_suffix
 
 IMAGE_DIRS = ("imagesTr", "images", "image", "img")
 LABEL_DIRS = ("labelsTr", "labels", "label", "masks", "segmentations")
@@ -75,12 +75,15 @@ def case_id_of(path: Path) -> tuple[str, int | None]:
 
 def _inside(root: Path, relative: str, what: str, case_id: str, problems: list[Problem]) -> Path | None:
     """Resolve a dataset.json path; refuse absolute paths and paths escaping ``root``."""
+    if "\0" in relative:  # the OS refuses it anyway, with a ValueError that names neither file nor case
+        problems.append(Problem(case_id, f"{what} path {relative!r} in dataset.json holds a NUL byte"))
+        return None
     if Path(relative).is_absolute():
         problems.append(Problem(case_id, f"{what} path {relative!r} in dataset.json is absolute; "
                                          "paths must be relative to the dataset folder"))
         return None
-    candidate = (root / relative).resolve()
-    if not candidate.is_relative_to(root.resolve()):
+    candidate = real_path(root / relative)
+    if not candidate.is_relative_to(real_path(root)):
         problems.append(Problem(case_id, f"{what} path {relative!r} in dataset.json escapes the dataset folder"))
         return None
     return root / Path(relative.removeprefix("./"))
@@ -96,7 +99,10 @@ def _with_channel(path: Path) -> Path:
 
 
 def _listdir(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and is_image_path(p))
+    try:
+        return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and is_image_path(p))
+    except OSError as err:  # e.g. a folder this user may not list: name it instead of a traceback
+        raise ValueError(f"{folder}: cannot list the folder ({err.strerror or err})") from None
 
 
 def _first_dir(root: Path, names: tuple[str, ...]) -> Path | None:
@@ -125,15 +131,18 @@ def _msd(root: Path, meta: dict) -> Datalist:
             out.problems.append(Problem(case_id, f"{what} (image {image})"))
             out.training.append(Case(case_id, image, None))
             continue
-        seen_labels.add(label.resolve())
+        seen_labels.add(real_path(label))
         out.training.append(Case(case_id, image, label))
     label_dir = _first_dir(root, LABEL_DIRS)
     if label_dir is not None:
         for label in _listdir(label_dir):
-            if label.resolve() not in seen_labels:
+            if real_path(label) not in seen_labels:
                 out.problems.append(Problem(case_id_of(label)[0], f"label {label} has no image in dataset.json"))
     for i, raw in enumerate(meta.get("test") or []):
-        raw = raw["image"] if isinstance(raw, dict) else str(raw)
+        raw = str(raw.get("image", "")) if isinstance(raw, dict) else str(raw)
+        if not raw:
+            out.problems.append(Problem(f"test[{i}]", "dataset.json test entry lacks an 'image' path"))
+            continue
         case_id = case_id_of(Path(raw))[0]
         image = _inside(root, raw, "test image", case_id, out.problems)
         if image is not None:
@@ -177,10 +186,14 @@ def load_datalist(root: Path | str) -> Datalist:
 
     Raises:
         FileNotFoundError: ``root`` is missing or holds no recognisable layout.
-        ValueError: ``dataset.json`` is not valid JSON.
+        ValueError: ``dataset.json`` is not valid JSON, or a folder or file of the layout cannot be read.
     """
     root = Path(root)
-    if not root.is_dir():
+    try:
+        found = root.is_dir()
+    except OSError as err:  # EACCES on a parent folder: is_dir() raises instead of saying False
+        raise ValueError(f"{root}: cannot access the dataset folder ({err.strerror or err})") from None
+    if not found:
         raise FileNotFoundError(f"{root}: dataset folder does not exist")
     meta_path = root / "dataset.json"
     meta: dict = {}
@@ -189,8 +202,13 @@ def load_datalist(root: Path | str) -> Datalist:
             meta = json.loads(meta_path.read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"{meta_path}: not valid JSON ({err})") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(f"{meta_path}: cannot read it ({err})") from None
         if not isinstance(meta, dict):
             raise ValueError(f"{meta_path}: expected a JSON object at the top level")
+        for key in ("training", "test"):
+            if not isinstance(meta.get(key) or [], list):
+                raise ValueError(f"{meta_path}: '{key}' must be a list, not {type(meta[key]).__name__}")
     if meta.get("training"):
         out = _msd(root, meta)
     else:

@@ -20,7 +20,7 @@ from medsup.config import Config
 from medsup.data.datalist import Case, load_datalist
 from medsup.data.io import ImageReadError, atomic_path, read_image
 from medsup.data.planning import Plan, make_plan
-from medsup.data.splits import make_splits, save_splits
+from medsup.data.splits import make_splits, save_splits, split_seed
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,8 @@ def plan_dataset(root: Path | str, cfg: Config, out: Path | str | None = None) -
         plan.save(out)
         with atomic_path(out.parent / "fingerprint.json") as tmp:
             tmp.write_text(json.dumps(fingerprint, indent=2) + "\n")
-        save_splits(make_splits(fingerprint["cases"], cfg.data.num_folds, cfg.seed), out.parent / "splits.json")
+        save_splits(make_splits(fingerprint["cases"], cfg.data.num_folds, split_seed(cfg)),
+                    out.parent / "splits.json")
     except OSError as err:
         raise ValueError(f"cannot write the plan to {out.parent}: {err.strerror or err}; use --out") from None
     log.info("wrote %s, fingerprint.json and splits.json", out)

@@ -10,7 +10,9 @@ Conventions (used everywhere in medsup):
 
 Every format goes through SimpleITK (NIfTI, NRRD, MHA/MHD, DICOM series folders) so one code path decides
 geometry. The header is read and validated before any pixel is, so a header claiming a terabyte-sized volume
-fails fast without allocating it. Writes are atomic: a temp file in the target folder, then a rename.
+fails fast without allocating it, and so does one claiming far more pixel data than its file can hold
+(:mod:`medsup.data.filecheck` also refuses FIFOs, dangling symlinks and headers ITK misreads or chokes on).
+Writes are atomic: a temp file in the target folder, then a rename.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
+import secrets
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,16 @@ import nibabel.orientations as nio
 import numpy as np
 import SimpleITK as sitk
 from nibabel.filebasedimages import ImageFileError
+from nibabel.spatialimages import HeaderDataError
+
+from medsup.data.filecheck import (
+    ImageReadError,
+    check_data_size,
+    check_metaimage_header,
+    check_nifti_header,
+    check_nifti_written,
+    check_source,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +48,6 @@ IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 #: the largest volume a header may claim before we refuse to allocate it (voxels)
 MAX_VOXELS = 2_000_000_000
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-
-class ImageReadError(ValueError):
-    """An image could not be read or is not a usable 3-D scalar volume; the message names the file."""
 
 
 @dataclass(frozen=True)
@@ -169,6 +177,12 @@ def strip_suffix(path: Path) -> str:
     return path.name[: -len(suffix)] if suffix else path.name
 
 
+def real_path(path: Path) -> Path:
+    """``path`` made absolute with every symlink resolved, like ``Path.resolve()``, except that a symlink loop
+    stays unresolved instead of raising ``RuntimeError`` (Python < 3.13); reading such a path reports it."""
+    return Path(os.path.realpath(path))
+
+
 def is_image_path(path: Path) -> bool:
     """True for a file with a readable image suffix or a folder holding a DICOM series."""
     if path.is_dir():
@@ -258,13 +272,15 @@ def read_header(path: Path | str) -> Header:
         ImageReadError: missing, unreadable, not 3-D scalar, absurd size, bad spacing or direction.
     """
     path = Path(path)
-    if not path.exists():
-        raise ImageReadError(f"{path}: no such file or folder")
-    if path.is_dir():
+    if check_source(path):
         files = _dicom_files(path)
         if not files:
             raise ImageReadError(f"{path}: folder holds no DICOM series")
         return Header(path, read_image(path).geometry, "dicom")
+    if image_suffix(path) in (".nii", ".nii.gz"):
+        check_nifti_header(path)
+    elif image_suffix(path) in (".mha", ".mhd"):
+        check_metaimage_header(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -273,6 +289,7 @@ def read_header(path: Path | str) -> Header:
         raise ImageReadError(f"{path}: unreadable image header ({_itk_reason(err)})") from None
     size, spacing, direction = reader.GetSize(), reader.GetSpacing(), reader.GetDirection()
     _check_header(path, size, spacing, direction, reader.GetNumberOfComponents())
+    check_data_size(path, image_suffix(path), size, reader.GetPixelID())
     geom = _geometry(size, spacing, reader.GetOrigin(), direction)
     return Header(path, geom, sitk.GetPixelIDValueAsString(reader.GetPixelID()))
 
@@ -294,7 +311,7 @@ def _nifti_voxels(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
     """
     try:
         array = np.asanyarray(nib.load(str(path), mmap=False).dataobj)  # type: ignore[attr-defined]
-    except (EOFError, OSError, ValueError, zlib.error, ImageFileError) as err:
+    except (EOFError, OSError, ValueError, zlib.error, ImageFileError, HeaderDataError) as err:
         raise ImageReadError(f"{path}: truncated or corrupt image data ({err})") from None
     array = array.reshape(array.shape[:3]) if array.ndim == 4 and array.shape[3] == 1 else array
     if array.shape != shape:
@@ -316,10 +333,8 @@ def read_image(path: Path | str, orientation: str | None = None) -> Volume:
         ImageReadError: the file cannot be read or is not a usable 3-D scalar volume.
     """
     path = Path(path)
-    if not path.exists():
-        raise ImageReadError(f"{path}: no such file or folder")
     try:
-        if path.is_dir():
+        if check_source(path):
             files = _dicom_files(path)
             if not files:
                 raise ImageReadError(f"{path}: folder holds no DICOM series")
@@ -365,8 +380,15 @@ def atomic_path(path: Path | str):  # type: ignore[no-untyped-def]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = image_suffix(path) or path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp{suffix}")
+        try:
+            # not tempfile.mkstemp: its 0600 would survive the rename and hide every output from other users;
+            # os.open's 0666 less the umask gives what a plain open() would
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            break
+        except FileExistsError:
+            continue
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -391,6 +413,8 @@ def write_image(path: Path | str, array: np.ndarray, geometry: Geometry, compres
             sitk.WriteImage(image, str(tmp), useCompression=compress)
         except RuntimeError as err:
             raise OSError(f"{path}: write failed ({_itk_reason(err)})") from None
+        if image_suffix(path) in (".nii", ".nii.gz"):
+            check_nifti_written(tmp, path)
     return path
 
 

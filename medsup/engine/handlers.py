@@ -1,5 +1,5 @@
-"""Event handlers attached to the trainer: LR schedule, loss schedule, epoch metrics, validation,
-checkpoints, early stopping. Each is a small callable; :func:`medsup.train.run_training` wires them."""
+"""Event handlers attached to the trainer: LR schedule, loss schedule, epoch metrics, gradient norms,
+validation, checkpoints, early stopping. Each is a small callable; :func:`medsup.train.run_training` wires them."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from typing import Any, cast
 
 import ignite.distributed as idist
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 
+from medsup.engine.steps import StepEvents
 from medsup.losses import DeepSupervisionLoss
 
 log = logging.getLogger(__name__)
@@ -106,3 +107,66 @@ class BestTracker:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best, self.best_epoch, self.stale = state["best"], state["best_epoch"], state["stale"]
+
+
+class GradNorms:
+    """Per-epoch mean L2 gradient norm of named modules (a network's stages), sampled cheaply.
+
+    Attach to :attr:`~medsup.engine.steps.StepEvents.GRADS_READY` (after backward and AMP unscaling, before
+    clipping and the optimiser step) with :meth:`attach`. The first iteration of every epoch and then every
+    ``every``-th one is measured: per module, the L2 norm of all its parameters' gradients taken together
+    (0 when none got a gradient, e.g. a zero-weight head), plus ``total`` over every module, the norm that
+    gradient clipping compares with its threshold. An fp16 overflow step (non-finite gradients, skipped by the
+    GradScaler) is skipped here too. :meth:`compute` gives ``{"<prefix>.<name>": mean}`` for the epoch.
+
+    Under DDP the gradients are already all-reduced when the event fires, so every rank measures the same.
+    """
+
+    def __init__(self, modules: dict[str, torch.nn.Module], every: int, prefix: str = "train.grad_norm") -> None:
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.params = {name: [p for p in m.parameters() if p.requires_grad] for name, m in modules.items()}
+        self.every, self.prefix = every, prefix
+        self.names = [*self.params, "total"]
+        self.sums = torch.zeros(len(self.names), dtype=torch.float64)
+        self.count = 0
+        self.seen = 0
+
+    def attach(self, engine: Engine) -> None:
+        """Register on ``engine`` (whose step fires ``GRADS_READY``, registered with ``register_events``)."""
+        engine.add_event_handler(Events.EPOCH_STARTED, self.started_epoch)
+        engine.add_event_handler(StepEvents.GRADS_READY, self.sample)
+
+    def started_epoch(self, engine: Engine) -> None:
+        self.sums.zero_()
+        self.count = self.seen = 0
+
+    def measure(self) -> torch.Tensor:
+        """``(len(names),)`` float64 on the CPU: each module's gradient norm, then the total."""
+        device = next((p.device for params in self.params.values() for p in params), torch.device("cpu"))
+        zero = torch.zeros((), device=device)
+        parts = []
+        for params in self.params.values():
+            grads = [torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32) for p in params
+                     if p.grad is not None]
+            parts.append(torch.linalg.vector_norm(torch.stack(grads)) if grads else zero)
+        norms = torch.stack(parts) if parts else zero.reshape(0)
+        total = torch.linalg.vector_norm(norms).reshape(1)
+        return torch.cat([norms, total]).to("cpu", torch.float64)  # one device sync per measurement
+
+    def sample(self, engine: Engine) -> None:
+        seen, self.seen = self.seen, self.seen + 1
+        if seen % self.every:
+            return
+        norms = self.measure()
+        if not bool(torch.isfinite(norms).all()):
+            return
+        self.sums += norms
+        self.count += 1
+
+    def compute(self) -> dict[str, float]:
+        """Mean norms of this epoch's measurements (empty before the first)."""
+        if not self.count:
+            return {}
+        means = (self.sums / self.count).tolist()
+        return {f"{self.prefix}.{name}": value for name, value in zip(self.names, means, strict=True)}

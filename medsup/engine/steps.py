@@ -6,11 +6,22 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, EventEnum
 from torch import nn
 
 from medsup.device import autocast, autocast_dtype
 from medsup.losses import DeepSupervisionLoss
+
+
+class StepEvents(EventEnum):
+    """Events fired from inside the training step on engines that registered them
+    (``engine.register_events(*StepEvents)``); other engines never see them.
+
+    ``GRADS_READY``: after backward and AMP unscaling, before clipping and the optimiser step. Handlers see
+    each parameter's true gradient in ``p.grad`` (``None`` where the parameter got none).
+    """
+
+    GRADS_READY = "grads_ready"
 
 
 def prepare(batch: dict[str, Any], device: torch.device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,7 +47,8 @@ def make_train_step(
     grad_clip: float = 12.0,
     channels_last: bool = False,
 ) -> Callable[[Engine, dict[str, Any]], dict[str, float]]:
-    """Forward, deep-supervision loss, backward, clip, step. Returns ``{"loss": float}``.
+    """Forward, deep-supervision loss, backward, unscale, :attr:`StepEvents.GRADS_READY`, clip, step.
+    Returns ``{"loss": float}``.
 
     fp16 uses a GradScaler; bf16 and fp32 need none. The step never sees the heads: the model returns its
     list of logits and the loss takes it whole.
@@ -52,8 +64,10 @@ def make_train_step(
             outputs = model(image)
         loss = loss_fn([o.float() for o in outputs], label)
         scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # a no-op without fp16; scaler.step would unscale here anyway
+        if engine.has_registered_events(StepEvents.GRADS_READY):  # an engine without them just trains
+            engine.fire_event(StepEvents.GRADS_READY)
         if grad_clip > 0:
-            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         scaler.step(optimizer)
         scaler.update()

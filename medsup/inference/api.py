@@ -15,8 +15,9 @@ import torch
 
 import medsup
 from medsup.device import resolve_device
-from medsup.inference.batch import BatchReport, discover_inputs, plan_outputs, run_batch
+from medsup.inference.batch import BatchProgress, BatchReport, discover_inputs, plan_outputs, run_batch
 from medsup.inference.bundle import Bundle, load_bundle
+from medsup.inference.interrupt import sigterm_exits_cleanly
 from medsup.inference.predictor import Predictor
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def _distributed() -> tuple[int, int]:
     return dist.get_rank(), world
 
 
-def infer(request: InferRequest, progress: Any = None) -> BatchReport:
+def infer(request: InferRequest, progress: BatchProgress | None = None) -> BatchReport:
     """Run batch inference; returns the (merged, under torchrun) report. Bad cases never stop the others."""
     rank, world = _distributed()
     bundle = load_bundle(request.model_path)
@@ -92,8 +93,9 @@ def infer(request: InferRequest, progress: Any = None) -> BatchReport:
     })
     predictor = Predictor(bundle, device, options)
     log.info("%d case(s) for shard %d/%d on %s", len(jobs), index, count, device)
-    run_batch(predictor, jobs, report, report_path, resume=request.resume, fail_fast=request.fail_fast,
-              progress=progress)
+    with sigterm_exits_cleanly():  # a killed job leaves no temp file in OUT
+        run_batch(predictor, jobs, report, report_path, resume=request.resume, fail_fast=request.fail_fast,
+                  progress=progress)
     if world > 1:
         report = _gather(report, rank, request.report or request.output_dir / "report.json")
     return report

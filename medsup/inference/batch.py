@@ -17,20 +17,39 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from medsup.data.io import (
+    IMAGE_SUFFIXES,
     ImageReadError,
     atomic_path,
     image_suffix,
     is_image_path,
     read_header,
+    real_path,
     strip_suffix,
     write_image,
 )
 from medsup.inference.predictor import CaseError, Predictor, Prepared
+from medsup.inference.window import TileHook
 
 log = logging.getLogger(__name__)
+
+
+class BatchProgress(Protocol):
+    """What a batch run reports as it goes (the CLI draws an overall and a per-case bar from it)."""
+
+    def cases(self, total: int) -> None:
+        """The number of cases this run will go through (resumed ones included)."""
+
+    def case_started(self, path: Path) -> None:
+        """A case enters the network."""
+
+    def tiles(self, done: int, total: int) -> None:
+        """Sliding-window tiles of the current case done so far."""
+
+    def case_finished(self, entry: dict[str, Any]) -> None:
+        """A case is done (ok, skipped or error); ``entry`` is its report entry."""
 
 
 @dataclass(frozen=True)
@@ -59,9 +78,16 @@ class BatchReport:
         return {**self.header, "summary": counts, "cases": self.cases}
 
     def write(self, path: Path) -> None:
-        """Atomically (re)write the report."""
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(self.as_dict(), indent=2, default=str) + "\n")
+        """Atomically (re)write the report.
+
+        Raises:
+            OSError: naming the report (a failed ``write()`` alone names no file), e.g. on a full disk.
+        """
+        try:
+            with atomic_path(path) as tmp:
+                tmp.write_text(json.dumps(self.as_dict(), indent=2, default=str) + "\n")
+        except OSError as err:
+            raise OSError(err.errno, f"{path}: cannot write the report ({err.strerror or err})") from None
 
 
 def discover_inputs(spec: str | Path, recursive: bool = False) -> list[tuple[Path, Path]]:
@@ -69,55 +95,80 @@ def discover_inputs(spec: str | Path, recursive: bool = False) -> list[tuple[Pat
 
     ``spec`` may be an image file, a DICOM series folder, a folder of images (and DICOM series
     sub-folders; ``recursive`` descends further), a glob pattern, or a ``.txt`` file listing paths.
+
+    Raises:
+        FileNotFoundError: nothing matches, or a folder or list holds no images (an empty batch is a mistake).
     """
     spec = Path(spec)
     if spec.is_file() and spec.suffix == ".txt":
         lines = [ln.strip() for ln in spec.read_text().splitlines()]
-        return [(Path(ln), Path(ln).parent) for ln in lines if ln and not ln.startswith("#")]
+        listed = [(Path(ln), Path(ln).parent) for ln in lines if ln and not ln.startswith("#")]
+        if not listed:
+            raise FileNotFoundError(f"{spec}: the list names no images")
+        return listed
     if spec.is_file():
         return [(spec, spec.parent)]
     if spec.is_dir():
         if is_image_path(spec) and not any(image_suffix(p) for p in spec.iterdir()):
             return [(spec, spec.parent)]  # the folder itself is a DICOM series
-        return [(p, spec) for p in _walk(spec, recursive)]
+        found = [(p, spec) for p in _walk(spec, recursive)]
+        if not found:
+            raise FileNotFoundError(f"{spec}: no images in this folder ({', '.join(IMAGE_SUFFIXES)} or DICOM "
+                                    f"series folders{'' if recursive else '; --recursive searches sub-folders'})")
+        return found
     matches = sorted(glob.glob(str(spec), recursive=True))
     if matches:
         return [(Path(m), Path(m).parent) for m in matches]
     raise FileNotFoundError(f"{spec}: no such file, folder or matching glob")
 
 
-def _walk(folder: Path, recursive: bool) -> Iterator[Path]:
+def _walk(folder: Path, recursive: bool, seen: set[Path] | None = None) -> Iterator[Path]:
+    seen = set() if seen is None else seen
+    real = real_path(folder)
+    if real in seen:  # a symlink back up the tree: search each folder once instead of ~40 times over
+        log.warning("%s: already searched (a symbolic link loop?); skipped", folder)
+        return
+    seen.add(real)
     for entry in sorted(folder.iterdir()):
         if entry.name.startswith("."):
             continue
-        if entry.is_file() and image_suffix(entry):
-            yield entry
-        elif entry.is_dir():
+        if entry.is_dir():
             if is_image_path(entry):
                 yield entry  # a DICOM series folder is one case
             elif recursive:
-                yield from _walk(entry, recursive)
+                yield from _walk(entry, recursive, seen)
+        elif image_suffix(entry):
+            # a regular file, or a dangling symlink, a symlink loop, a FIFO: reading reports those as bad
+            # cases instead of skipping them in silence
+            yield entry
 
 
 def plan_outputs(inputs: list[tuple[Path, Path]], out_dir: Path, fmt: str = "nii.gz") -> list[CaseJob]:
     """Output path per input: ``OUT/<relative folder>/<name>.<fmt>`` (``fmt="keep"``: the input's suffix).
 
     Raises:
-        ValueError: an output would overwrite an input, escape ``out_dir``, or collide with another.
+        ValueError: an unknown ``fmt``; an output would overwrite an input, escape ``out_dir``, or collide
+            with another; an input (``.``, ``..``) gives no name for its output.
     """
+    if fmt != "keep" and "." + fmt.lstrip(".") not in IMAGE_SUFFIXES:  # refuse now, not after every case ran
+        raise ValueError(f"--format {fmt!r}: use one of nii.gz, nii, nrrd, mha, keep")
     jobs: list[CaseJob] = []
     seen: dict[Path, Path] = {}
-    resolved_inputs = {p.resolve() for p, _ in inputs}
-    out_root = out_dir.resolve()
+    resolved_inputs = {real_path(p) for p, _ in inputs}
+    out_root = real_path(out_dir)
     for path, base in inputs:
-        suffix = image_suffix(path) if fmt == "keep" and image_suffix(path) else "." + fmt.lstrip(".")
+        keep = image_suffix(path) or ".nii.gz"  # a DICOM series folder has no suffix to keep
+        suffix = keep if fmt == "keep" else "." + fmt.lstrip(".")
+        # a FIFO or dangling link named like an image is a (bad) case file too, not a folder
+        name = path.name if path.is_dir() else strip_suffix(path)
+        name = name.removesuffix("_0000")
+        if not name.strip("."):  # "", "." or "..": no file name to give the output
+            raise ValueError(f"{path}: cannot name an output after {path.name!r}; name the file or folder")
         try:
-            rel = path.parent.relative_to(base) if path.is_file() or not is_image_path(path) else Path()
+            rel = path.parent.relative_to(base) if not path.is_dir() or not is_image_path(path) else Path()
         except ValueError:
             rel = Path()
-        name = strip_suffix(path) if path.is_file() else path.name
-        name = name.removesuffix("_0000")
-        target = (out_dir / rel / f"{name}{suffix}").resolve()
+        target = real_path(out_dir / rel / f"{name}{suffix}")
         if not target.is_relative_to(out_root):
             raise ValueError(f"{path}: output name {target} would escape the output folder {out_root}")
         if target in resolved_inputs:
@@ -140,13 +191,17 @@ def output_complete(job: CaseJob) -> bool:
 
 
 def run_batch(predictor: Predictor, jobs: list[CaseJob], report: BatchReport, report_path: Path | None, *,
-              resume: bool = False, fail_fast: bool = False, progress: Any = None) -> BatchReport:
+              resume: bool = False, fail_fast: bool = False, progress: BatchProgress | None = None) -> BatchReport:
     """Predict every job in order, prefetching the next case while the current one runs."""
+    if progress is not None:
+        progress.cases(len(jobs))
     todo = []
     for job in jobs:
         if resume and output_complete(job):
             report.cases.append({"input": str(job.input), "output": str(job.output), "status": "skipped",
                                  "reason": "output exists with the input's geometry (--resume)"})
+            if progress is not None:
+                progress.case_finished(report.cases[-1])
         else:
             todo.append(job)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="medsup-prefetch") as pool:
@@ -155,12 +210,14 @@ def run_batch(predictor: Predictor, jobs: list[CaseJob], report: BatchReport, re
             assert pending is not None
             current = pending
             pending = pool.submit(predictor.prepare, todo[i + 1].input) if i + 1 < len(todo) else None
-            entry = _one(predictor, job, current)
+            if progress is not None:
+                progress.case_started(job.input)
+            entry = _one(predictor, job, current, progress.tiles if progress is not None else None)
             report.cases.append(entry)
             if report_path is not None:
                 report.write(report_path)
             if progress is not None:
-                progress(entry)
+                progress.case_finished(entry)
             if entry["status"] == "error" and fail_fast:
                 if pending is not None:
                     pending.cancel()
@@ -171,16 +228,18 @@ def run_batch(predictor: Predictor, jobs: list[CaseJob], report: BatchReport, re
     return report
 
 
-def _one(predictor: Predictor, job: CaseJob, prepared: Future[Prepared]) -> dict[str, Any]:
+def _one(predictor: Predictor, job: CaseJob, prepared: Future[Prepared],
+         on_tiles: TileHook | None = None) -> dict[str, Any]:
     entry: dict[str, Any] = {"input": str(job.input), "output": str(job.output)}
     started = time.perf_counter()
     try:
         case = prepared.result()
-        prediction = predictor.predict(case)
+        prediction = predictor.predict(case, on_tiles)
         t0 = time.perf_counter()
-        write_image(job.output, prediction.labels, prediction.geometry)
         if prediction.probability is not None:
             entry["probabilities"] = _write_probabilities(predictor, job, prediction)
+        # the label file last: --resume takes its presence as "case done", so it must not precede a failed map
+        write_image(job.output, prediction.labels, prediction.geometry)
         seconds = {**prediction.seconds, "write": time.perf_counter() - t0}
         entry.update({
             "status": "ok", "shape": list(prediction.geometry.shape), "spacing": list(prediction.geometry.spacing),
@@ -196,6 +255,9 @@ def _one(predictor: Predictor, job: CaseJob, prepared: Future[Prepared]) -> dict
     except (CaseError, ImageReadError) as err:  # expected: the message names the file and the problem
         entry.update({"status": "error", "error": str(err)})
         log.error("%s", err)
+    except OSError as err:  # a full disk, an unwritable OUT: expected too, and the message names the file
+        entry.update({"status": "error", "error": f"{job.input}: {err}"})
+        log.error("%s: %s", job.input, err)
     except Exception as err:  # anything else still must not stop the batch; keep the type for the report
         entry.update({"status": "error", "error": f"{job.input}: {type(err).__name__}: {err}"})
         log.exception("%s: unexpected failure", job.input)

@@ -21,7 +21,7 @@ from medsup.data.transforms import background_value, preprocess_volume
 from medsup.device import autocast, autocast_dtype
 from medsup.inference.bundle import Bundle
 from medsup.inference.postprocess import bincount_slabs, postprocess
-from medsup.inference.window import SlidingWindow
+from medsup.inference.window import SlidingWindow, TileHook
 from medsup.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -117,8 +117,11 @@ class Predictor:
                         {"read": t1 - t0, "preprocess": time.perf_counter() - t1})
 
     @torch.inference_mode()
-    def predict(self, prepared: Prepared) -> Prediction:
-        """Network and export (resampling onto the input grid, argmax) streamed slab by slab, then postprocessing."""
+    def predict(self, prepared: Prepared, on_tiles: TileHook | None = None) -> Prediction:
+        """Network and export (resampling onto the input grid, argmax) streamed slab by slab, then postprocessing.
+
+        ``on_tiles(done, total)`` reports sliding-window progress (a per-case progress bar).
+        """
         opts, dev = self.options, self.device
         t0 = time.perf_counter()
         level = opts.exit_level
@@ -130,12 +133,12 @@ class Predictor:
                 return self.network(x, exit_level=level) if level is not None else self.network(x)
 
         try:
-            labels, export, logits = self._stream(prepared, network, dev)
+            labels, export, logits = self._stream(prepared, network, dev, on_tiles)
         except torch.cuda.OutOfMemoryError:
             # the volume's stitch buffers do not fit beside the network: stitch and resample on the host
             log.warning("%s: stitching on the GPU ran out of memory; stitching on the CPU instead", prepared.path)
             torch.cuda.empty_cache()
-            labels, export, logits = self._stream(prepared, network, torch.device("cpu"))
+            labels, export, logits = self._stream(prepared, network, torch.device("cpu"), on_tiles)
         t1 = time.perf_counter()
         if opts.postprocess:
             labels = postprocess(labels, self.task.organ_classes, self.task.lesion_classes)
@@ -156,7 +159,8 @@ class Predictor:
         return Prediction(prepared.path, labels, prepared.geometry, seconds, volumes, level, probability)
 
     def _stream(self, prepared: Prepared, network: Callable[[torch.Tensor], torch.Tensor],
-                stitch: torch.device) -> tuple[np.ndarray, float, torch.Tensor | None]:
+                stitch: torch.device, on_tiles: TileHook | None = None
+                ) -> tuple[np.ndarray, float, torch.Tensor | None]:
         """Sliding window whose finished slabs go straight onto the input grid; returns ``(labels, seconds
         spent resampling, the whole logits when probabilities are asked for else None)``."""
         labels, resampler = self._onto_input_grid(prepared, argmax_reduce, np.uint8, stitch)
@@ -171,7 +175,7 @@ class Predictor:
                 kept.append(slab.cpu())
             export += time.perf_counter() - t
 
-        self.window.run(prepared.image, network, sink, self.device, stitch)
+        self.window.run(prepared.image, network, sink, self.device, stitch, on_tiles)
         resampler.close()
         return labels, export, torch.cat(kept, dim=3) if kept else None
 

@@ -24,6 +24,8 @@ from torch.nn.functional import pad as torch_pad
 
 Network = Callable[[torch.Tensor], torch.Tensor]
 Sink = Callable[[torch.Tensor], None]
+TileHook = Callable[[int, int], None]
+"""``(tiles done, tiles in the volume)`` after each network call (a per-case progress bar)."""
 
 
 def tile_starts(size: int, patch: int, overlap: float) -> list[int]:
@@ -64,12 +66,12 @@ class SlidingWindow:
         self.flips = mirror_axes(tta)
 
     def run(self, image: torch.Tensor, network: Network, sink: Sink, device: torch.device,
-            stitch_device: torch.device | None = None) -> None:
+            stitch_device: torch.device | None = None, on_tiles: TileHook | None = None) -> None:
         """Predict ``image`` ``(1, 1, X, Y, Z)`` (any float dtype, any device) and pass finished logits to
         ``sink`` as float32 slabs ``(C, X, Y, n)`` in z order, covering ``Z`` exactly once.
 
         Tiles are moved to ``device`` (where ``network`` lives); blending happens on ``stitch_device``
-        (default ``device``).
+        (default ``device``). ``on_tiles(done, total)`` is called after every batch of tiles.
         """
         stitch = stitch_device or device
         px, py, pz = self.patch
@@ -86,8 +88,9 @@ class SlidingWindow:
         acc: torch.Tensor | None = None  # (C, X, Y, pz): blended logits of slices [z0, z0 + pz)
         count = torch.zeros((X, Y, pz), device=stitch)
         done = 0  # padded-grid slices already handed to the sink
+        tiles = list(itertools.product(xs, ys))
+        total, predicted = len(tiles) * len(zs), 0
         for g, z0 in enumerate(zs):
-            tiles = list(itertools.product(xs, ys))
             for b in range(0, len(tiles), self.batch_size):
                 batch = tiles[b:b + self.batch_size]
                 x = torch.cat([image[..., i:i + px, j:j + py, z0:z0 + pz] for i, j in batch])
@@ -97,6 +100,9 @@ class SlidingWindow:
                 for t, (i, j) in enumerate(batch):
                     acc[:, i:i + px, j:j + py].addcmul_(out[t], weight)
                     count[i:i + px, j:j + py].add_(weight)
+                predicted += len(batch)
+                if on_tiles is not None:
+                    on_tiles(predicted, total)
             assert acc is not None
             # slices below the next group's start get no more tiles: they are final
             end = zs[g + 1] if g + 1 < len(zs) else Z

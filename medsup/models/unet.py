@@ -8,6 +8,7 @@ Shape contract (spatial axes are the plan's ``(i, j, k)`` patch axes, ``C`` = ``
                               ...,                                     head S-2, one above the bottleneck ]
     eval()   forward(x)  -> (B, C, D, H, W)                           head 0 only
     eval()   forward(x, exit_level=k) -> (B, C, D, H, W)              head k, trilinear-upsampled to x
+    all_heads(x)         -> the train() list, in whichever mode the model is (figures, diagnostics)
 
 With ``S`` encoder stages (stage 0 at full resolution, stage ``S-1`` the bottleneck) there are ``S-1`` decoder
 stages; decoder stage ``d`` turns level ``d+1`` features into level-``d`` features (the resolution of encoder
@@ -166,6 +167,17 @@ class DeepSupervisedUNet(nn.Module):
         """Input sizes must be divisible by this per axis (the stride product)."""
         return self.topology.divisor
 
+    def named_stages(self) -> dict[str, nn.Module]:
+        """The network's stages by stable name: ``encoder0`` (full resolution) .. ``encoder{S-1}`` (bottleneck),
+        ``decoder0`` (finest) .. ``decoder{S-2}``, ``head0`` .. ``head{S-2}``; together they hold every parameter.
+
+        These names key the per-stage gradient norms ``train.grad_norm.<name>``.
+        """
+        stages: dict[str, nn.Module] = {}
+        for prefix, modules in (("encoder", self.encoder), ("decoder", self.decoder), ("head", self.heads)):
+            stages.update({f"{prefix}{i}": m for i, m in enumerate(modules)})
+        return stages
+
     def head_scales(self) -> list[Triple]:
         """Per-axis downsampling factor of each head relative to the input, head 0 (= ``(1, 1, 1)``) first."""
         scales, current = [], (1, 1, 1)
@@ -201,7 +213,28 @@ class DeepSupervisedUNet(nn.Module):
                 raise ValueError(f"exit_level must be in 0..{self.num_heads - 1} (one per decoder scale, "
                                  f"0 = full resolution), got {exit_level}")
         stop = 0 if exit_level is None else exit_level
+        if self.training:
+            return self._decode(x, stop, every_head=True)
+        out = self._decode(x, stop, every_head=False)[0]
+        if out.shape[2:] != x.shape[2:]:
+            out = interpolate(out, size=x.shape[2:], mode="trilinear", align_corners=False)
+        return out
 
+    def all_heads(self, x: Tensor) -> list[Tensor]:
+        """Every head's logits at its native resolution, full resolution first, in the current mode.
+
+        What ``train()``-mode ``forward`` returns, without switching modes: call it under ``eval()`` (and
+        ``torch.no_grad()``) to look at every decoder scale with inference behaviour (no dropout; BatchNorm
+        running statistics; instance and group norm behave the same in both modes).
+
+        Returns:
+            ``num_heads`` tensors ``(B, C, D/f_i, H/f_j, W/f_k)`` with ``f`` from :meth:`head_scales`.
+        """
+        self._check_input(x)
+        return self._decode(x, 0, every_head=True)
+
+    def _decode(self, x: Tensor, stop: int, every_head: bool) -> list[Tensor]:
+        """Encoder, then decoder stages ``S-2 .. stop``; logits of every head run (finest first) or of ``stop``."""
         skips: list[Tensor] = []
         h = x
         for stage in self.encoder:
@@ -211,14 +244,9 @@ class DeepSupervisedUNet(nn.Module):
         logits: list[Tensor] = []
         for d in range(self.num_heads - 1, stop - 1, -1):
             h = self.decoder[d](h, skips[d])
-            if self.training:
+            if every_head:
                 logits.append(self.heads[d](h))
-        if self.training:
-            return logits[::-1]
-        out: Tensor = self.heads[stop](h)
-        if out.shape[2:] != x.shape[2:]:
-            out = interpolate(out, size=x.shape[2:], mode="trilinear", align_corners=False)
-        return out
+        return logits[::-1] if every_head else [self.heads[stop](h)]
 
     def _check_input(self, x: Tensor) -> None:
         if x.ndim != 5:

@@ -29,6 +29,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -189,6 +190,27 @@ def register(uri: str, run_id: str, task: str, model_uri: str, val_dice: float |
     return int(mv.version)
 
 
+def with_patience(action: Callable[[], T], patience_s: float, what: str, max_backoff_s: float = 15.0,
+                  first_delay_s: float = 1.0) -> T:
+    """Run ``action``, retrying with backoff (1, 2, 4 ... s, capped) while the store is unavailable
+    (:class:`TrackingUnavailable`), for up to ``patience_s``; other errors and the last failure propagate.
+
+    For the end of a training: the metrics outbox already rides out an outage of that length, and the
+    model must not be the one thing lost to it.
+    """
+    deadline = time.monotonic() + patience_s
+    delay = first_delay_s
+    while True:
+        try:
+            return action()
+        except TrackingUnavailable as err:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("could not %s (%s); retrying in %.0f s", what, _short(err), delay)
+            time.sleep(delay)
+            delay = min(delay * 2, max_backoff_s)
+
+
 def _link_version(client: MlflowClient, model_id: str, name: str, number: int) -> None:
     """Record the version on the logged model, as ``mlflow.register_model`` does (the UI shows it)."""
     try:
@@ -255,6 +277,57 @@ def promote(uri: str, task: str, version: int, alias: str = "champion") -> None:
           missing=f"{name} has no version {version} at {uri}")
     _call(uri, f"set alias {alias}", lambda: client.set_registered_model_alias(name, alias, str(version)))
     log.info("%s@%s -> version %d", name, alias, version)
+
+
+def best_version(uri: str, task: str, metric: str = "val_dice", experiment: str | None = None) -> tuple[int, float]:
+    """The version of ``medsup-<task>`` with the highest ``metric`` (``promote --best``).
+
+    ``metric`` is read from the version's tag of that name (training tags ``val_dice``: the best validation
+    Dice of its run), else from the source run's metric of that name (its last value, e.g. ``val.dice.tumour``
+    or an ``eval.dice.liver.mean`` logged by ``medsup evaluate --log-to``). Versions without it are skipped.
+    A tie goes to the newest version.
+
+    Args:
+        experiment: only versions whose source run belongs to this MLflow experiment (e.g. one pipeline's
+            folds, not every model ever trained on the store).
+
+    Returns:
+        ``(version, value)``.
+
+    Raises:
+        ValueError: no such model, experiment, or no version carries the metric.
+        TrackingUnavailable: the store does not answer.
+    """
+    client = _client(uri, must_exist=True)
+    name = model_name(task)
+    _require_model(client, uri, name)
+    experiment_id = None
+    if experiment is not None:
+        exp = _call(uri, f"look up experiment {experiment}", lambda: client.get_experiment_by_name(experiment))
+        if exp is None:
+            raise ValueError(f"no experiment {experiment!r} at {uri}")
+        experiment_id = exp.experiment_id
+    scored: list[tuple[float, int]] = []
+    for row in list_models(uri, task):
+        need_run = experiment_id is not None or metric != "val_dice"
+        run = _call(uri, f"look up run {row['run_id']}", partial(client.get_run, row["run_id"]),
+                    missing=f"no run {row['run_id']!r} at {uri}") if need_run and row["run_id"] else None
+        if experiment_id is not None and (run is None or run.info.experiment_id != experiment_id):
+            continue
+        value = row["val_dice"] if metric == "val_dice" else None
+        if value is None and metric != "val_dice":
+            mv = _call(uri, f"read {name} version {row['version']}",
+                       partial(client.get_model_version, name, str(row["version"])))
+            value = _float(mv.tags.get(metric))
+        if value is None and run is not None:
+            value = run.data.metrics.get(metric)
+        if value is not None and math.isfinite(value):  # NaN never wins
+            scored.append((float(value), row["version"]))
+    if not scored:
+        where = f" from runs of experiment {experiment!r}" if experiment else ""
+        raise ValueError(f"no version of {name}{where} at {uri} has {metric!r} (a version tag or a run metric)")
+    value, number = max(scored)
+    return number, value
 
 
 # ----------------------------------------------------------------------------------------- resolving

@@ -1,4 +1,5 @@
-"""Integration fixtures: a real ``mlflow server`` on 127.0.0.1 (SQLite backend, proxied artifacts in tmp).
+"""Integration fixtures: a real ``mlflow server`` on 127.0.0.1 (SQLite backend unless told otherwise,
+proxied artifacts in tmp).
 
 Start-up costs ~10 s on 2 cores (mlflow's CLI, then a uvicorn worker importing the app), so
 :func:`mlflow_server` is one server for the whole session; tests that must kill or restart a server get
@@ -46,7 +47,9 @@ def free_port() -> int:
 
 
 class MlflowServer:
-    """``mlflow server`` with a SQLite backend and proxied artifacts under ``root``; restartable on one port.
+    """``mlflow server`` with proxied artifacts under ``root``; restartable on one port.
+
+    The backend store is ``backend_store_uri`` (e.g. ``postgresql+psycopg://...``), else a SQLite file in ``root``.
 
     Flags that matter with mlflow 3: ``--host 127.0.0.1`` (loopback only), ``--workers 1`` (default 4
     workers cost seconds and memory on 2 cores) and MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false (otherwise
@@ -54,10 +57,11 @@ class MlflowServer:
     middleware accepts Host 127.0.0.1, so no --allowed-hosts or --disable-security-middleware is needed.
     """
 
-    def __init__(self, root: Path, port: int | None = None) -> None:
+    def __init__(self, root: Path, port: int | None = None, backend_store_uri: str | None = None) -> None:
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
         self.db = root / "server.db"
+        self.backend_store_uri = backend_store_uri or f"sqlite:///{self.db}"
         self.artifacts = root / "artifacts"
         self.port = port or free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
@@ -69,7 +73,7 @@ class MlflowServer:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
         env.update(MLFLOW_DISABLE_TELEMETRY="true", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
         cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-               "--workers", "1", "--backend-store-uri", f"sqlite:///{self.db}",
+               "--workers", "1", "--backend-store-uri", self.backend_store_uri,
                "--serve-artifacts", "--artifacts-destination", str(self.artifacts)]
         with self.log_file.open("ab") as out:
             # own session = own process group: killpg reaches the uvicorn worker too

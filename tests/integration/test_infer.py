@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -112,9 +113,38 @@ def test_resume_skips_complete_outputs(trained: tuple[Path, Path], tmp_path: Pat
     out = tmp_path / "out"
     infer(_request(bundle, [str(data / "imagesTr" / "case0.nii.gz"), str(data / "imagesTr" / "case1.nii.gz")], out))
     (out / "case1.nii.gz").write_bytes(b"truncated")  # an incomplete output from some other writer
-    again = infer(_request(bundle, [str(data / "imagesTr")], out, resume=True))
+    progress = RecordingProgress()
+    again = infer(_request(bundle, [str(data / "imagesTr")], out, resume=True), progress=progress)
     status = {Path(c["input"]).name: c["status"] for c in again.cases}
     assert status == {"case0.nii.gz": "skipped", "case1.nii.gz": "ok", "case2.nii.gz": "ok", "case3.nii.gz": "ok"}
+    # the overall bar counts every case, the per-case bar runs over each predicted case's tiles to the end
+    assert progress.total == 4 and len(progress.finished) == 4
+    assert progress.started == ["case1.nii.gz", "case2.nii.gz", "case3.nii.gz"]
+    assert len(progress.tile_ends) == 3 and all(done == total > 0 for done, total in progress.tile_ends)
+
+
+class RecordingProgress:
+    """A BatchProgress that records what it is told."""
+
+    def __init__(self) -> None:
+        self.total = -1
+        self.started: list[str] = []
+        self.tile_ends: list[tuple[int, int]] = []
+        self.finished: list[str] = []
+
+    def cases(self, total: int) -> None:
+        self.total = total
+
+    def case_started(self, path: Path) -> None:
+        self.started.append(path.name)
+        self.tile_ends.append((0, 0))
+
+    def tiles(self, done: int, total: int) -> None:
+        assert done > self.tile_ends[-1][0], "tile progress must increase"
+        self.tile_ends[-1] = (done, total)
+
+    def case_finished(self, entry: dict[str, Any]) -> None:
+        self.finished.append(entry["status"])
 
 
 def test_shards_cover_every_case_once(trained: tuple[Path, Path], tmp_path: Path) -> None:

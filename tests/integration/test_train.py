@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -10,11 +11,14 @@ import sys
 import time
 from pathlib import Path
 
+import matplotlib.image as mpimg
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
 
 from medsup.checkpoint import load_checkpoint
+from medsup.cli import app
 from medsup.config import load
 from medsup.train import TrainingError, run_training
 from tests.conftest import write_msd
@@ -45,6 +49,7 @@ def test_train_two_epochs_to_sqlite(tiny_data: Path, tmp_path: Path) -> None:
     for tag in ("task", "fold", "git_sha", "data_fingerprint", "version.torch", "version.monai", "device"):
         assert tags.get(tag), tag
     keys = _metric_keys(client, result.run_id)
+    metrics = run.data.metrics
     heads = load_checkpoint(result.output_dir / "checkpoints" / "last.pt")["model"]
     n_heads = sum(1 for k in heads if k.startswith("heads.") and k.endswith("conv.conv.weight"))
     assert n_heads == 2  # 3 stages -> 2 decoder scales, one head each
@@ -53,7 +58,22 @@ def test_train_two_epochs_to_sqlite(tiny_data: Path, tmp_path: Path) -> None:
     assert {"train.loss.total", "train.lr", "val.dice", "val.dice.organ", "train.samples_per_s"} <= keys
     assert len(client.get_metric_history(result.run_id, "train.loss.total")) == 2
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
-    assert {"config.json", "plan.json", "splits.json", "training_curves.png"} <= artifacts
+    assert {"config.json", "plan.json", "splits.json", "figures"} <= artifacts
+    figures = {"training_curves.png", "grad_norms.png", "overlays.png", "deep_supervision.png"}
+    assert {a.path for a in client.list_artifacts(result.run_id, "figures")} == {f"figures/{f}" for f in figures}
+    for name in figures:
+        assert mpimg.imread(result.output_dir / "figures" / name).shape[0] > 100, name
+    for stage in ("encoder0", "encoder1", "encoder2", "decoder0", "decoder1", "head0", "head1", "total"):
+        assert 0 < metrics[f"train.grad_norm.{stage}"] < math.inf, stage
+    assert len(client.get_metric_history(result.run_id, "train.grad_norm.encoder0")) == 2
+    history = json.loads((result.output_dir / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2] and "train.grad_norm.encoder0" in history[0]
+    validation = json.loads((result.output_dir / "validation.json").read_text())
+    assert len(validation) == 2 and all(Path(v["label"]).is_file() for v in validation)
+    redrawn = CliRunner().invoke(app, ["figures", "--run", str(result.output_dir), "--cases", "--out",
+                                       str(tmp_path / "redrawn"), "--device", "cpu"])
+    assert redrawn.exit_code == 0, redrawn.output
+    assert {p.name for p in (tmp_path / "redrawn").iterdir()} == figures
     bundle = result.bundle_dir
     assert {p.name for p in bundle.iterdir()} >= {"weights.pt", "config.json", "plan.json", "labels.json"}
     assert json.loads((bundle / "labels.json").read_text())["2"] == "lesion"
@@ -66,6 +86,7 @@ def test_none_scheme_logs_a_single_supervised_head(tiny_data: Path, tmp_path: Pa
     metrics = MlflowClient(uri).get_run(result.run_id).data.metrics
     assert metrics["train.loss.weight0"] == 1.0 and metrics["train.loss.weight1"] == 0.0
     assert metrics["train.loss.active1"] == 0.0
+    assert metrics["train.grad_norm.head1"] == 0.0 and metrics["train.grad_norm.head0"] > 0  # no gradient
 
 
 def test_train_against_live_server(tiny_data: Path, tmp_path: Path, mlflow_server: str) -> None:

@@ -1,0 +1,72 @@
+"""``medsup ablation``: summarise the deep-supervision ablation (``pipelines/ablation.sh``).
+
+Registered in :mod:`medsup.cli` with ``app.add_typer(ablation_app, name="ablation")``. MLflow and
+matplotlib are imported inside the command, so ``medsup --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+
+ablation_app = typer.Typer(help="The deep-supervision ablation: summarise its runs into a report.",
+                           no_args_is_help=True)
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    # duplicated from medsup.cli on purpose: cli.py imports this module, importing back would be a cycle
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+@ablation_app.command()
+def summarize(
+    experiment: Annotated[str, typer.Option(help="MLflow experiment holding the ablation's training runs.")]
+    = "medsup-ablation",
+    task: Annotated[str, typer.Option("--task", "-t", help="Only runs of this task.")] = "liver",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for ablation.md, ablation.png and "
+                                                          "ablation.json.")] = Path("docs"),
+    early_exit: Annotated[Path | None, typer.Option(
+        help="Folder of `medsup infer --exit-level K` outputs (report.json + evaluation/summary.json).")] = None,
+    metric: Annotated[str | None, typer.Option(
+        help="Validation metric (default per task: val.dice.liver, val.dice.tumour for lung).")] = None,
+    threshold: Annotated[float | None, typer.Option(
+        help="Convergence threshold on the metric (default per task: 0.9 for liver).")] = None,
+    reproduce: Annotated[list[str] | None, typer.Option(
+        help="Command line that reproduced the runs, shown in the report (repeatable).")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(
+        "--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else ./mlflow.db).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the numbers (ablation.json) on stdout.")] = False,
+) -> None:
+    """Tables (convergence, low data, gradient flow, early exit), a figure and a generated default-scheme
+    paragraph from the ablation's MLflow runs, written atomically to OUT/ablation.md."""
+    from medsup.config import ConfigError, load
+    from medsup.evaluation.ablation import summarize as summarize_runs
+    from medsup.evaluation.ablation import task_metric, write_report
+    from medsup.tracking import TrackingUnavailable, resolve_tracking_uri
+    from medsup.tracking.experiments import experiment_runs
+
+    if early_exit is not None and not early_exit.is_dir():
+        _fail(f"--early-exit {early_exit}: no such folder")
+    try:
+        current = load(task).loss.scheme
+        uri = resolve_tracking_uri(tracking_uri, None, Path.cwd())[0]
+        key, _ = task_metric(task, metric, threshold)
+        runs = experiment_runs(uri, experiment, history_prefixes=(key, "train.grad_norm.encoder0"))
+        summary = summarize_runs(runs, experiment, task, metric, threshold, early_exit, current)
+    except (ConfigError, ValueError, TrackingUnavailable) as err:
+        _fail(str(err))
+    args = ["medsup", "ablation", "summarize", "--experiment", experiment, "--task", task, "--out", str(out)]
+    args += ["--early-exit", str(early_exit)] if early_exit is not None else []
+    args += ["--metric", metric] if metric else []
+    args += ["--threshold", str(threshold)] if threshold is not None else []
+    commands = [*(reproduce or []), f"MLFLOW_TRACKING_URI={shlex.quote(uri)} {shlex.join(args)}"]
+    paths = write_report(summary, out, commands)
+    if as_json:
+        typer.echo(paths["numbers"].read_text().rstrip())
+    else:
+        typer.echo("\n".join(summary.conclusion))
+        typer.echo(f"wrote {paths['markdown']} and {paths['figure']}")

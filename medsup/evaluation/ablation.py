@@ -1,0 +1,377 @@
+"""Summarise the deep-supervision ablation (``pipelines/ablation.sh``) into a Markdown report and a figure.
+
+Input: the training runs of one MLflow experiment (read through :func:`medsup.tracking.experiments.
+experiment_runs`, passed in as :class:`~medsup.tracking.experiments.RunRecord`) and, optionally, a folder of
+early-exit inferences (``<anything>/report.json`` from ``medsup infer --exit-level K`` with
+``evaluation/summary.json`` from ``medsup evaluate`` beside it). An arm is (scheme, seed, n_train), read
+from the run's params and tags (``loss.scheme``, ``seed``, tag ``n_train``); when an arm was run more than
+once, its latest finished run counts. Unfinished runs are listed, not scored.
+
+Output (:func:`write_report`, every file atomic): ``ablation.md`` with
+
+1. convergence: epochs until the validation metric (default ``val.dice.liver``) first reaches the threshold
+   (0.9 for liver), mean +- std over the seeds that reached it, and how many did;
+2. low data: best and final validation metric per scheme and training-set size;
+3. gradient flow: ``train.grad_norm.encoder0`` (the first encoder stage, farthest from the loss) at the first
+   and last epoch, or "not logged" where the runs lack it;
+4. early exit: test Dice and seconds per case for each exit level;
+
+then a "default scheme" paragraph computed from those numbers, the figure ``ablation.png`` and the commands
+that reproduce it; ``ablation.json`` holds the numbers behind it all.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol
+
+from medsup.data.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+GRAD_KEY = "train.grad_norm.encoder0"
+#: per task: the validation metric the convergence and low-data tables use, and the convergence threshold
+TASK_METRICS: dict[str, tuple[str, float]] = {
+    "liver": ("val.dice.liver", 0.9),
+    "lung": ("val.dice.tumour", 0.5),
+    "tiny": ("val.dice.organ", 0.8),
+}
+MARKDOWN, FIGURE, NUMBERS = "ablation.md", "ablation.png", "ablation.json"
+
+
+class RunLike(Protocol):
+    """What is read from a run (:class:`medsup.tracking.experiments.RunRecord` fits)."""
+
+    run_id: str
+    name: str
+    status: str
+    start_time: int
+    params: dict[str, str]
+    tags: dict[str, str]
+    history: dict[str, list[tuple[int, float]]]
+
+
+@dataclass
+class Arm:
+    """One finished training run of the ablation, reduced to what the tables need."""
+
+    scheme: str
+    seed: int
+    n_train: int
+    run_id: str
+    name: str
+    budget: str  # "E epochs x I iterations x batch B"
+    curve: list[tuple[int, float]]
+    grad: list[tuple[int, float]] | None
+    epochs_to_threshold: int | None
+    best: float | None
+    final: float | None
+
+
+@dataclass
+class ExitResult:
+    """One early-exit inference of one trained model on the test images."""
+
+    scheme: str
+    seed: int
+    n_train: int
+    level: int
+    dice: float | None
+    network_s: float | None
+    total_s: float | None
+    cases: int
+    folder: str
+
+
+@dataclass
+class Summary:
+    """Everything the report shows; ``ablation.json`` is this as JSON."""
+
+    experiment: str
+    task: str
+    metric: str
+    threshold: float
+    arms: list[Arm]
+    skipped: list[str]
+    early_exit: list[ExitResult] = field(default_factory=list)
+    default_scheme: str | None = None
+    conclusion: list[str] = field(default_factory=list)
+
+    @property
+    def schemes(self) -> list[str]:
+        order = ["none", "nnunet", "dsn", "uniform"]
+        found = {a.scheme for a in self.arms} | {e.scheme for e in self.early_exit}
+        return sorted(found, key=lambda s: (order.index(s) if s in order else len(order), s))
+
+    @property
+    def sizes(self) -> list[int]:
+        return sorted({a.n_train for a in self.arms})
+
+    def select(self, scheme: str, n_train: int | None = None) -> list[Arm]:
+        return [a for a in self.arms if a.scheme == scheme and (n_train is None or a.n_train == n_train)]
+
+
+# ----------------------------------------------------------------------------------------- reading
+
+
+def task_metric(task: str, metric: str | None = None, threshold: float | None = None) -> tuple[str, float]:
+    """The validation metric and convergence threshold: the arguments, else the task's defaults."""
+    default_metric, default_threshold = TASK_METRICS.get(task, ("val.dice", 0.9))
+    return metric or default_metric, default_threshold if threshold is None else threshold
+
+
+def collect_arms(runs: Iterable[RunLike], task: str, metric: str, threshold: float) -> tuple[list[Arm], list[str]]:
+    """The arms among ``runs`` (those of ``task``; the latest finished run per arm), and what was skipped."""
+    latest: dict[tuple[str, int, int], RunLike] = {}
+    skipped = []
+    for run in sorted(runs, key=lambda r: r.start_time):
+        p, t = run.params, run.tags
+        if p.get("task", t.get("task")) != task:
+            continue
+        try:
+            key = (p.get("loss.scheme") or t["loss_scheme"], int(p.get("seed") or t["seed"]),
+                   int(t.get("n_train") or p["data.max_train_cases"]))
+        except (KeyError, ValueError):
+            skipped.append(f"{run.name} ({run.run_id}): no scheme/seed/n_train in its params and tags")
+            continue
+        if run.status != "FINISHED":
+            skipped.append(f"{run.name} ({run.run_id}): status {run.status}")
+            continue
+        latest[key] = run
+    arms = []
+    for (scheme, seed, n_train), run in sorted(latest.items()):
+        curve = run.history.get(metric, [])
+        values = [v for _, v in curve if math.isfinite(v)]
+        reached = next((step for step, v in curve if v >= threshold), None)
+        budget = (f"{run.params.get('train.epochs', '?')} epochs x {run.params.get('train.iterations_per_epoch', '?')}"
+                  f" iterations x batch {run.params.get('planned.batch_size', '?')}")
+        arms.append(Arm(scheme, seed, n_train, run.run_id, run.name, budget, curve, run.history.get(GRAD_KEY),
+                        reached, max(values) if values else None, values[-1] if values else None))
+    return arms, skipped
+
+
+def read_early_exit(root: Path, metric: str) -> list[ExitResult]:
+    """Every ``report.json`` under ``root`` with its ``evaluation/summary.json``; the model's own bundle
+    ``config.json`` says which arm it is. Reports whose bundle cannot be read are skipped with a warning."""
+    cls = metric.removeprefix("val.dice").lstrip(".")  # "" = the mean over classes
+    out = []
+    for report_path in sorted(Path(root).rglob("report.json")):
+        try:
+            report = json.loads(report_path.read_text())
+            config = json.loads((_bundle_dir(Path(report["model"])) / "config.json").read_text())
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            log.warning("%s: skipped, its model's config cannot be read (%s)", report_path, err)
+            continue
+        ok = [c for c in report.get("cases", []) if c.get("status") == "ok"]
+        network = [float(c["seconds"]["network"]) for c in ok if "network" in c.get("seconds", {})]
+        total = [float(c["seconds_total"]) for c in ok if "seconds_total" in c]
+        level = report.get("settings", {}).get("exit_level")
+        out.append(ExitResult(
+            scheme=config["loss"]["scheme"], seed=int(config["seed"]),
+            n_train=int(config["data"].get("max_train_cases") or 0), level=0 if level is None else int(level),
+            dice=_eval_dice(report_path.parent / "evaluation" / "summary.json", cls),
+            network_s=statistics.fmean(network) if network else None,
+            total_s=statistics.fmean(total) if total else None, cases=len(ok), folder=str(report_path.parent),
+        ))
+    return out
+
+
+def _bundle_dir(model: Path) -> Path:
+    return model / "model" if (model / "model" / "config.json").is_file() else model
+
+
+def _eval_dice(summary_path: Path, cls: str) -> float | None:
+    try:
+        classes = json.loads(summary_path.read_text())["classes"]
+    except (OSError, ValueError, KeyError):
+        log.warning("%s: no evaluation summary; Dice left empty", summary_path)
+        return None
+    means = [b["dice"]["mean"] for name, b in classes.items() if not cls or name == cls]
+    means = [m for m in means if m is not None]
+    return statistics.fmean(means) if means else None
+
+
+def summarize(runs: Iterable[RunLike], experiment: str, task: str, metric: str | None = None,
+              threshold: float | None = None, early_exit_dir: Path | None = None,
+              current_default: str | None = None) -> Summary:
+    """Reduce the experiment's runs (and early-exit folder) to a :class:`Summary` with its conclusion.
+
+    Raises:
+        ValueError: no finished run of ``task`` carries the ablation's params.
+    """
+    metric, threshold = task_metric(task, metric, threshold)
+    arms, skipped = collect_arms(runs, task, metric, threshold)
+    if not arms:
+        raise ValueError(f"experiment {experiment!r} has no finished {task} runs with loss.scheme, seed and n_train"
+                         + (f" ({len(skipped)} skipped: {'; '.join(skipped[:3])})" if skipped else ""))
+    exits = read_early_exit(early_exit_dir, metric) if early_exit_dir is not None else []
+    summary = Summary(experiment, task, metric, threshold, arms, skipped, exits)
+    summary.default_scheme, summary.conclusion = conclude(summary, current_default)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------- numbers
+
+
+def mean_std(values: Iterable[float | None]) -> tuple[float | None, float | None, int]:
+    """Mean, sample std (None for one value) and count of the finite values."""
+    xs = [float(v) for v in values if v is not None and math.isfinite(v)]
+    if not xs:
+        return None, None, 0
+    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else None, len(xs)
+
+
+def fmt(values: Iterable[float | None], digits: int = 3) -> str:
+    """``0.912 ± 0.004`` (or ``0.912`` for one value, ``–`` for none)."""
+    mean, std, _ = mean_std(values)
+    if mean is None:
+        return "–"
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
+def conclude(s: Summary, current_default: str | None) -> tuple[str | None, list[str]]:
+    """The winning scheme and the sentences that say by how much, all computed from ``s``."""
+    largest, smallest = max(s.sizes), min(s.sizes)
+    best = {sch: mean_std(a.best for a in s.select(sch, largest)) for sch in s.schemes}
+    ranked = sorted(((m, sd, n, sch) for sch, (m, sd, n) in best.items() if m is not None), reverse=True)
+    if not ranked:
+        return None, ["No run logged the validation metric, so no scheme can be recommended."]
+    win_mean, win_std, win_n, winner = ranked[0]
+    seeds = {a.seed for a in s.arms}
+    lines = [f"At n_train = {largest}, `{winner}` has the highest best validation {s.metric} "
+             f"({win_mean:.3f}, mean of {win_n} seed{'s' if win_n != 1 else ''})."]
+    for mean, std, _, sch in ranked[1:]:
+        gap = win_mean - mean
+        spread = max(x for x in (win_std, std, 0.0) if x is not None)
+        verdict = "more than" if gap > spread else "within"
+        lines.append(f"It leads `{sch}` by {gap:+.3f}, {verdict} one standard deviation over seeds "
+                     f"({spread:.3f})." if spread > 0 else f"It leads `{sch}` by {gap:+.3f} (one seed: no spread).")
+    if smallest != largest:
+        low = sorted(((m, sch) for sch in s.schemes
+                      if (m := mean_std(a.best for a in s.select(sch, smallest))[0]) is not None), reverse=True)
+        if len(low) > 1:
+            lines.append(f"With n_train = {smallest}, `{low[0][1]}` is best ({low[0][0]:.3f}), "
+                         f"{low[0][0] - low[1][0]:+.3f} ahead of `{low[1][1]}`.")
+    fastest = []
+    for sch in s.schemes:
+        arms = s.select(sch, largest)
+        reached = [a.epochs_to_threshold for a in arms if a.epochs_to_threshold is not None]
+        fastest.append((statistics.fmean(reached) if reached else math.inf, len(reached), len(arms), sch))
+    fastest.sort()
+    if math.isfinite(fastest[0][0]):
+        lines.append(f"`{fastest[0][3]}` reaches {s.metric} >= {s.threshold:g} first, after "
+                     f"{fastest[0][0]:.1f} epochs on average ({fastest[0][1]} of {fastest[0][2]} seeds reached it).")
+    else:
+        lines.append(f"No run reached {s.metric} >= {s.threshold:g} at n_train = {largest}.")
+    if len(seeds) < 2:
+        lines.append("Only one seed was run: treat these differences as anecdotal.")
+    if current_default:
+        lines.append(f"The configured default (`loss.scheme: {current_default}` in configs/defaults.yaml) "
+                     + ("agrees with this." if current_default == winner else
+                        f"differs: these numbers favour `{winner}`."))
+    return winner, lines
+
+
+# ----------------------------------------------------------------------------------------- report
+
+
+def render(s: Summary, figure: str, commands: Sequence[str]) -> str:
+    """The Markdown report."""
+    sizes = s.sizes
+    budgets = sorted({a.budget for a in s.arms})
+    seeds = sorted({a.seed for a in s.arms})
+    head = "| scheme | " + " | ".join(f"n_train = {n}" for n in sizes) + " |\n|---|" + "---|" * len(sizes)
+    lines = [
+        "# Deep-supervision ablation", "",
+        f"Generated by `medsup ablation summarize` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from MLflow "
+        f"experiment `{s.experiment}` (task `{s.task}`): {len(s.arms)} finished runs, schemes "
+        f"{', '.join(f'`{x}`' for x in s.schemes)}, seeds {', '.join(map(str, seeds))}, n_train "
+        f"{', '.join(map(str, sizes))}. Training budget: {'; '.join(budgets)}"
+        + (" (**the arms do not share one budget**)." if len(budgets) > 1 else ", the same for every arm."),
+        "Every arm validates on the same cases (the fixed validation fold; only the training cases vary).", "",
+        "## Default scheme", "", " ".join(s.conclusion), "",
+        f"![ablation]({figure})", "",
+        f"## 1. Convergence: epochs until {s.metric} >= {s.threshold:g}", "",
+        "Mean ± std over the seeds that reached the threshold; (reached/runs).", "", head,
+    ]
+    for sch in s.schemes:
+        cells = []
+        for n in sizes:
+            arms = s.select(sch, n)
+            reached = [a.epochs_to_threshold for a in arms if a.epochs_to_threshold is not None]
+            cells.append(f"{fmt(reached, 1)} ({len(reached)}/{len(arms)})" if arms else "–")
+        lines.append(f"| `{sch}` | " + " | ".join(cells) + " |")
+    lines += ["", f"## 2. Low data: best / final {s.metric}", "", "Mean ± std over seeds.", "", head]
+    for sch in s.schemes:
+        cells = [f"{fmt(a.best for a in s.select(sch, n))} / {fmt(a.final for a in s.select(sch, n))}"
+                 if s.select(sch, n) else "–" for n in sizes]
+        lines.append(f"| `{sch}` | " + " | ".join(cells) + " |")
+    largest = max(sizes)
+    lines += ["", f"## 3. Gradient flow: `{GRAD_KEY}` (n_train = {largest})", "",
+              "Mean per-epoch L2 gradient norm of the first encoder stage, mean ± std over seeds.", "",
+              "| scheme | first epoch | last epoch | last / first |", "|---|---|---|---|"]
+    for sch in s.schemes:
+        arms = s.select(sch, largest)
+        grads = [a.grad for a in arms if a.grad]
+        if not grads:
+            lines.append(f"| `{sch}` | not logged | not logged | – |")
+            continue
+        first, last = [g[0][1] for g in grads], [g[-1][1] for g in grads]
+        ratio = [b / a for a, b in zip(first, last, strict=True) if a > 0]
+        note = f" ({len(arms) - len(grads)} runs without it)" if len(grads) < len(arms) else ""
+        lines.append(f"| `{sch}` | {fmt(first, 4)} | {fmt(last, 4)}{note} | {fmt(ratio, 2)} |")
+    lines += ["", "## 4. Early exit on the test images", ""]
+    if not s.early_exit:
+        lines.append("No early-exit results were given (`--early-exit DIR`).")
+    else:
+        cls = s.metric.removeprefix("val.dice.") if s.metric.startswith("val.dice.") else "mean over classes"
+        lines += [f"Test Dice ({cls}) and seconds per case (network / whole case), mean ± std over seeds; "
+                  "level 0 is the full-resolution head.", "",
+                  "| scheme | n_train | exit level | Dice | network s/case | total s/case | speed-up |",
+                  "|---|---|---|---|---|---|---|"]
+        for sch in s.schemes:
+            for n in sorted({e.n_train for e in s.early_exit if e.scheme == sch}):
+                rows = [e for e in s.early_exit if e.scheme == sch and e.n_train == n]
+                full = mean_std(e.total_s for e in rows if e.level == 0)[0]
+                for level in sorted({e.level for e in rows}):
+                    at = [e for e in rows if e.level == level]
+                    total = mean_std(e.total_s for e in at)[0]
+                    speed = f"{full / total:.2f}x" if full and total else "–"
+                    lines.append(f"| `{sch}` | {n} | {level} | {fmt(e.dice for e in at)} | "
+                                 f"{fmt((e.network_s for e in at), 3)} | {fmt((e.total_s for e in at), 3)} | {speed} |")
+    if s.skipped:
+        lines += ["", "## Runs not counted", ""] + [f"- {x}" for x in s.skipped]
+    lines += ["", "## Reproduce", "", "```bash", *commands, "```", ""]
+    return "\n".join(lines)
+
+
+def write_report(s: Summary, out_dir: Path, commands: Sequence[str]) -> dict[str, Path]:
+    """Write ``ablation.md``, ``ablation.png`` and ``ablation.json`` into ``out_dir``, each atomically."""
+    from medsup.evaluation.ablation_figure import ablation_figure  # matplotlib, only here
+
+    out_dir = Path(out_dir)
+    paths = {"markdown": out_dir / MARKDOWN, "figure": out_dir / FIGURE, "numbers": out_dir / NUMBERS}
+    ablation_figure(s, paths["figure"])
+    with atomic_path(paths["numbers"]) as tmp:
+        tmp.write_text(json.dumps(_jsonable(asdict(s)), indent=2) + "\n")
+    with atomic_path(paths["markdown"]) as tmp:
+        tmp.write_text(render(s, FIGURE, commands))
+    log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
+    return paths
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value

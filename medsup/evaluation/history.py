@@ -1,0 +1,84 @@
+"""A run folder's JSON records, rewritten atomically by training (rank 0):
+
+- ``history.json`` after every epoch: one object per epoch, ``{"epoch": 1.0, "train.loss.total": ...,
+  "val.dice.liver": ...}``, the same points the MLflow run receives;
+- ``validation.json`` after every validation: the last validation per case, ``[{"case", "image", "label",
+  "dice": {class: value}}]`` (what ``medsup figures --run DIR --cases`` redraws the case figures from).
+
+Non-finite values are stored as ``null`` (strict JSON) and read back as NaN.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from medsup.data.io import atomic_path
+
+HISTORY = "history.json"
+VALIDATION = "validation.json"
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_none(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _write(path: Path, rows: list[Any]) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(_finite_or_none(rows), indent=1) + "\n")
+    return Path(path)
+
+
+def write_history(path: Path, history: Sequence[dict[str, float]]) -> Path:
+    """Write ``history`` to ``path`` atomically (NaN/Inf as ``null``)."""
+    return _write(path, list(history))
+
+
+def write_validation(path: Path, cases: Sequence[dict[str, Any]]) -> Path:
+    """Write the last validation's per-case results (``case``, ``image``, ``label``, ``dice`` by class)."""
+    return _write(path, list(cases))
+
+
+def read_validation(run_dir: Path) -> list[dict[str, Any]]:
+    """``<run_dir>/validation.json`` with ``null`` Dice read back as NaN.
+
+    Raises:
+        FileNotFoundError: the run has not validated yet (or predates the file).
+    """
+    path = Path(run_dir) / VALIDATION
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no per-case validation results (a run folder of this medsup version "
+                                "that validated at least once has it)")
+    rows = json.loads(path.read_text())
+    return [{**r, "dice": {k: (math.nan if v is None else float(v)) for k, v in r.get("dice", {}).items()}}
+            for r in rows]
+
+
+def read_history(run_dir: Path) -> list[dict[str, float]]:
+    """A run folder's history: ``history.json``, else the one saved in ``checkpoints/last.pt``.
+
+    Raises:
+        FileNotFoundError: the folder has neither.
+        ValueError: ``history.json`` is not a list of objects.
+    """
+    path = Path(run_dir) / HISTORY
+    if path.is_file():
+        rows: Any = json.loads(path.read_text())
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise ValueError(f"{path}: expected a JSON list of per-epoch objects")
+        return [{k: (math.nan if v is None else float(v)) for k, v in r.items()} for r in rows]
+    last = Path(run_dir) / "checkpoints" / "last.pt"
+    if last.is_file():
+        from medsup.checkpoint import load_checkpoint  # torch: only for runs that predate history.json
+
+        return [dict(h) for h in load_checkpoint(last).get("history", [])]
+    raise FileNotFoundError(f"{run_dir}: no {HISTORY} and no checkpoints/last.pt (is it a medsup run folder?)")

@@ -1,0 +1,80 @@
+"""Attach an evaluation (``medsup evaluate --log-to RUN_ID``) to an existing MLflow run.
+
+The run is only added to: metrics (step 0) and artifacts under ``evaluation/``; its status, params and tags
+are left alone, so a finished training run stays finished. Synchronous on purpose: a one-off command has no
+training loop to protect from a slow server, and the caller wants to know whether it worked.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from medsup.tracking.batching import MAX_METRICS_PER_BATCH, is_permanent, sanitize_key
+from medsup.tracking.uri import TrackingUnavailable, prepare_store, sqlite_path
+
+log = logging.getLogger(__name__)
+
+ARTIFACT_PATH = "evaluation"
+
+
+def _client(uri: str) -> MlflowClient:
+    prepare_store(uri)
+    db = sqlite_path(uri)
+    if db is not None and not db.is_file():  # never create an empty store to log into
+        raise ValueError(f"no MLflow store at {uri} ({db} does not exist)")
+    return MlflowClient(tracking_uri=uri)
+
+
+def require_run(uri: str, run_id: str) -> None:
+    """Check, before any work, that ``run_id`` exists at ``uri`` and is not deleted.
+
+    Raises:
+        ValueError: no such store (SQLite file absent), no such run, or the run is deleted.
+        TrackingUnavailable: the store does not answer.
+    """
+    client = _client(uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as err:
+        if is_permanent(err) or err.error_code == "NOT_FOUND":
+            raise ValueError(f"no MLflow run {run_id!r} at {uri}") from err
+        raise TrackingUnavailable(f"{uri}: cannot look up run {run_id}: {err}") from err
+    except OSError as err:
+        raise TrackingUnavailable(f"{uri}: cannot look up run {run_id}: {err}") from err
+    if run.info.lifecycle_stage == "deleted":
+        raise ValueError(f"MLflow run {run_id} at {uri} is deleted; restore it or log to another run")
+
+
+def log_evaluation(uri: str, run_id: str, metrics: dict[str, float], artifacts: Sequence[Path],
+                   artifact_path: str = ARTIFACT_PATH) -> int:
+    """Log aggregate ``metrics`` (non-finite values skipped) and ``artifacts`` (files) to an existing run.
+
+    Returns:
+        The number of metric values logged.
+
+    Raises:
+        ValueError: the run does not exist or is deleted (see :func:`require_run`).
+        TrackingUnavailable: the store refused or did not answer.
+    """
+    require_run(uri, run_id)
+    client = _client(uri)
+    now = int(time.time() * 1000)
+    points = [Metric(sanitize_key(key), float(value), now, 0) for key, value in sorted(metrics.items())
+              if math.isfinite(value)]
+    try:
+        for start in range(0, len(points), MAX_METRICS_PER_BATCH):
+            client.log_batch(run_id, metrics=points[start:start + MAX_METRICS_PER_BATCH])
+        for path in artifacts:
+            client.log_artifact(run_id, str(path), artifact_path)
+    except (MlflowException, OSError) as err:
+        raise TrackingUnavailable(f"{uri}: cannot log the evaluation to run {run_id}: {err}") from err
+    log.info("logged %d metrics and %d artifacts to run %s at %s", len(points), len(artifacts), run_id, uri)
+    return len(points)

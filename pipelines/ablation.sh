@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# The deep-supervision ablation (entry point `ablation`): does supervising every decoder scale help?
+#   synthesise a labelled pool and a separate labelled test set -> plan once
+#   -> train every arm: scheme x seed x training-set size, the same budget, into ONE MLflow experiment
+#   -> early exit: infer the test set from each exit level K (models of the largest size) and evaluate
+#   -> `medsup ablation summarize`: DOCS/ablation.md (tables, a generated default-scheme paragraph, the
+#      commands that reproduce it) + ablation.png + ablation.json.
+#
+# Fair arms. Every arm trains on the same plan (patch, spacing, network) for EPOCHS x ITERATIONS optimiser
+# steps of the same batch size, whatever its training-set size (patches are drawn with replacement). The
+# pool holds VAL_CASES x (ceil(max size / VAL_CASES) + 1) cases split into folds of exactly VAL_CASES;
+# fold 0 is the validation set of EVERY arm (data.split_seed is fixed, so changing the seed does not move
+# it), and an arm of size N trains on N cases of the rest (data.max_train_cases: a seeded subset, nested
+# across sizes). Validation runs every epoch, so "epochs to threshold" is exact. Models are not registered.
+#
+# Usage: bash pipelines/ablation.sh                 settings as environment variables (empty = default):
+#   TASK         liver | lung (| tiny)              liver           (smoke: tiny)
+#   SCHEMES      loss.scheme values                 "none nnunet dsn"
+#   SEEDS        training seeds                     "0 1 2"         (smoke: "0")
+#   SIZES        training-set sizes (n_train)       "2 5 20"        (smoke: "1 2")
+#   VAL_CASES    validation cases (shared by all)   5               (smoke: 2)
+#   TEST_CASES   labelled test cases (early exit)   5               (smoke: 1)
+#   EPOCHS       epochs per arm                     40              (smoke: 1)
+#   ITERATIONS   iterations per epoch               20              (smoke: 3)
+#   EXIT_LEVELS  heads to exit from (0 = full)      "0 1 2"         (smoke: "0 1")
+#   PRESET       config preset                      quick           (smoke: smoke)
+#   SET          extra config overrides, space-separated a.b=c, applied to every arm
+#   EXPERIMENT   MLflow experiment                  medsup-ablation
+#   OUT          data, run folders, early-exit outputs; the MLflow store unless MLFLOW_TRACKING_URI is set
+#                runs/pipelines/ablation        (smoke: runs/pipelines/ablation-smoke)
+#   DOCS         where ablation.md goes             docs/           (smoke: OUT/docs)
+#   SMOKE=1      the whole chain in minutes, with meaningless numbers
+# An arm whose run folder already holds a model is not trained again, nor an evaluated early exit redone:
+# a stopped ablation resumes where it was (delete OUT to start over with other settings).
+set -euo pipefail
+# shellcheck source=pipelines/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+if [ "${SMOKE:-0}" = 1 ]; then
+    d=(tiny "0" "1 2" 2 1 1 3 "0 1" smoke "-smoke")
+else
+    d=(liver "0 1 2" "2 5 20" 5 5 40 20 "0 1 2" quick "")
+fi
+TASK="${TASK:-${d[0]}}"
+SCHEMES="${SCHEMES:-none nnunet dsn}"
+SEEDS="${SEEDS:-${d[1]}}"
+SIZES="${SIZES:-${d[2]}}"
+VAL_CASES="${VAL_CASES:-${d[3]}}"
+TEST_CASES="${TEST_CASES:-${d[4]}}"
+EPOCHS="${EPOCHS:-${d[5]}}"
+ITERATIONS="${ITERATIONS:-${d[6]}}"
+EXIT_LEVELS="${EXIT_LEVELS:-${d[7]}}"
+PRESET="${PRESET:-${d[8]}}"
+EXPERIMENT="${EXPERIMENT:-medsup-ablation}"
+OUT="${OUT:-$ROOT/runs/pipelines/ablation${d[9]}}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+if [ "${SMOKE:-0}" = 1 ]; then DOCS="${DOCS:-$OUT/docs}"; else DOCS="${DOCS:-$ROOT/docs}"; fi
+export MLFLOW_TRACKING_URI="${MLFLOW_TRACKING_URI:-sqlite:///$OUT/mlflow.db}"
+
+largest=0
+for n in $SIZES; do
+    if [ "$n" -gt "$largest" ]; then largest="$n"; fi
+done
+folds=$(((largest + VAL_CASES - 1) / VAL_CASES + 1))
+pool=$((folds * VAL_CASES))
+
+step "synthesise a $pool-case $TASK pool ($folds folds of $VAL_CASES) and $TEST_CASES labelled test cases"
+medsup synth --task "$TASK" --cases "$pool" --test-cases 0 --seed 0 --out "$OUT/data"
+medsup synth --task "$TASK" --cases "$TEST_CASES" --test-cases 0 --seed 1 --out "$OUT/test"
+medsup plan --task "$TASK" --data "$OUT/data" --preset "$PRESET" --out "$OUT/plan.json"
+
+common=(--set data.num_folds="$folds" --set data.fold=0 --set data.split_seed=0
+    --set train.epochs="$EPOCHS" --set train.iterations_per_epoch="$ITERATIONS" --set train.val_every=1
+    --set train.early_stop_patience=0 --set tracking.register_best=false)
+for kv in ${SET:-}; do common+=(--set "$kv"); done
+
+for scheme in $SCHEMES; do
+    for seed in $SEEDS; do
+        for n in $SIZES; do
+            name="ablation-$TASK-$scheme-seed$seed-n$n"
+            if [ -f "$OUT/runs/$name/model/weights.pt" ]; then
+                step "$name: trained already, kept"
+                continue
+            fi
+            step "$name: train ($EPOCHS x $ITERATIONS iterations on $n cases)"
+            medsup -q train --task "$TASK" --data "$OUT/data" --preset "$PRESET" --plan "$OUT/plan.json" \
+                --output "$OUT/runs/$name" --experiment "$EXPERIMENT" --run-name "$name" "${common[@]}" \
+                --set loss.scheme="$scheme" --set seed="$seed" --set data.max_train_cases="$n"
+        done
+    done
+done
+
+for scheme in $SCHEMES; do
+    for seed in $SEEDS; do
+        name="ablation-$TASK-$scheme-seed$seed-n$largest"
+        for level in $EXIT_LEVELS; do
+            dir="$OUT/early_exit/$name/exit$level"
+            if [ -f "$dir/evaluation/summary.json" ]; then
+                step "$name: early exit from head $level evaluated already, kept"
+                continue
+            fi
+            step "$name: early exit from head $level on the test set"
+            medsup -q infer -i "$OUT/test/imagesTr" -o "$dir" --model "$OUT/runs/$name/model" --exit-level "$level"
+            medsup -q evaluate --pred "$dir" --ref "$OUT/test" --task "$TASK" --out "$dir/evaluation"
+        done
+    done
+done
+
+settings=""
+for var in TASK SCHEMES SEEDS SIZES VAL_CASES TEST_CASES EPOCHS ITERATIONS EXIT_LEVELS PRESET SET EXPERIMENT; do
+    if [ -n "${!var:-}" ]; then settings+="$var=$(quote "${!var}") "; fi
+done
+params=""
+for var in TASK SCHEMES SEEDS SIZES EPOCHS ITERATIONS EXIT_LEVELS; do
+    params+="-P $(printf '%s' "$var" | tr '[:upper:]' '[:lower:]')=$(quote "${!var}") "
+done
+step "summarise experiment $EXPERIMENT into $DOCS"
+medsup ablation summarize --experiment "$EXPERIMENT" --task "$TASK" --out "$DOCS" --early-exit "$OUT/early_exit" \
+    --reproduce "${settings}SMOKE=${SMOKE:-0} bash pipelines/ablation.sh" \
+    --reproduce "# or: mlflow run pipelines -e ablation ${params}-P smoke=${SMOKE:-0} --env-manager local"
+
+cat <<EOT
+
+ablation finished:
+  report         $DOCS/ablation.md (+ ablation.png, ablation.json)
+  runs           $OUT/runs/<arm>, MLflow experiment $EXPERIMENT
+  early exit     $OUT/early_exit/<arm>/exit<K> (report.json, evaluation/summary.json)
+  MLflow store   $MLFLOW_TRACKING_URI  (browse: $BIN/mlflow ui --backend-store-uri $MLFLOW_TRACKING_URI)
+EOT

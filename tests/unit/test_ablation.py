@@ -1,0 +1,140 @@
+"""The ablation summary from hand-made runs: arms, convergence, the generated conclusion, missing metrics, the
+training-set-size subset. No MLflow: :class:`~medsup.tracking.experiments.RunRecord` is plain data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from medsup.config import load
+from medsup.data.splits import fold_split, limit_training
+from medsup.evaluation.ablation import read_early_exit, render, summarize, write_report
+from medsup.tracking.experiments import RunRecord
+
+
+def _run(scheme: str, seed: int, n: int, dice: list[float], grad: bool = True, status: str = "FINISHED",
+         start: int = 0, task: str = "liver") -> RunRecord:
+    history = {"val.dice.liver": list(enumerate(dice, start=1))}
+    if grad:
+        history["train.grad_norm.encoder0"] = [(e, 1.0 / e) for e in range(1, len(dice) + 1)]
+    return RunRecord(f"id-{scheme}-{seed}-{n}-{start}", f"{scheme}-s{seed}-n{n}", status, start,
+                     {"task": task, "loss.scheme": scheme, "seed": str(seed), "train.epochs": str(len(dice)),
+                      "train.iterations_per_epoch": "20", "planned.batch_size": "2"},
+                     {"n_train": str(n)}, {}, history)
+
+
+def _runs() -> list[RunRecord]:
+    runs = []
+    for seed in (0, 1):
+        jitter = 0.01 * seed
+        runs += [_run("none", seed, 20, [0.5, 0.8, 0.88 + jitter]), _run("none", seed, 2, [0.3, 0.5, 0.6]),
+                 _run("nnunet", seed, 20, [0.7, 0.91, 0.95 - jitter]), _run("nnunet", seed, 2, [0.4, 0.7, 0.75]),
+                 _run("dsn", seed, 20, [0.6, 0.85, 0.93], grad=False), _run("dsn", seed, 2, [0.4, 0.6, 0.7])]
+    return runs
+
+
+def test_summary_numbers_and_generated_conclusion() -> None:
+    stale = _run("none", 0, 20, [0.99, 0.99, 0.99], start=-1)  # an older run of the same arm: replaced
+    failed = _run("dsn", 5, 20, [0.1], status="FAILED", start=9)
+    other_task = _run("none", 0, 20, [0.1], task="lung")
+    s = summarize([stale, *_runs(), failed, other_task], "medsup-ablation", "liver", current_default="nnunet")
+    assert (s.metric, s.threshold) == ("val.dice.liver", 0.9)
+    assert len(s.arms) == 12 and s.schemes == ["none", "nnunet", "dsn"] and s.sizes == [2, 20]
+    assert [x for x in s.skipped if "FAILED" in x] and len(s.skipped) == 1
+    nnunet = s.select("nnunet", 20)
+    assert [a.epochs_to_threshold for a in nnunet] == [2, 2]
+    assert all(a.epochs_to_threshold is None for a in s.select("none", 20))
+    assert s.default_scheme == "nnunet"
+    text = " ".join(s.conclusion)
+    assert "`nnunet` has the highest best validation val.dice.liver (0.945" in text
+    assert "leads `dsn` by +0.015" in text and "leads `none` by +0.060" in text
+    assert "With n_train = 2, `nnunet` is best (0.750), +0.050 ahead of `dsn`" in text
+    assert "`nnunet` reaches val.dice.liver >= 0.9 first, after 2.0 epochs" in text
+    assert "agrees with this" in text
+    report = render(s, "ablation.png", ["bash pipelines/ablation.sh"])
+    assert "| `nnunet` | – (0/2) | 2.0 ± 0.0 (2/2) |" in report
+    assert "| `dsn` | not logged | not logged | – |" in report  # missing grad norms are said, not fatal
+    assert "| `none` | 0.600 ± 0.000 / 0.600 ± 0.000 | 0.885 ± 0.007 / 0.885 ± 0.007 |" in report
+    assert "the same for every arm" in report
+
+
+def test_the_conclusion_follows_the_numbers() -> None:
+    runs = [_run("none", seed, 20, [0.5, 0.97]) for seed in (0, 1)] + [_run("nnunet", seed, 20, [0.5, 0.9])
+                                                                        for seed in (0, 1)]
+    s = summarize(runs, "e", "liver", current_default="nnunet")
+    assert s.default_scheme == "none"
+    assert "differs: these numbers favour `none`" in " ".join(s.conclusion)
+
+
+def test_no_arms_is_an_error() -> None:
+    with pytest.raises(ValueError, match="no finished liver runs"):
+        summarize([_run("none", 0, 2, [0.5], task="lung")], "e", "liver")
+
+
+def test_write_report_and_early_exit(tmp_path: Path) -> None:
+    bundle = tmp_path / "runs" / "arm" / "model"
+    bundle.mkdir(parents=True)
+    cfg = load("liver", ["loss.scheme=nnunet", "seed=1", "data.max_train_cases=20"])
+    (bundle / "config.json").write_text(cfg.to_json())
+    for level, seconds, dice in ((0, 2.0, 0.9), (1, 0.5, 0.8)):
+        folder = tmp_path / "early" / "arm" / f"exit{level}"
+        (folder / "evaluation").mkdir(parents=True)
+        case = {"status": "ok", "seconds": {"network": seconds / 2}, "seconds_total": seconds}
+        (folder / "report.json").write_text(json.dumps({"model": str(bundle.parent), "settings": {"exit_level": level},
+                                                        "cases": [case]}))
+        (folder / "evaluation" / "summary.json").write_text(json.dumps(
+            {"classes": {"liver": {"dice": {"mean": dice}}, "tumour": {"dice": {"mean": 0.1}}}}))
+    exits = read_early_exit(tmp_path / "early", "val.dice.liver")
+    assert [(e.scheme, e.seed, e.n_train, e.level, e.dice, e.total_s) for e in exits] == [
+        ("nnunet", 1, 20, 0, 0.9, 2.0), ("nnunet", 1, 20, 1, 0.8, 0.5)]
+    s = summarize(_runs(), "medsup-ablation", "liver", early_exit_dir=tmp_path / "early")
+    paths = write_report(s, tmp_path / "docs", ["bash pipelines/ablation.sh"])
+    text = paths["markdown"].read_text()
+    assert "| `nnunet` | 20 | 1 | 0.800 | 0.250 | 0.500 | 4.00x |" in text
+    assert paths["figure"].read_bytes()[:4] == b"\x89PNG"
+    assert json.loads(paths["numbers"].read_text())["default_scheme"] == "nnunet"
+    assert sorted(p.name for p in (tmp_path / "docs").iterdir()) == ["ablation.json", "ablation.md", "ablation.png"]
+
+
+def test_training_subsets_are_nested_and_keep_the_validation_set() -> None:
+    ids = [f"case{i:02d}" for i in range(25)]
+    subsets = {}
+    for n in (2, 5, 20, 50):
+        cfg = load("liver", ["data.split_seed=0", "seed=3", f"data.max_train_cases={n}"])
+        splits, fold, split = fold_split(ids, cfg)
+        assert fold == 0 and len(splits) == 5 and split["val"] == splits[0]["val"]
+        subsets[n] = set(split["train"])
+        assert subsets[n] <= set(splits[0]["train"])
+    assert subsets[2] < subsets[5] < subsets[20] == subsets[50]
+    # the global seed does not move the split when data.split_seed is set
+    other = fold_split(ids, load("liver", ["data.split_seed=0", "seed=4", "data.max_train_cases=5"]))[2]
+    assert set(other["train"]) == subsets[5]
+    assert limit_training({"train": ["b", "a"], "val": ["c"]}, None, 0) == {"train": ["a", "b"], "val": ["c"]}
+
+
+def test_cli_data_split_prints_the_split_training_uses(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from medsup.cli import app
+    from tests.conftest import write_msd
+
+    data = write_msd(tmp_path / "ds", n=6)
+    runner = CliRunner()
+    args = ["data", "split", str(data), "--task", "tiny", "--set", "data.num_folds=3", "--fold", "1"]
+    shown = runner.invoke(app, [*args, "--json"])
+    assert shown.exit_code == 0, shown.output
+    result = json.loads(shown.stdout)
+    expected = fold_split([f"case{i}" for i in range(6)], load("tiny", ["data.num_folds=3", "data.fold=1"]))[2]
+    assert result["fold"] == 1 and [c["case"] for c in result["val"]] == expected["val"]
+    images = runner.invoke(app, args).stdout.split()
+    labels = runner.invoke(app, [*args, "--labels"]).stdout.split()
+    assert images == [str((data / "imagesTr" / f"{c}.nii.gz").resolve()) for c in expected["val"]]
+    assert labels == [str((data / "labelsTr" / f"{c}.nii.gz").resolve()) for c in expected["val"]]
+    train = runner.invoke(app, [*args, "--subset", "train", "--set", "data.max_train_cases=2"]).stdout.split()
+    assert len(train) == 2
+    bad = runner.invoke(app, [*args, "--subset", "test"])
+    assert bad.exit_code == 2
+    missing = runner.invoke(app, ["data", "split", str(tmp_path / "nope"), "--task", "tiny"])
+    assert missing.exit_code == 2 and "does not exist" in missing.stderr
