@@ -11,6 +11,7 @@ u/io = unit/test_io, u/check = unit/test_check, i/infer = integration/test_infer
 | garbage / empty file | "unreadable image header" / "empty file (0 bytes)" | B, u/io, u/check |
 | header claiming a terabyte | "header claims [30000, ...]", nothing allocated (RLIMIT_AS) | R, B, u/io |
 | header claiming 3.5 GB in a 15 kB file | "the file holds N bytes", nothing allocated | R, B |
+| all-zero volume (deflate ~1020:1, control) | still read: the size bound is 1100:1 | R |
 | 2-D image, single slice | "2-D image" / "single slice" | B, u/io, i/infer |
 | 4-D image | "4-D image" | B, u/io, u/check |
 | NaN / Inf voxels | "NaN/Inf voxels" (check lists it, infer refuses the case) | B, u/check, i/infer |

@@ -1,7 +1,8 @@
-"""Builders of bad image files, one per fault, each with the words its error must contain.
+"""Bad image files, one per fault, each with the words its error must contain; and two process helpers.
 
-Every builder writes ``folder / f"{name}{suffix}"`` from the tiny CT-like volume of ``tests.conftest``
-(seed 0: 24 x 20 x 16 voxels, rotated direction) and returns that path.
+:func:`write_fault` writes ``folder / f"{name}{suffix}"``, starting from the tiny CT-like volume of
+``tests.conftest`` (seed 0: 24 x 20 x 16 voxels, rotated direction). :func:`unprivileged` runs a block as uid
+``nobody`` (permission faults under root); :func:`address_space_limit` makes any big allocation fail at once.
 """
 
 from __future__ import annotations

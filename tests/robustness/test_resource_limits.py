@@ -8,10 +8,12 @@ CAP_SYS_ADMIN; a file-size limit works for any user).
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import resource
 import signal
+import struct
 import subprocess
 import sys
 import tracemalloc
@@ -22,7 +24,16 @@ import pytest
 from typer.testing import CliRunner
 
 from medsup.cli import app
-from medsup.data.io import ImageReadError, atomic_path, read_header, read_image, write_volume
+from medsup.data.filecheck import MAX_EXPANSION
+from medsup.data.io import (
+    Geometry,
+    ImageReadError,
+    atomic_path,
+    read_header,
+    read_image,
+    write_image,
+    write_volume,
+)
 from tests.conftest import make_volume
 from tests.robustness.faults import IMAGE_FAULTS, address_space_limit, write_fault
 
@@ -39,9 +50,6 @@ def _oversized(folder: Path) -> list[Path]:
         if suffix == ".mha":
             raw = raw.replace(b"DimSize = 24 20 16", b"DimSize = 1200 1200 1200")
         else:
-            import gzip
-            import struct
-
             data = bytearray(gzip.decompress(raw) if suffix == ".nii.gz" else raw)
             data[42:48] = struct.pack("<3h", 1200, 1200, 1200)
             raw = gzip.compress(bytes(data)) if suffix == ".nii.gz" else bytes(data)
@@ -66,6 +74,15 @@ def test_huge_headers_allocate_nothing(tmp_path: Path) -> None:
         finally:
             tracemalloc.stop()
     assert peak < 16 << 20, f"python-side peak {peak / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha"])
+def test_the_size_check_spares_what_compresses_best(tmp_path: Path, suffix: str) -> None:
+    """An all-zero volume deflates ~1020:1, as far as deflate goes: still read (the bound is 1100:1)."""
+    geometry = Geometry((128, 128, 64), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    path = write_image(tmp_path / f"zeros{suffix}", np.zeros(geometry.shape, np.int16), geometry)
+    assert 800 < 2 * np.prod(geometry.shape) / path.stat().st_size < MAX_EXPANSION
+    assert not read_image(path).array.any()
 
 
 def _limited(limit: int) -> None:
