@@ -353,6 +353,8 @@ def child_main(args: argparse.Namespace) -> None:
 
     torch.manual_seed(0)
     opts = json.loads(args.opts)
+    if opts.get("threads"):
+        torch.set_num_threads(opts["threads"])
     result: dict[str, Any] = {"pipeline": args.child}
     try:
         if args.child == "nnunet-model":
@@ -383,6 +385,8 @@ def run_child(python: str, pipeline: str, case: Path | None, model: Path, out: P
            str(model), "--out", str(out), "--opts", json.dumps(opts)]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "nnUNet_raw": str(out), "nnUNet_preprocessed": str(out),
            "nnUNet_results": str(out)}
+    if opts.get("threads"):  # OpenMP, MKL and BLAS pools of every library in the child, not only torch's
+        env.update({k: str(opts["threads"]) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
     try:
         proc = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
@@ -500,6 +504,9 @@ def main() -> None:
     parser.add_argument("--sw-batch-size", type=int, default=2)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--no-amp", action="store_true", help="fp32 on CUDA too (AMP is off on CPU anyway)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads per child (default: torch's). On a machine shared with other jobs use 1: "
+                        "OpenMP barriers of a 2-thread pool stall whenever a thread is descheduled (8x here)")
     parser.add_argument("--pipelines", default=",".join(PIPELINES))
     parser.add_argument("--realdata", type=Path, default=ROOT.parent / "shared" / "realdata",
                         help="folder of real CTs (../shared/realdata); missing -> real cases skipped")
@@ -510,10 +517,14 @@ def main() -> None:
                         help="interpreter for the children (default .venv-bench/bin/python if present, else this one)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per child before it counts as failed")
     parser.add_argument("--quick", action="store_true", help="tiny synthetic cases, tiny plan, 1 repeat, no real data")
-    parser.add_argument("--json", type=Path, default=None, help="also write every raw result here")
+    parser.add_argument("--json", type=Path, default=None, help="write every raw result here (after every case)")
+    parser.add_argument("--summarise", type=Path, default=None, help="print the table of a saved --json and exit")
     args = parser.parse_args()
     if args.child:
         child_main(args)
+        return
+    if args.summarise:
+        print_saved(args.summarise)
         return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import torch
@@ -530,7 +541,7 @@ def main() -> None:
     if "nnunet" in pipelines and (reason := probe(python, "nnunetv2")):
         unavailable["nnunet"] = reason
     opts = {"device": args.device, "overlap": args.overlap, "sw_batch_size": args.sw_batch_size, "tta": args.tta,
-            "amp": not args.no_amp}
+            "amp": not args.no_amp, "threads": args.threads}
     results: dict[tuple[str, str], list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory(prefix="medsup-bench-e2e-") as tmp:
         root = Path(tmp)
@@ -569,14 +580,30 @@ def main() -> None:
                                  res["rss_peak_mb"])
                     else:
                         log.warning("%s %s run %d failed: %s", name, pipe, r, res.get("error"))
+            if args.json:  # after every case, so a long run that is stopped still leaves its figures
+                save(args.json, summary, opts, results, [(n, s) for n, s, _ in cases], pipelines, unavailable)
     print(f"\nplan {plan_name}: spacing {summary['spacing']} mm, patch {summary['patch']}, filters "
           f"{summary['filters']}, {summary['params_m']:.2f} M parameters (medsup); overlap {args.overlap}, "
           f"sw batch {args.sw_batch_size}, TTA {'on' if args.tta else 'off'}, device {'cuda' if cuda else 'cpu'}, "
-          f"{torch.get_num_threads()} torch threads; medians of {args.repeats} run(s)\n")
+          f"{args.threads or torch.get_num_threads()} thread(s) per child; medians of {args.repeats} run(s)\n")
     print("\n".join(summarise(results, [(n, s) for n, s, _ in cases], pipelines, unavailable)))
-    if args.json:
-        args.json.write_text(json.dumps({"plan": summary, "options": opts, "results": {
-            f"{c}|{p}": v for (c, p), v in results.items()}}, indent=2))
+
+
+def save(path: Path, plan: dict[str, Any], opts: dict[str, Any], results: dict[tuple[str, str], list[dict[str, Any]]],
+         cases: list[tuple[str, str]], pipelines: Sequence[str], unavailable: dict[str, str]) -> None:
+    """Every raw result, enough to print the table again (``--summarise``)."""
+    path.write_text(json.dumps({"plan": plan, "options": opts, "cases": cases, "pipelines": list(pipelines),
+                                "unavailable": unavailable,
+                                "results": {f"{c}|{p}": v for (c, p), v in results.items()}}, indent=2))
+
+
+def print_saved(path: Path) -> None:
+    """The table of a saved ``--json`` report (complete or not)."""
+    data = json.loads(path.read_text())
+    results = {tuple(k.split("|")): v for k, v in data["results"].items()}
+    print(f"plan {data['plan']}; options {data['options']}\n")
+    print("\n".join(summarise(results, [tuple(c) for c in data["cases"]], data["pipelines"],  # type: ignore[misc]
+                               data["unavailable"])))
 
 
 if __name__ == "__main__":

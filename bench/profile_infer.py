@@ -35,12 +35,16 @@ def main() -> None:
     parser.add_argument("--tta", action="store_true")
     parser.add_argument("--top", type=int, default=25, help="rows per table")
     parser.add_argument("--no-torch-profiler", action="store_true", help="skip the torch.profiler pass")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; 1 on a machine "
+                        "shared with other jobs, where a 2-thread OpenMP pool stalls at every barrier)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not args.case.is_file():
         raise SystemExit(f"{args.case}: no such file (real CTs live in ../shared/realdata); pass --case")
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from medsup.data.io import write_image
     from medsup.inference.bundle import load_bundle
     from medsup.inference.predictor import Predictor

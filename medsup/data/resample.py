@@ -143,8 +143,20 @@ def resample_slabs(logits: torch.Tensor, src_affine: np.ndarray, dst_affine: np.
 
 
 def argmax_reduce(x: torch.Tensor) -> torch.Tensor:
-    """``(C, X, Y, s)`` logits -> ``(X, Y, s)`` uint8 labels."""
-    return x.argmax(0).to(torch.uint8)
+    """``(C, X, Y, s)`` logits -> ``(X, Y, s)`` uint8 labels (the first maximum on ties, as ``argmax``).
+
+    A running maximum over the few channels instead of ``x.argmax(0)``: on the CPU torch reduces over the outer
+    dimension with a strided scalar loop, ~8x slower than these elementwise passes, and it dominated the
+    export of a full-size CT (``bench/profile_infer.py``; BENCHMARKS.md).
+    """
+    if x.shape[0] > 255:  # labels would not fit uint8 anyway
+        return x.argmax(0).to(torch.uint8)
+    best = x[0].clone()
+    labels = torch.zeros(x.shape[1:], dtype=torch.uint8, device=x.device)
+    for c in range(1, x.shape[0]):
+        labels.masked_fill_(x[c] > best, c)
+        torch.maximum(best, x[c], out=best)
+    return labels
 
 
 def resample_argmax(logits: torch.Tensor, src_affine: np.ndarray, dst_affine: np.ndarray,
