@@ -16,8 +16,9 @@ Gaussian blending, sliding-window batch and TTA setting, and networks of the sam
   sliding_window_inference, Invertd, AsDiscreted, SaveImage (the MONAI tutorials' chain) around medsup's own
   network with the same weights, so the difference is the pipeline alone.
 
-Each pipeline-case-repeat runs in a fresh child process (repeats interleaved across pipelines, so machine
-noise hits all of them alike); the table shows medians and the ratio medsup / other of the median totals.
+Each pipeline-case pair runs in a fresh child process that sets the pipeline up once and runs the case
+``--repeats`` times (interpreter start-up would otherwise dominate a loaded machine); the pipeline order
+rotates from case to case. The table shows medians and the ratio medsup / other of the median totals.
 nnU-Net runs only where ``nnunetv2`` imports in the child interpreter (``--python``, default
 ``.venv-bench/bin/python`` when it exists: see BENCHMARKS.md); otherwise its rows read ``n/a (reason)``.
 
@@ -104,7 +105,6 @@ class _Clock:
     def __init__(self, device: Any) -> None:
         self.device, self.seconds = device, {}
         self._t = 0.0
-        _mark_ready()
 
     def start(self) -> None:
         _sync(self.device)
@@ -134,8 +134,12 @@ def _mirror_mean(network: Callable[[Any], Any], tta: bool) -> Callable[[Any], An
     return predict
 
 
-def child_medsup(case: Path, model: Path, out: Path, opts: dict[str, Any]) -> dict[str, float]:
-    """medsup's Predictor on one case: prepare (read, preprocess), predict (network, export), write."""
+Run = Callable[[Path], dict[str, float]]
+"""One case through a pipeline that is set up: ``run(case) -> seconds per stage``."""
+
+
+def setup_medsup(model: Path, out: Path, opts: dict[str, Any]) -> Run:
+    """medsup's Predictor: prepare (read, preprocess), predict (network, export), write."""
     import torch
 
     from medsup.data.io import write_image
@@ -149,21 +153,24 @@ def child_medsup(case: Path, model: Path, out: Path, opts: dict[str, Any]) -> di
     predictor = Predictor(bundle, device, options)
     with torch.inference_mode():  # warm-up: first-call kernel selection is not part of a case
         predictor.network(torch.zeros(1, 1, *bundle.plan.patch_size, device=device))
-    clock = _Clock(device)
-    clock.start()
-    prepared = predictor.prepare(case)
-    clock.seconds.update(prepared.seconds)
-    clock.start()
-    prediction = predictor.predict(prepared)
-    _sync(device)
-    clock.seconds.update({k: prediction.seconds[k] for k in ("network", "export")})
-    clock.start()
-    write_image(out / "medsup.nii.gz", prediction.labels, prediction.geometry)
-    clock.lap("write")
-    return clock.seconds
+
+    def run(case: Path) -> dict[str, float]:
+        clock = _Clock(device)
+        prepared = predictor.prepare(case)
+        clock.seconds.update(prepared.seconds)
+        clock.start()
+        prediction = predictor.predict(prepared)
+        _sync(device)
+        clock.seconds.update({k: prediction.seconds[k] for k in ("network", "export")})
+        clock.start()
+        write_image(out / "medsup.nii.gz", prediction.labels, prediction.geometry)
+        clock.lap("write")
+        return clock.seconds
+
+    return run
 
 
-def child_monai(case: Path, model: Path, out: Path, opts: dict[str, Any]) -> dict[str, float]:
+def setup_monai(model: Path, out: Path, opts: dict[str, Any]) -> Run:
     """The MONAI tutorials' inference chain around medsup's network (same weights as the medsup run)."""
     import torch
     from monai.data import MetaTensor
@@ -192,7 +199,9 @@ def child_monai(case: Path, model: Path, out: Path, opts: dict[str, Any]) -> dic
         Spacingd("image", pixdim=plan.target_spacing, mode="bilinear"),
         ScaleIntensityRanged("image", a_min=norm.clip_low, a_max=norm.clip_high, b_min=0.0, b_max=1.0, clip=True),
     ])
-    post = Compose([Invertd("pred", transform=pre, orig_keys="image", nearest_interp=False, to_tensor=True),
+    # as the tutorials: invert where the logits are, hand the result to the CPU for argmax and saving
+    post = Compose([Invertd("pred", transform=pre, orig_keys="image", nearest_interp=False, to_tensor=True,
+                            device="cpu"),
                     AsDiscreted("pred", argmax=True)])
     saver = SaveImage(output_dir=str(out), output_postfix="monai", separate_folder=False, print_log=False,
                       output_dtype=np.uint8, resample=False)
@@ -206,6 +215,9 @@ def child_monai(case: Path, model: Path, out: Path, opts: dict[str, Any]) -> dic
     predict = _mirror_mean(net, opts["tta"])
     with torch.inference_mode():
         network(torch.zeros(1, 1, *plan.patch_size, device=device))
+
+    @torch.inference_mode()
+    def run(case: Path) -> dict[str, float]:
         clock = _Clock(device)
         clock.start()
         data: dict[str, Any] = {"image": str(case)}
@@ -224,7 +236,9 @@ def child_monai(case: Path, model: Path, out: Path, opts: dict[str, Any]) -> dic
         clock.lap("export")
         saver(data["pred"])  # its own meta: Invertd restored the input's affine
         clock.lap("write")
-    return clock.seconds
+        return clock.seconds
+
+    return run
 
 
 def make_nnunet_model(folder: Path, model: Path) -> None:
@@ -295,7 +309,7 @@ def make_nnunet_model(folder: Path, model: Path) -> None:
     torch.save(checkpoint, folder / "fold_0" / "checkpoint_final.pth")
 
 
-def child_nnunet(case: Path, model: Path, out: Path, opts: dict[str, Any]) -> dict[str, float]:
+def setup_nnunet(model: Path, out: Path, opts: dict[str, Any]) -> Run:
     """nnU-Net v2's predictor, stage by stage with its own functions (what ``predict_single_npy_array`` and
     ``predict_from_files`` run per case, minus their worker processes)."""
     import torch
@@ -312,22 +326,26 @@ def child_nnunet(case: Path, model: Path, out: Path, opts: dict[str, Any]) -> di
     with torch.inference_mode():
         predictor.network(torch.zeros(1, 1, *conf.patch_size, device=device))
     reader = plans.image_reader_writer_class()
-    clock = _Clock(device)
-    clock.start()
-    images, props = reader.read_images([str(case)])
-    clock.lap("read")
     preprocessor = conf.preprocessor_class(verbose=False)
-    data, _, props = preprocessor.run_case_npy(images, None, props, plans, conf, predictor.dataset_json)
-    data = torch.from_numpy(data).to(torch.float32)
-    clock.lap("preprocess")
-    logits = predictor.predict_logits_from_preprocessed_data(data).cpu()
-    clock.lap("network")
-    seg = convert_predicted_logits_to_segmentation_with_correct_shape(
-        logits, plans, conf, predictor.label_manager, props, return_probabilities=False)
-    clock.lap("export")
-    reader.write_seg(seg, str(out / "nnunet.nii.gz"), props)
-    clock.lap("write")
-    return clock.seconds
+
+    def run(case: Path) -> dict[str, float]:
+        clock = _Clock(device)
+        clock.start()
+        images, props = reader.read_images([str(case)])
+        clock.lap("read")
+        data, _, props = preprocessor.run_case_npy(images, None, props, plans, conf, predictor.dataset_json)
+        data = torch.from_numpy(data).to(torch.float32)
+        clock.lap("preprocess")
+        logits = predictor.predict_logits_from_preprocessed_data(data).cpu()
+        clock.lap("network")
+        seg = convert_predicted_logits_to_segmentation_with_correct_shape(
+            logits, plans, conf, predictor.label_manager, props, return_probabilities=False)
+        clock.lap("export")
+        reader.write_seg(seg, str(out / "nnunet.nii.gz"), props)
+        clock.lap("write")
+        return clock.seconds
+
+    return run
 
 
 def check_output(case: Path, out: Path) -> None:
@@ -344,11 +362,14 @@ def check_output(case: Path, out: Path) -> None:
                            f"{want.spacing}")
 
 
-CHILDREN = {"medsup": child_medsup, "nnunet": child_nnunet, "monai": child_monai}
+SETUPS: dict[str, Callable[[Path, Path, dict[str, Any]], Run]] = {
+    "medsup": setup_medsup, "nnunet": setup_nnunet, "monai": setup_monai}
 
 
 def child_main(args: argparse.Namespace) -> None:
-    """``--child PIPELINE``: run one case, print one JSON line (seconds per stage, peak memory)."""
+    """``--child PIPELINE``: set the pipeline up, run one case ``repeats`` times, print one JSON line (seconds
+    per stage of every run, peak memory). One process per case and pipeline: its VmHWM is that case's peak;
+    repeats share the process because interpreter start-up (~1 min on this loaded machine) would dominate."""
     import torch
 
     torch.manual_seed(0)
@@ -363,9 +384,13 @@ def child_main(args: argparse.Namespace) -> None:
         else:
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
-            seconds = CHILDREN[args.child](Path(args.case), Path(args.model), Path(args.out), opts)
-            check_output(Path(args.case), Path(args.out))
-            result.update(seconds=seconds, total=sum(seconds.values()), ok=True, rss_ready_mb=_READY["rss_mb"])
+            run = SETUPS[args.child](Path(args.model), Path(args.out), opts)
+            _mark_ready()
+            runs = []
+            for _ in range(opts.get("repeats", 1)):
+                runs.append(run(Path(args.case)))
+                check_output(Path(args.case), Path(args.out))
+            result.update(runs=runs, ok=True, rss_ready_mb=_READY["rss_mb"])
             if torch.cuda.is_available():
                 result["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     except Exception as err:  # the parent prints the row as n/a with this reason
@@ -567,19 +592,25 @@ def main() -> None:
             cases.append((f"synthetic_{n}", f"{size}x{size}x{n}", path))
         log.info("plan %s: %s; %d case(s) x %s x %d repeat(s); children run %s", plan_name, summary, len(cases),
                  pipelines, args.repeats, python)
-        for name, _, path in cases:
-            for r in range(args.repeats):
-                for pipe in pipelines:  # interleaved: drift and neighbours' load hit every pipeline alike
-                    if pipe in unavailable:
-                        continue
-                    res = run_child(python, pipe, path, model, root / "out" / f"{name}-{pipe}-{r}", opts, args.timeout)
-                    results.setdefault((name, pipe), []).append(res)
-                    if res.get("ok"):
-                        split = ", ".join(f"{k} {v:.1f}" for k, v in res["seconds"].items())
-                        log.info("%s %s run %d: %.2f s (%s), peak RSS %.0f MB", name, pipe, r, res["total"], split,
-                                 res["rss_peak_mb"])
+        for c, (name, _, path) in enumerate(cases):
+            # one child per case and pipeline runs the repeats; the order rotates per case so slow drift of the
+            # machine's load does not always hit the same pipeline
+            for pipe in pipelines[c % len(pipelines):] + pipelines[:c % len(pipelines)]:
+                if pipe in unavailable:
+                    continue
+                out = root / "out" / f"{name}-{pipe}"
+                res = run_child(python, pipe, path, model, out, {**opts, "repeats": args.repeats}, args.timeout)
+                runs = [{"ok": True, "seconds": sec, "total": sum(sec.values()),
+                         **{k: res[k] for k in ("rss_peak_mb", "rss_ready_mb", "gpu_peak_mb") if k in res}}
+                        for sec in res.get("runs", [])] if res.get("ok") else [res]
+                results[(name, pipe)] = runs
+                for r, run in enumerate(runs):
+                    if run.get("ok"):
+                        split = ", ".join(f"{k} {v:.1f}" for k, v in run["seconds"].items())
+                        log.info("%s %s run %d: %.2f s (%s), peak RSS %.0f MB", name, pipe, r, run["total"], split,
+                                 run["rss_peak_mb"])
                     else:
-                        log.warning("%s %s run %d failed: %s", name, pipe, r, res.get("error"))
+                        log.warning("%s %s failed: %s", name, pipe, run.get("error"))
             if args.json:  # after every case, so a long run that is stopped still leaves its figures
                 save(args.json, summary, opts, results, [(n, s) for n, s, _ in cases], pipelines, unavailable)
     print(f"\nplan {plan_name}: spacing {summary['spacing']} mm, patch {summary['patch']}, filters "
