@@ -17,7 +17,8 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from medsup.tracking.batching import MAX_METRICS_PER_BATCH, is_permanent, sanitize_key
+from medsup.tracking.batching import MAX_METRICS_PER_BATCH, sanitize_key
+from medsup.tracking.registry import call_store
 from medsup.tracking.uri import TrackingUnavailable, prepare_store, sqlite_path
 
 log = logging.getLogger(__name__)
@@ -41,14 +42,8 @@ def require_run(uri: str, run_id: str) -> None:
         TrackingUnavailable: the store does not answer.
     """
     client = _client(uri)
-    try:
-        run = client.get_run(run_id)
-    except MlflowException as err:
-        if is_permanent(err) or err.error_code == "NOT_FOUND":
-            raise ValueError(f"no MLflow run {run_id!r} at {uri}") from err
-        raise TrackingUnavailable(f"{uri}: cannot look up run {run_id}: {err}") from err
-    except OSError as err:
-        raise TrackingUnavailable(f"{uri}: cannot look up run {run_id}: {err}") from err
+    run = call_store(uri, f"look up run {run_id}", lambda: client.get_run(run_id),
+                     missing=f"no MLflow run {run_id!r} at {uri}")
     if run.info.lifecycle_stage == "deleted":
         raise ValueError(f"MLflow run {run_id} at {uri} is deleted; restore it or log to another run")
 

@@ -126,9 +126,10 @@ def log_bundle_model(uri: str, run_id: str, bundle_dir: Path) -> str:
     if missing:
         raise ValueError(f"{bundle_dir} is not a model bundle: {', '.join(missing)} missing")
     client = _client(uri)
-    run = _call(uri, f"look up run {run_id}", lambda: client.get_run(run_id), missing=f"no run {run_id!r} at {uri}")
+    run = call_store(uri, f"look up run {run_id}", lambda: client.get_run(run_id),
+                     missing=f"no run {run_id!r} at {uri}")
     task = _bundle_task(bundle_dir)
-    logged = _call(uri, "create a logged model", lambda: client.create_logged_model(
+    logged = call_store(uri, "create a logged model", lambda: client.create_logged_model(
         experiment_id=run.info.experiment_id, name=MODEL_NAME, source_run_id=run_id,
         tags={"medsup.task": task, "medsup.bundle": bundle_dir.name}, model_type="medsup-bundle",
     ))
@@ -181,10 +182,10 @@ def register(uri: str, run_id: str, task: str, model_uri: str, val_dice: float |
         tags["val_dice"] = repr(float(val_dice))
     # a SQLite registry resolves a models:/ source with MLflow's *global* client (an MLflow TODO)
     with _global_tracking_uri(uri):
-        mv = _call(uri, f"register {source} as {name}", lambda: client.create_model_version(
+        mv = call_store(uri, f"register {source} as {name}", lambda: client.create_model_version(
             name=name, source=source, run_id=run_id, tags=tags, model_id=model_id,
         ))
-    _call(uri, f"set alias {alias}", lambda: client.set_registered_model_alias(name, alias, mv.version))
+    call_store(uri, f"set alias {alias}", lambda: client.set_registered_model_alias(name, alias, mv.version))
     _link_version(client, model_id, name, int(mv.version))
     log.info("registered %s as %s version %s (@%s)", source, name, mv.version, alias)
     return int(mv.version)
@@ -241,14 +242,14 @@ def list_models(uri: str, task: str | None = None) -> list[dict[str, Any]]:
     versions: list[ModelVersion] = []
     token: str | None = None
     while True:
-        page = _call(uri, "search model versions", partial(client.search_model_versions, query, page_token=token))
+        page = call_store(uri, "search model versions", partial(client.search_model_versions, query, page_token=token))
         versions.extend(page)
         token = page.token
         if not token:
             break
     aliases: dict[tuple[str, int], list[str]] = {}
     for name in sorted({mv.name for mv in versions}):
-        registered = _call(uri, f"read {name}", partial(client.get_registered_model, name))
+        registered = call_store(uri, f"read {name}", partial(client.get_registered_model, name))
         for alias, number in (registered.aliases or {}).items():
             aliases.setdefault((name, int(number)), []).append(alias)
     rows = [{
@@ -273,9 +274,9 @@ def promote(uri: str, task: str, version: int, alias: str = "champion") -> None:
     """
     client = _client(uri, must_exist=True)
     name = model_name(task)
-    _call(uri, f"look up {name} version {version}", lambda: client.get_model_version(name, str(version)),
+    call_store(uri, f"look up {name} version {version}", lambda: client.get_model_version(name, str(version)),
           missing=f"{name} has no version {version} at {uri}")
-    _call(uri, f"set alias {alias}", lambda: client.set_registered_model_alias(name, alias, str(version)))
+    call_store(uri, f"set alias {alias}", lambda: client.set_registered_model_alias(name, alias, str(version)))
     log.info("%s@%s -> version %d", name, alias, version)
 
 
@@ -303,20 +304,20 @@ def best_version(uri: str, task: str, metric: str = "val_dice", experiment: str 
     _require_model(client, uri, name)
     experiment_id = None
     if experiment is not None:
-        exp = _call(uri, f"look up experiment {experiment}", lambda: client.get_experiment_by_name(experiment))
+        exp = call_store(uri, f"look up experiment {experiment}", lambda: client.get_experiment_by_name(experiment))
         if exp is None:
             raise ValueError(f"no experiment {experiment!r} at {uri}")
         experiment_id = exp.experiment_id
     scored: list[tuple[float, int]] = []
     for row in list_models(uri, task):
         need_run = experiment_id is not None or metric != "val_dice"
-        run = _call(uri, f"look up run {row['run_id']}", partial(client.get_run, row["run_id"]),
+        run = call_store(uri, f"look up run {row['run_id']}", partial(client.get_run, row["run_id"]),
                     missing=f"no run {row['run_id']!r} at {uri}") if need_run and row["run_id"] else None
         if experiment_id is not None and (run is None or run.info.experiment_id != experiment_id):
             continue
         value = row["val_dice"] if metric == "val_dice" else None
         if value is None and metric != "val_dice":
-            mv = _call(uri, f"read {name} version {row['version']}",
+            mv = call_store(uri, f"read {name} version {row['version']}",
                        partial(client.get_model_version, name, str(row["version"])))
             value = _float(mv.tags.get(metric))
         if value is None and run is not None:
@@ -354,7 +355,7 @@ def resolve_version(uri: str, task: str, alias: str) -> int:
     client = _client(uri, must_exist=True)
     name = model_name(task)
     _require_model(client, uri, name)
-    mv = _call(uri, f"resolve {name}@{alias}", lambda: client.get_model_version_by_alias(name, alias),
+    mv = call_store(uri, f"resolve {name}@{alias}", lambda: client.get_model_version_by_alias(name, alias),
                missing=f"{name} has no alias {alias!r} at {uri}")
     return int(mv.version)
 
@@ -429,13 +430,13 @@ def _resolve(client: MlflowClient, uri: str, ref: str) -> _Resolved:
     if m := _ALIAS_REF.match(ref):
         name, alias = m["name"], m["alias"]
         _require_model(client, uri, name)
-        mv = _call(uri, f"resolve {ref}", lambda: client.get_model_version_by_alias(name, alias),
+        mv = call_store(uri, f"resolve {ref}", lambda: client.get_model_version_by_alias(name, alias),
                    missing=f"{name} has no alias {alias!r} at {uri} ({ref})")
         return _from_version(client, uri, ref, mv)
     if m := _VERSION_REF.match(ref):
         name, number = m["name"], int(m["version"])
         _require_model(client, uri, name)
-        mv = _call(uri, f"resolve {ref}", lambda: client.get_model_version(name, str(number)),
+        mv = call_store(uri, f"resolve {ref}", lambda: client.get_model_version(name, str(number)),
                    missing=f"{name} has no version {number} at {uri} ({ref})")
         return _from_version(client, uri, ref, mv)
     if m := _RUNS_REF.match(ref):
@@ -446,7 +447,7 @@ def _resolve(client: MlflowClient, uri: str, ref: str) -> _Resolved:
 
 
 def _from_logged(client: MlflowClient, uri: str, ref: str, model_id: str) -> _Resolved:
-    logged = _call(uri, f"look up {model_id}", lambda: client.get_logged_model(model_id),
+    logged = call_store(uri, f"look up {model_id}", lambda: client.get_logged_model(model_id),
                    missing=f"no logged model {model_id} at {uri} ({ref})")
     return _Resolved(ref, model_id, logged.artifact_location)
 
@@ -456,13 +457,14 @@ def _from_version(client: MlflowClient, uri: str, ref: str, mv: ModelVersion) ->
     if model_id:
         return _Resolved(ref, model_id, _from_logged(client, uri, ref, model_id).download_uri, mv.name,
                          int(mv.version))
-    where = _call(uri, f"locate {ref}", lambda: client.get_model_version_download_uri(mv.name, mv.version))
+    where = call_store(uri, f"locate {ref}", lambda: client.get_model_version_download_uri(mv.name, mv.version))
     return _Resolved(ref, None, where, mv.name, int(mv.version))
 
 
 def _run_model_id(client: MlflowClient, uri: str, run_id: str, name: str) -> str:
-    run = _call(uri, f"look up run {run_id}", lambda: client.get_run(run_id), missing=f"no run {run_id!r} at {uri}")
-    found = _call(uri, f"search the models of run {run_id}", lambda: client.search_logged_models(
+    run = call_store(uri, f"look up run {run_id}", lambda: client.get_run(run_id),
+                     missing=f"no run {run_id!r} at {uri}")
+    found = call_store(uri, f"search the models of run {run_id}", lambda: client.search_logged_models(
         experiment_ids=[run.info.experiment_id], filter_string=f"name = '{name}'",
         order_by=[{"field_name": "creation_timestamp", "ascending": False}],
     ))
@@ -534,7 +536,7 @@ def _read_pull_record(folder: Path) -> dict[str, Any] | None:
 
 
 def _require_model(client: MlflowClient, uri: str, name: str) -> None:
-    _call(uri, f"look up {name}", lambda: client.get_registered_model(name),
+    call_store(uri, f"look up {name}", lambda: client.get_registered_model(name),
           missing=f"no registered model {name!r} at {uri}")
 
 
@@ -555,7 +557,7 @@ def _client(uri: str, must_exist: bool = False) -> MlflowClient:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def _call(uri: str, what: str, fn: Callable[[], T], missing: str | None = None) -> T:
+def call_store(uri: str, what: str, fn: Callable[[], T], missing: str | None = None) -> T:
     """Run one MLflow call: a refusal is a ValueError (``missing`` when given), anything else unavailability."""
     try:
         return fn()
