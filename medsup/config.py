@@ -133,6 +133,7 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     deterministic: bool = False
     grad_norm_every: Annotated[int, Field(ge=0)] = 10
+    figures: bool = True
 
 
 class AugmentConfig(_Section):
@@ -170,6 +171,7 @@ class TrackingConfig(_Section):
     uri: str | None = None
     experiment: str | None = None
     register_best: bool = True
+    flush_interval_s: PositiveFloat = 5.0
 
 
 class SynthConfig(_Section):

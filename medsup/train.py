@@ -148,7 +148,7 @@ def _train(cfg: Config, opts: _Options) -> TrainResult:
     tracker = RunTracker(
         uri, opts.experiment or cfg.tracking.experiment or f"medsup-{cfg.task}",
         opts.run_name or output.name, run_id=checkpoint.get("run_id") if checkpoint else None,
-        spool_dir=output, enabled=rank0,
+        spool_dir=output, enabled=rank0, flush_interval_s=cfg.tracking.flush_interval_s,
     )
     with tracker:
         if checkpoint is None:
@@ -283,7 +283,8 @@ def _fit(cfg: Config, plan: Plan, labels: dict[int, str], cases: dict[str, Any],
         write_bundle(bundle, load_checkpoint(best_path)["model"], cfg, plan, labels)
         if cfg.tracking.register_best and tracker.run_id:
             model_version = _register(tracker, bundle, cfg.task, best.best)
-        _figures(output, history, last_validation, model, cfg, plan, dev, tracker)
+        if cfg.train.figures:
+            _figures(output, history, last_validation, model, cfg, plan, dev, tracker)
     return TrainResult(output, tracker.run_id, "", best.best, best.best_epoch, trainer.state.epoch, bundle, history,
                        model_version)
 

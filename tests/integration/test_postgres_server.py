@@ -281,12 +281,14 @@ def test_train_through_outage_then_promote_and_infer(pg_server: PgServer, tiny_d
     2. ``medsup models promote`` (another process) moves @champion onto that version.
     3. ``medsup infer --model models:/medsup-tiny@champion`` (a third process) segments the tiny images.
     """
-    epochs, uri, client = 4, pg_server.uri, MlflowClient(pg_server.uri)
+    epochs, uri, client = 6, pg_server.uri, MlflowClient(pg_server.uri)
     out, log_file = tmp_path / "run", tmp_path / "train.log"
     stderr = log_file.open("w")  # a file, not a pipe: nobody reads a pipe while the test polls
     proc = subprocess.Popen(
         [sys.executable, "-m", "medsup", "train", "--task", "tiny", "--data", str(tiny_data), "--preset", "smoke",
          "--set", f"train.epochs={epochs}", "--set", "train.iterations_per_epoch=2", "--set", "train.val_max_cases=1",
+         # send often, so that the trainer meets the dead server within the epoch it is dead, however fast that is
+         "--set", "tracking.flush_interval_s=0.2", "--set", "train.figures=false",
          "--output", str(out), "--tracking-uri", uri, "--experiment", "pg-outage", "--json"],
         cwd=REPO, env={**_client_env(), "PYTHONUNBUFFERED": "1"}, encoding="utf-8", errors="replace",
         stdout=subprocess.PIPE, stderr=stderr)
@@ -309,6 +311,7 @@ def test_train_through_outage_then_promote_and_infer(pg_server: PgServer, tiny_d
         killed_at = epoch_done()
         pg_server.server.stop()  # SIGKILL to the server's process group, mid-training
         wait_for("an epoch during the outage", lambda: epoch_done() >= killed_at + 1)
+        wait_for("the trainer to notice the outage", lambda: "unreachable" in log_file.read_text(errors="replace"))
         # freeze the training while the server restarts (tens of seconds on a busy machine), so that the
         # outage ends before the training does, however slow either is: registering the model at the end
         # waits for the server only up to 300 s
