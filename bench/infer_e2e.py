@@ -72,7 +72,7 @@ PLANS: dict[str, tuple[str, list[str]]] = {
 def _status_mb(key: str) -> float:
     """``VmHWM`` (peak) or ``VmRSS`` (now) of this process in MB. VmHWM, not getrusage: ru_maxrss survives
     execve, so a child would inherit the parent's peak (see bench/infer_memory.py)."""
-    with open("/proc/self/status") as f:
+    with open("/proc/self/status", encoding="utf-8") as f:
         line = next(ln for ln in f if ln.startswith(key))
     return int(line.split()[1]) / 1024
 
@@ -251,7 +251,7 @@ def make_nnunet_model(folder: Path, model: Path) -> None:
     from medsup.data.planning import Plan
 
     plan = Plan.load(model / "medsup" / "plan.json")
-    labels = json.loads((model / "medsup" / "labels.json").read_text())
+    labels = json.loads((model / "medsup" / "labels.json").read_text(encoding="utf-8"))
     norm = plan.normalization
     rev = lambda v: [int(x) for x in reversed(v)]  # noqa: E731
     stages = len(plan.filters)
@@ -296,8 +296,8 @@ def make_nnunet_model(folder: Path, model: Path) -> None:
     dataset = {"channel_names": {"0": "CT"}, "labels": {v: int(k) for k, v in labels.items()},
                "numTraining": 1, "file_ending": ".nii.gz"}
     (folder / "fold_0").mkdir(parents=True, exist_ok=True)
-    (folder / "plans.json").write_text(json.dumps(plans, indent=2))
-    (folder / "dataset.json").write_text(json.dumps(dataset, indent=2))
+    (folder / "plans.json").write_text(json.dumps(plans, indent=2), encoding="utf-8")
+    (folder / "dataset.json").write_text(json.dumps(dataset, indent=2), encoding="utf-8")
     torch.manual_seed(0)
     network = get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"],
                                      1, len(labels), allow_init=True, deep_supervision=False)
@@ -623,14 +623,14 @@ def main() -> None:
 def save(path: Path, plan: dict[str, Any], opts: dict[str, Any], results: dict[tuple[str, str], list[dict[str, Any]]],
          cases: list[tuple[str, str]], pipelines: Sequence[str], unavailable: dict[str, str]) -> None:
     """Every raw result, enough to print the table again (``--summarise``)."""
-    path.write_text(json.dumps({"plan": plan, "options": opts, "cases": cases, "pipelines": list(pipelines),
-                                "unavailable": unavailable,
-                                "results": {f"{c}|{p}": v for (c, p), v in results.items()}}, indent=2))
+    data = {"plan": plan, "options": opts, "cases": cases, "pipelines": list(pipelines), "unavailable": unavailable,
+            "results": {f"{c}|{p}": v for (c, p), v in results.items()}}
+    path.write_text(json.dumps(data, indent=2), encoding="utf-8")
 
 
 def print_saved(path: Path) -> None:
     """The table of a saved ``--json`` report (complete or not)."""
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_text(encoding="utf-8"))
     results = {tuple(k.split("|")): v for k, v in data["results"].items()}
     print(f"plan {data['plan']}; options {data['options']}\n")
     print("\n".join(summarise(results, [tuple(c) for c in data["cases"]], data["pipelines"],  # type: ignore[misc]

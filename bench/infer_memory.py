@@ -33,8 +33,8 @@ out = sys.argv.pop(1)
 try:
     {code}
 finally:
-    hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))
-    open(out, "w").write(str(int(hwm.split()[1]) / 1024))
+    hwm = next(line for line in open("/proc/self/status", encoding="utf-8") if line.startswith("VmHWM"))
+    open(out, "w", encoding="utf-8").write(str(int(hwm.split()[1]) / 1024))
 """
 
 
@@ -43,7 +43,7 @@ def run_child(code: str, args: list[str], folder: Path) -> tuple[float, subproce
     peak_file = folder / "peak.txt"
     proc = subprocess.run([sys.executable, "-c", _CHILD.format(code=code), str(peak_file), *args],
                           capture_output=True, encoding="utf-8", errors="replace")
-    return float(peak_file.read_text()), proc
+    return float(peak_file.read_text(encoding="utf-8")), proc
 
 
 def make_bundle(folder: Path, spacing: float) -> Path:

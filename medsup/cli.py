@@ -319,7 +319,8 @@ def infer(
         _emit(summary)
     elif int(os.environ.get("RANK", "0")) == 0:
         counts = summary["summary"]
-        typer.echo(f"{counts['ok']} segmented, {counts['skipped']} skipped, {counts['error']} failed; "
+        not_run = f", {counts['not_run']} not attempted" if counts["not_run"] else ""
+        typer.echo(f"{counts['ok']} segmented, {counts['skipped']} skipped, {counts['error']} failed{not_run}; "
                    f"outputs in {output}, report {report or output / 'report.json'}")
         for case in result.failed:
             typer.secho(f"  failed: {case['input']}: {case['error']}", fg=typer.colors.RED, err=True)

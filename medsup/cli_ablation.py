@@ -66,7 +66,7 @@ def summarize(
     commands = [*(reproduce or []), f"MLFLOW_TRACKING_URI={shlex.quote(uri)} {shlex.join(args)}"]
     paths = write_report(summary, out, commands)
     if as_json:
-        typer.echo(paths["numbers"].read_text().rstrip())
+        typer.echo(paths["numbers"].read_text(encoding="utf-8").rstrip())
     else:
         typer.echo("\n".join(summary.conclusion))
         typer.echo(f"wrote {paths['markdown']} and {paths['figure']}")

@@ -136,7 +136,7 @@ def _train(cfg: Config, opts: _Options) -> TrainResult:
     splits, fold, split = fold_split(sorted(cases), cfg)  # split: at most data.max_train_cases training cases
     if rank0:
         save_splits(splits, output / "splits.json")
-        (output / "config.json").write_text(cfg.to_json() + "\n")
+        (output / "config.json").write_text(cfg.to_json() + "\n", encoding="utf-8")
 
     dev = _device(opts.device or cfg.train.device)
     uri, source = resolve_tracking_uri(opts.tracking_uri, cfg.tracking.uri, Path.cwd())
@@ -357,7 +357,7 @@ def write_bundle(folder: Path, weights: dict[str, torch.Tensor], cfg: Config, pl
         ("versions.json", json.dumps(_versions(), indent=2)),
     ):
         with atomic_path(folder / name) as tmp:
-            tmp.write_text(text + "\n")
+            tmp.write_text(text + "\n", encoding="utf-8")
     return folder
 
 

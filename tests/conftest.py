@@ -46,7 +46,7 @@ def write_msd(root: Path, n: int = 3, seed: int = 0, task: str = "tiny") -> Path
         training.append({"image": f"./imagesTr/case{idx}.nii.gz", "label": f"./labelsTr/case{idx}.nii.gz"})
     meta = {"name": task, "labels": {"0": "background", "1": "organ", "2": "lesion"},
             "modality": {"0": "CT"}, "training": training, "test": []}
-    (root / "dataset.json").write_text(json.dumps(meta))
+    (root / "dataset.json").write_text(json.dumps(meta), encoding="utf-8")
     return root
 
 

@@ -199,7 +199,7 @@ def load_datalist(root: Path | str) -> Datalist:
     meta: dict = {}
     if meta_path.is_file():
         try:
-            meta = json.loads(meta_path.read_text())
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
             raise ValueError(f"{meta_path}: not valid JSON ({err})") from None
         except (OSError, UnicodeDecodeError) as err:

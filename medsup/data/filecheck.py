@@ -1,7 +1,8 @@
 """Checks around the readers and writers of :mod:`medsup.data.io`, for what the libraries get wrong.
 
 Before a reader opens a file: it must be a regular, readable file (ITK blocks forever opening a FIFO); a NIfTI
-header must carry the NIfTI magic and non-zero pixdims (ITK reads Analyze 7.5 and substitutes 1 mm); a MetaImage
+header must carry the NIfTI magic and non-zero pixdims (ITK reads Analyze 7.5 and substitutes 1 mm), a NRRD
+header a finite spacing on every spatial axis (ITK substitutes 1 mm for a missing or NaN one); a MetaImage
 NDims must be a small count (ITK hangs or segfaults on ``NDims = 1e20``); the header must not claim more pixel
 data than the file can hold, since readers allocate first. After ITK writes a NIfTI file: every byte must be
 there (its NIfTI writer reports a short write on stderr only).
@@ -12,6 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import shutil
 import stat
 from pathlib import Path
 
@@ -31,6 +33,29 @@ _PIXEL_BYTES = {sitk.sitkInt8: 1, sitk.sitkUInt8: 1, sitk.sitkInt16: 2, sitk.sit
 
 class ImageReadError(ValueError):
     """An image could not be read or is not a usable 3-D scalar volume; the message names the file."""
+
+
+class DiskFullError(OSError):
+    """A write failed because its file system (or the user's quota) is full: every later write there would fail
+    too, so a batch stops instead of computing outputs it cannot keep."""
+
+
+#: a failed write with less than this free beside it counts as a full disk (what is left is less than a label
+#: volume of a small scan; the partial temp file still holds the space when this is checked)
+DISK_FULL_FREE_BYTES = 1 << 20
+
+
+def is_disk_full(err: BaseException, folder: Path) -> bool:
+    """Did the write that raised ``err`` into ``folder`` fail for want of space? ENOSPC or EDQUOT, or (ITK's
+    writers report a short write without errno) less than :data:`DISK_FULL_FREE_BYTES` free in ``folder``."""
+    if isinstance(err, DiskFullError) or getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if not isinstance(err, OSError):
+        return False
+    try:
+        return shutil.disk_usage(folder).free < DISK_FULL_FREE_BYTES
+    except OSError:
+        return False
 
 
 def check_source(path: Path) -> bool:
@@ -64,18 +89,28 @@ def check_source(path: Path) -> bool:
 
 
 def check_nifti_header(path: Path) -> None:
-    """What ITK does not refuse in a NIfTI header: ITK reads a file without the NIfTI magic as Analyze 7.5, and
-    silently replaces a zero or NaN pixdim by 1 mm. nibabel reads the header only (no pixels)."""
+    """What ITK does not refuse in a NIfTI header: ITK reads a file without the NIfTI magic as Analyze 7.5,
+    silently replaces a zero or NaN pixdim by 1 mm, and hangs on an Inf in an sform it uses. nibabel reads the
+    header only (no pixels)."""
     try:
         kind = type(nib.load(str(path)).header)  # NIfTI-1 or -2; refuses what is neither
         assert issubclass(kind, nib.Nifti1Header)  # NIfTI suffixes load as NIfTI (Nifti2Header subclasses it)
         with ImageOpener(str(path)) as f:  # again, without nibabel's silent fixes (it too sets a zero pixdim to 1)
-            zooms = kind.from_fileobj(f, check=False).get_zooms()
+            raw = kind.from_fileobj(f, check=False)
+        zooms = raw.get_zooms()
+        # ITK's reader never returns from an sform with an Inf in it (found by tests/robustness/test_fuzz_headers)
+        transforms = {"sform (srow_x/y/z)": (int(raw["sform_code"]), [raw["srow_x"], raw["srow_y"], raw["srow_z"]]),
+                      "qform (quatern_b/c/d, qoffset_x/y/z)": (int(raw["qform_code"]), [
+                          raw[k] for k in ("quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y",
+                                           "qoffset_z")])}
     except ImageFileError:
         raise ImageReadError(f"{path}: unreadable image header: not a NIfTI-1/2 file (no NIfTI magic; Analyze 7.5 "
                              "is not supported)") from None
     except Exception as err:  # a hostile header can upset nibabel's parser in many ways; all mean "corrupt"
         raise ImageReadError(f"{path}: unreadable image header ({type(err).__name__}: {err})") from None
+    for name, (code, values) in transforms.items():
+        if code > 0 and not np.all(np.isfinite(np.asarray(values, dtype=np.float64))):
+            raise ImageReadError(f"{path}: NIfTI {name} holds NaN or Inf; the image's position in space is unknown")
     pixdim = [float(z) for z in zooms[:3]]
     if not all(np.isfinite(pixdim)) or 0.0 in pixdim:  # a negative one ITK and nibabel both read as its abs
         raise ImageReadError(f"{path}: NIfTI pixdim {pixdim} must be non-zero and finite (voxel spacing in mm)")
@@ -92,6 +127,52 @@ def check_metaimage_header(path: Path) -> None:
     raw = match.group(1).decode("latin-1")
     if not raw.isdigit() or not 1 <= int(raw) <= 16:
         raise ImageReadError(f"{path}: MetaImage header says NDims = {raw!r}; expected a dimension count (3)")
+
+
+#: NRRD axis kinds that are positions in space; other kinds (vector, RGB-color, list ...) are pixel components
+_NRRD_SPACE_KINDS = {"domain", "space", "time", "???", "none"}
+
+
+def check_nrrd_header(path: Path) -> None:
+    """ITK's NRRD reader gives an axis 1 mm where the header does not say its spacing: ``spacings: nan``, a
+    ``space directions`` vector that is ``none`` or NaN on a spatial axis, or neither field at all. Each spatial
+    axis must have a finite spacing here, so that a scan of unknown geometry is refused, not resampled wrongly."""
+    with open(path, "rb") as f:
+        head = f.read(65536)
+    end = head.find(b"\n\n")  # the header ends at the first blank line (detached headers: the file's end)
+    fields: dict[str, str] = {}
+    for line in head[: end if end >= 0 else len(head)].decode("latin-1").splitlines()[1:]:
+        key, sep, value = line.partition(":")
+        if sep and not line.startswith("#") and not value.startswith("="):  # "key:=value" is a key/value pair
+            fields[key.strip().lower()] = value.strip()
+    try:
+        dimension = int(fields.get("dimension", ""))
+    except ValueError:
+        return  # ITK says what is wrong with it
+    kinds = fields.get("kinds", "").split()
+    spatial = [i for i in range(dimension) if len(kinds) != dimension or kinds[i].lower() in _NRRD_SPACE_KINDS]
+    directions = re.findall(r"\(([^)]*)\)|(none)", fields.get("space directions", ""))
+    spacings = fields.get("spacings", "").split()
+    for axis in spatial:
+        if len(directions) == dimension:
+            vector, none = directions[axis]
+            values = [] if none else [_float(v) for v in vector.split(",")]
+            known = bool(values) and all(np.isfinite(values))  # a zero vector reads as spacing 0: refused later
+            what = f"space direction {'none' if none else '(' + vector + ')'}"
+        elif len(spacings) == dimension:
+            known, what = bool(np.isfinite(_float(spacings[axis]))), f"spacing {spacings[axis]}"
+        else:
+            known, what = False, "no 'space directions' or 'spacings' field"
+        if not known:
+            raise ImageReadError(f"{path}: NRRD axis {axis} has {what}: its voxel spacing is unknown (ITK would "
+                                 "assume 1 mm); the header must give every spatial axis a finite spacing")
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return float("nan")
 
 
 def check_data_size(path: Path, suffix: str, size: tuple[int, ...], pixel_id: int) -> None:

@@ -105,7 +105,7 @@ def plan_dataset(root: Path | str, cfg: Config, out: Path | str | None = None) -
     try:
         plan.save(out)
         with atomic_path(out.parent / "fingerprint.json") as tmp:
-            tmp.write_text(json.dumps(fingerprint, indent=2) + "\n")
+            tmp.write_text(json.dumps(fingerprint, indent=2) + "\n", encoding="utf-8")
         save_splits(make_splits(fingerprint["cases"], cfg.data.num_folds, split_seed(cfg)),
                     out.parent / "splits.json")
     except OSError as err:

@@ -18,6 +18,7 @@ Writes are atomic: a temp file in the target folder, then a rename.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import secrets
@@ -33,12 +34,15 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
 from medsup.data.filecheck import (
+    DiskFullError,
     ImageReadError,
     check_data_size,
     check_metaimage_header,
     check_nifti_header,
     check_nifti_written,
+    check_nrrd_header,
     check_source,
+    is_disk_full,
 )
 
 log = logging.getLogger(__name__)
@@ -281,6 +285,8 @@ def read_header(path: Path | str) -> Header:
         check_nifti_header(path)
     elif image_suffix(path) in (".mha", ".mhd"):
         check_metaimage_header(path)
+    elif image_suffix(path) in (".nrrd", ".nhdr"):
+        check_nrrd_header(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -376,6 +382,9 @@ def atomic_path(path: Path | str):  # type: ignore[no-untyped-def]
     """Yield a temp path beside ``path`` with the same suffix; rename it over ``path`` only on success.
 
     A crash, Ctrl-C or full disk leaves no partial ``path`` behind (the temp file is removed).
+
+    Raises:
+        DiskFullError: the write failed for want of space (an ``OSError``; see :func:`is_disk_full`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -392,9 +401,12 @@ def atomic_path(path: Path | str):  # type: ignore[no-untyped-def]
     try:
         yield Path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
+        full = not isinstance(err, DiskFullError) and is_disk_full(err, path.parent)  # before the temp file goes
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if full:
+            raise DiskFullError(errno.ENOSPC, f"{path}: write failed: no space left on the device ({err})") from None
         raise
 
 

@@ -84,7 +84,7 @@ class Plan(BaseModel):
 
         path = Path(path)
         with atomic_path(path) as tmp:
-            tmp.write_text(self.model_dump_json(indent=2) + "\n")
+            tmp.write_text(self.model_dump_json(indent=2) + "\n", encoding="utf-8")
         return path
 
     @classmethod
@@ -92,7 +92,7 @@ class Plan(BaseModel):
         """Read a ``plan.json``; a malformed file raises a ValueError naming it."""
         path = Path(path)
         try:
-            return cls.model_validate_json(path.read_text())
+            return cls.model_validate_json(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
             raise ValueError(f"{path}: not a valid medsup plan ({err})") from None
 

@@ -107,7 +107,7 @@ def save_splits(splits: list[Split], path: Path | str) -> Path:
     """Write ``splits.json`` atomically."""
     path = Path(path)
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(splits, indent=2) + "\n")
+        tmp.write_text(json.dumps(splits, indent=2) + "\n", encoding="utf-8")
     return path
 
 
@@ -115,7 +115,7 @@ def load_splits(path: Path | str) -> list[Split]:
     """Read ``splits.json``; a malformed file raises a ValueError naming it."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(data, list) or not all(isinstance(s, dict) and {"train", "val"} <= set(s) for s in data):
             raise ValueError("expected a list of {train, val} objects")
     except (OSError, ValueError) as err:

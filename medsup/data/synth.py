@@ -283,7 +283,7 @@ def _prepare(root: Path) -> set[Path]:
     if not meta.exists():
         return set()
     try:
-        ours = json.loads(meta.read_text()).get("synthetic", {}).get("generator") == GENERATOR
+        ours = json.loads(meta.read_text(encoding="utf-8")).get("synthetic", {}).get("generator") == GENERATOR
     except (json.JSONDecodeError, AttributeError, OSError):
         ours = False
     if not ours:

@@ -164,8 +164,8 @@ def read_early_exit(root: Path, metric: str) -> list[ExitResult]:
     out = []
     for report_path in sorted(Path(root).rglob("report.json")):
         try:
-            report = json.loads(report_path.read_text())
-            config = json.loads((_bundle_dir(Path(report["model"])) / "config.json").read_text())
+            report = json.loads(report_path.read_text(encoding="utf-8"))
+            config = json.loads((_bundle_dir(Path(report["model"])) / "config.json").read_text(encoding="utf-8"))
         except (OSError, ValueError, KeyError, TypeError) as err:
             log.warning("%s: skipped, its model's config cannot be read (%s)", report_path, err)
             continue
@@ -189,7 +189,7 @@ def _bundle_dir(model: Path) -> Path:
 
 def _eval_dice(summary_path: Path, cls: str) -> float | None:
     try:
-        classes = json.loads(summary_path.read_text())["classes"]
+        classes = json.loads(summary_path.read_text(encoding="utf-8"))["classes"]
     except (OSError, ValueError, KeyError):
         log.warning("%s: no evaluation summary; Dice left empty", summary_path)
         return None
@@ -360,9 +360,9 @@ def write_report(s: Summary, out_dir: Path, commands: Sequence[str]) -> dict[str
     paths = {"markdown": out_dir / MARKDOWN, "figure": out_dir / FIGURE, "numbers": out_dir / NUMBERS}
     ablation_figure(s, paths["figure"])
     with atomic_path(paths["numbers"]) as tmp:
-        tmp.write_text(json.dumps(_jsonable(asdict(s)), indent=2) + "\n")
+        tmp.write_text(json.dumps(_jsonable(asdict(s)), indent=2) + "\n", encoding="utf-8")
     with atomic_path(paths["markdown"]) as tmp:
-        tmp.write_text(render(s, FIGURE, commands))
+        tmp.write_text(render(s, FIGURE, commands), encoding="utf-8")
     log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
     return paths
 

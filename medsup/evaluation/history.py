@@ -34,7 +34,7 @@ def _finite_or_none(value: Any) -> Any:
 
 def _write(path: Path, rows: list[Any]) -> Path:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(_finite_or_none(rows), indent=1) + "\n")
+        tmp.write_text(json.dumps(_finite_or_none(rows), indent=1) + "\n", encoding="utf-8")
     return Path(path)
 
 
@@ -58,7 +58,7 @@ def read_validation(run_dir: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no per-case validation results (a run folder of this medsup version "
                                 "that validated at least once has it)")
-    rows = json.loads(path.read_text())
+    rows = json.loads(path.read_text(encoding="utf-8"))
     return [{**r, "dice": {k: (math.nan if v is None else float(v)) for k, v in r.get("dice", {}).items()}}
             for r in rows]
 
@@ -72,7 +72,7 @@ def read_history(run_dir: Path) -> list[dict[str, float]]:
     """
     path = Path(run_dir) / HISTORY
     if path.is_file():
-        rows: Any = json.loads(path.read_text())
+        rows: Any = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             raise ValueError(f"{path}: expected a JSON list of per-epoch objects")
         return [{k: (math.nan if v is None else float(v)) for k, v in r.items()} for r in rows]

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 from medsup.data.io import (
     IMAGE_SUFFIXES,
+    DiskFullError,
     ImageReadError,
     atomic_path,
     image_suffix,
@@ -69,12 +70,12 @@ class BatchReport:
 
     @property
     def failed(self) -> list[dict[str, Any]]:
-        """Cases that did not succeed."""
-        return [c for c in self.cases if c["status"] == "error"]
+        """Cases that did not succeed: failed, or not attempted because the batch stopped (full disk)."""
+        return [c for c in self.cases if c["status"] in ("error", "not_run")]
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready report."""
-        counts = {s: sum(1 for c in self.cases if c["status"] == s) for s in ("ok", "skipped", "error")}
+        counts = {s: sum(1 for c in self.cases if c["status"] == s) for s in ("ok", "skipped", "error", "not_run")}
         return {**self.header, "summary": counts, "cases": self.cases}
 
     def write(self, path: Path) -> None:
@@ -85,7 +86,7 @@ class BatchReport:
         """
         try:
             with atomic_path(path) as tmp:
-                tmp.write_text(json.dumps(self.as_dict(), indent=2, default=str) + "\n")
+                tmp.write_text(json.dumps(self.as_dict(), indent=2, default=str) + "\n", encoding="utf-8")
         except OSError as err:
             raise OSError(err.errno, f"{path}: cannot write the report ({err.strerror or err})") from None
 
@@ -101,7 +102,7 @@ def discover_inputs(spec: str | Path, recursive: bool = False) -> list[tuple[Pat
     """
     spec = Path(spec)
     if spec.is_file() and spec.suffix == ".txt":
-        lines = [ln.strip() for ln in spec.read_text().splitlines()]
+        lines = [ln.strip() for ln in spec.read_text(encoding="utf-8").splitlines()]
         listed = [(Path(ln), Path(ln).parent) for ln in lines if ln and not ln.startswith("#")]
         if not listed:
             raise FileNotFoundError(f"{spec}: the list names no images")
@@ -212,12 +213,23 @@ def run_batch(predictor: Predictor, jobs: list[CaseJob], report: BatchReport, re
             pending = pool.submit(predictor.prepare, todo[i + 1].input) if i + 1 < len(todo) else None
             if progress is not None:
                 progress.case_started(job.input)
-            entry = _one(predictor, job, current, progress.tiles if progress is not None else None)
+            entry, disk_full = _one(predictor, job, current, progress.tiles if progress is not None else None)
             report.cases.append(entry)
-            if report_path is not None:
-                report.write(report_path)
             if progress is not None:
                 progress.case_finished(entry)
+            if disk_full:  # every later output would fail too: stop rather than compute what cannot be kept
+                rest = todo[i + 1:]
+                for later in rest:
+                    report.cases.append({"input": str(later.input), "output": str(later.output), "status": "not_run",
+                                         "error": f"{later.input}: not attempted: the output disk is full"})
+                if pending is not None:
+                    pending.cancel()
+                log.error("the output disk is full: stopping the batch with %d case(s) not attempted; free space, "
+                          "then run the same command with --resume", len(rest))
+                _write_anyway(report, report_path)
+                return report
+            if report_path is not None:
+                report.write(report_path)
             if entry["status"] == "error" and fail_fast:
                 if pending is not None:
                     pending.cancel()
@@ -228,9 +240,21 @@ def run_batch(predictor: Predictor, jobs: list[CaseJob], report: BatchReport, re
     return report
 
 
+def _write_anyway(report: BatchReport, path: Path | None) -> None:
+    """Write the report of a batch stopped by a full disk, which the report may not fit on either."""
+    if path is None:
+        return
+    try:
+        report.write(path)
+    except OSError as err:
+        log.error("%s (the case list is still printed with --json)", err)
+
+
 def _one(predictor: Predictor, job: CaseJob, prepared: Future[Prepared],
-         on_tiles: TileHook | None = None) -> dict[str, Any]:
+         on_tiles: TileHook | None = None) -> tuple[dict[str, Any], bool]:
+    """Predict and write one case: its report entry, and whether it failed on a full output disk."""
     entry: dict[str, Any] = {"input": str(job.input), "output": str(job.output)}
+    disk_full = False
     started = time.perf_counter()
     try:
         case = prepared.result()
@@ -257,12 +281,13 @@ def _one(predictor: Predictor, job: CaseJob, prepared: Future[Prepared],
         log.error("%s", err)
     except OSError as err:  # a full disk, an unwritable OUT: expected too, and the message names the file
         entry.update({"status": "error", "error": f"{job.input}: {err}"})
+        disk_full = isinstance(err, DiskFullError)
         log.error("%s: %s", job.input, err)
     except Exception as err:  # anything else still must not stop the batch; keep the type for the report
         entry.update({"status": "error", "error": f"{job.input}: {type(err).__name__}: {err}"})
         log.exception("%s: unexpected failure", job.input)
     entry["seconds_total"] = round(time.perf_counter() - started, 4)
-    return entry
+    return entry, disk_full
 
 
 def _write_probabilities(predictor: Predictor, job: CaseJob, prediction: Any) -> dict[str, str]:

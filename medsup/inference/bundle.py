@@ -69,7 +69,7 @@ def load_bundle(path: Path | str) -> Bundle:
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise BundleError(f"{path.parent}: model bundle lacks {path.name}") from None
     except (OSError, json.JSONDecodeError) as err:
@@ -78,7 +78,7 @@ def _read_json(path: Path) -> Any:
 
 def _from_folder(folder: Path) -> Bundle:
     try:
-        cfg = from_json((folder / "config.json").read_text())
+        cfg = from_json((folder / "config.json").read_text(encoding="utf-8"))
         plan = Plan.load(folder / "plan.json")
         weights = load_checkpoint(folder / "weights.pt")["model"]
     except (OSError, ConfigError, CheckpointError, ValueError) as err:

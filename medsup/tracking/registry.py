@@ -413,7 +413,8 @@ def pull(uri: str, model_ref: str, out_dir: Path) -> Path:
         staged = out_dir.with_name(f".{out_dir.name}.pull-{os.getpid()}")
         shutil.rmtree(staged, ignore_errors=True)
         shutil.copytree(bundle, staged)
-        (staged / PULL_RECORD).write_text(json.dumps({**record, "pulled": _now_iso()}, indent=2) + "\n")
+        (staged / PULL_RECORD).write_text(json.dumps({**record, "pulled": _now_iso()}, indent=2) + "\n",
+                                          encoding="utf-8")
         # swap in whole: a failed copy never leaves a half-written bundle in out_dir
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -498,7 +499,8 @@ def _download(uri: str, resolved: _Resolved, cache: Path) -> Path:
         mlflow.artifacts.download_artifacts(artifact_uri=resolved.download_uri, dst_path=str(staging),
                                             tracking_uri=uri)
         _find_bundle(staging, resolved.ref)  # fail before publishing a download without a bundle
-        (staging / COMPLETE_MARK).write_text(json.dumps({"ref": resolved.ref, "source": resolved.download_uri}))
+        (staging / COMPLETE_MARK).write_text(json.dumps({"ref": resolved.ref, "source": resolved.download_uri}),
+                                             encoding="utf-8")
         try:
             staging.rename(dest)
         except OSError:  # another process published the same model first: use theirs
@@ -516,7 +518,7 @@ def _find_bundle(root: Path, ref: str) -> Path:
     """The bundle folder inside a downloaded pyfunc model: from the MLmodel file, else by its files."""
     mlmodel = root / "MLmodel"
     if mlmodel.is_file():
-        conf = yaml.safe_load(mlmodel.read_text()) or {}
+        conf = yaml.safe_load(mlmodel.read_text(encoding="utf-8")) or {}
         rel = (conf.get("flavors", {}).get("python_function", {}).get("artifacts", {})
                .get("bundle", {}).get("path"))
         if rel and all((root / rel / f).is_file() for f in BUNDLE_FILES):
@@ -529,7 +531,7 @@ def _find_bundle(root: Path, ref: str) -> Path:
 
 def _read_pull_record(folder: Path) -> dict[str, Any] | None:
     try:
-        data = json.loads((folder / PULL_RECORD).read_text())
+        data = json.loads((folder / PULL_RECORD).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
@@ -609,7 +611,7 @@ def _uri_key(uri: str) -> str:
 
 def _bundle_task(bundle_dir: Path) -> str:
     try:
-        return str(json.loads((bundle_dir / "config.json").read_text()).get("task", ""))
+        return str(json.loads((bundle_dir / "config.json").read_text(encoding="utf-8")).get("task", ""))
     except (OSError, ValueError, AttributeError):
         return ""
 

@@ -112,7 +112,7 @@ class MlflowServer:
         return self._proc is not None and self._proc.poll() is None
 
     def _log_tail(self, lines: int = 30) -> str:
-        text = self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
+        text = self.log_file.read_text(errors="replace", encoding="utf-8") if self.log_file.exists() else ""
         return "\n".join(text.splitlines()[-lines:])
 
 

@@ -41,7 +41,7 @@ COMPOSE = DOCKER / "compose.yaml"
 DOCKERFILES = sorted(DOCKER.glob("Dockerfile.*"))
 MEDSUP_IMAGES = [DOCKER / "Dockerfile.cpu", DOCKER / "Dockerfile.cuda"]
 BIN = Path(sys.executable).parent  # the venv's bin: console scripts and the dev extra's binaries
-PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
 JOBS = ("trainer", "trainer-gpu", "inference")
 
 
@@ -82,7 +82,7 @@ class Dockerfile:
 def parse_dockerfile(path: Path) -> Dockerfile:
     logical: list[str] = []
     pending = ""
-    for raw in path.read_text().splitlines():
+    for raw in path.read_text(encoding="utf-8").splitlines():
         line = raw.strip()
         if not line or line.startswith("#"):
             continue  # comments may sit between continuation lines too
@@ -156,7 +156,7 @@ def compose_binary() -> list[str] | None:
 
 def compose_env() -> dict[str, str]:
     """The environment compose sees: none of the file's variables set, so every default is used."""
-    names = set(re.findall(r"\$\{(\w+)", COMPOSE.read_text()))
+    names = set(re.findall(r"\$\{(\w+)", COMPOSE.read_text(encoding="utf-8")))
     return {k: v for k, v in os.environ.items() if k not in names}
 
 
@@ -169,7 +169,7 @@ def compose() -> dict[str, Any]:
                               capture_output=True, text=True, env=compose_env(), check=False, timeout=60)
         assert proc.returncode == 0, proc.stderr
         return dict(json.loads(proc.stdout))
-    raw = yaml.safe_load(COMPOSE.read_text())
+    raw = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
     return dict(interpolate({k: v for k, v in raw.items() if not k.startswith("x-")}, compose_env()))
 
 
@@ -340,7 +340,7 @@ def _dockerignored(rel: str, patterns: list[str]) -> bool:
 
 
 def test_copied_sources_exist_and_are_not_dockerignored() -> None:
-    patterns = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+    patterns = [line.strip() for line in (REPO / ".dockerignore").read_text(encoding="utf-8").splitlines()
                 if line.strip() and not line.startswith("#")]
     assert {".venv", ".git", "demo", "runs", "*.db"} <= set(patterns)
     for path in MEDSUP_IMAGES:

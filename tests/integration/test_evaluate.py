@@ -56,7 +56,7 @@ def test_evaluate_cli(folders: tuple[Path, Path], tmp_path: Path) -> None:
                                  "--out", str(out), "--json", "--set", "evaluate.nsd_tolerance_mm.lesion=3"])
     assert result.exit_code == 1, result.output  # a missing and a refused case: failures, after the others
     summary = json.loads(result.stdout)
-    assert summary == json.loads((out / "summary.json").read_text())
+    assert summary == json.loads((out / "summary.json").read_text(encoding="utf-8"))
     by_case = {c["case"]: c for c in summary["cases"]}
     assert summary["counts"] == {"cases": 4, "ok": 2, "missing": 1, "error": 1, "unmatched_predictions": 1}
     assert summary["unmatched_predictions"] == [str(pred_dir / "stray.nii.gz")]  # the probability map is skipped

@@ -125,7 +125,8 @@ def test_ablation_logs_every_arm_into_one_experiment(smoke: Smoke) -> None:
             assert (params["train.epochs"], params["train.iterations_per_epoch"]) == ("1", "3")  # one budget
             assert "val.dice.organ" in run.data.metrics and "train.grad_norm.encoder0" in run.data.metrics
     # one validation set for every arm: fold 0 of the same splits
-    val_sets = {tuple(json.loads((smoke.out / "runs" / name / "splits.json").read_text())[0]["val"]) for name in runs}
+    val_sets = {tuple(json.loads((smoke.out / "runs" / name / "splits.json").read_text(encoding="utf-8"))[0]["val"])
+                for name in runs}
     assert len(val_sets) == 1
     assert client.search_registered_models() == []  # the ablation registers nothing
 
@@ -135,20 +136,20 @@ def test_ablation_early_exit_outputs(smoke: Smoke) -> None:
     for scheme in SCHEMES:
         for level in EXIT_LEVELS:
             folder = smoke.out / "early_exit" / _arm(scheme, max(SIZES)) / f"exit{level}"
-            report = json.loads((folder / "report.json").read_text())
+            report = json.loads((folder / "report.json").read_text(encoding="utf-8"))
             assert report["settings"]["exit_level"] == level and report["summary"]["ok"] == 1
-            assert json.loads((folder / "evaluation" / "summary.json").read_text())["counts"]["ok"] == 1
+            assert json.loads((folder / "evaluation" / "summary.json").read_text(encoding="utf-8"))["counts"]["ok"] == 1
 
 
 @pytest.mark.slow
 def test_ablation_report_has_tables_figure_and_generated_conclusion(smoke: Smoke) -> None:
-    text = (smoke.docs / "ablation.md").read_text()
+    text = (smoke.docs / "ablation.md").read_text(encoding="utf-8")
     for heading in ("## Default scheme", "## 1. Convergence", "## 2. Low data", "## 3. Gradient flow",
                     "## 4. Early exit", "## Reproduce"):
         assert heading in text
     assert "![ablation](ablation.png)" in text
     assert (smoke.docs / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    numbers = json.loads((smoke.docs / "ablation.json").read_text())
+    numbers = json.loads((smoke.docs / "ablation.json").read_text(encoding="utf-8"))
     assert {(a["scheme"], a["n_train"]) for a in numbers["arms"]} == {(s, n) for s in SCHEMES for n in SIZES}
     assert {(e["scheme"], e["level"]) for e in numbers["early_exit"]} == {(s, k) for s in SCHEMES for k in EXIT_LEVELS}
     winner = numbers["default_scheme"]
@@ -171,7 +172,7 @@ def test_mlflow_run_entry_point_reuses_the_arms(smoke: Smoke) -> None:
     log = done.stdout + done.stderr
     assert log.count("trained already, kept") == len(SCHEMES) * len(SIZES)
     assert log.count("evaluated already, kept") == len(SCHEMES) * len(EXIT_LEVELS)
-    assert "## 1. Convergence" in (docs / "ablation.md").read_text()
+    assert "## 1. Convergence" in (docs / "ablation.md").read_text(encoding="utf-8")
     client = MlflowClient(smoke.uri)
     experiment = client.get_experiment_by_name("medsup-ablation")
     assert experiment is not None

@@ -121,7 +121,7 @@ class Postgres:
         proc = subprocess.run([str(self.bindir / args[0]), *args[1:]], cwd=self.root, env=env, timeout=timeout,
                               capture_output=True, encoding="utf-8", errors="replace", check=False, **kw)
         if proc.returncode != 0:
-            log = self.log_file.read_text(errors="replace")[-3000:] if self.log_file.exists() else ""
+            log = self.log_file.read_text(errors="replace", encoding="utf-8")[-3000:] if self.log_file.exists() else ""
             raise RuntimeError(f"{' '.join(args)} exited with {proc.returncode}:\n{proc.stdout}{proc.stderr}\n{log}")
         return proc
 
@@ -302,7 +302,8 @@ def test_train_through_outage_then_promote_and_infer(pg_server: PgServer, tiny_d
     def wait_for(what: str, cond: Callable[[], bool], timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
         while not cond():
-            assert proc.poll() is None, f"training ended while waiting for {what}:\n{log_file.read_text()}"
+            log_text = log_file.read_text(encoding="utf-8", errors="replace")
+            assert proc.poll() is None, f"training ended while waiting for {what}:\n{log_text}"
             assert time.monotonic() < deadline, f"timed out waiting for {what}"
             time.sleep(0.1)
 
@@ -311,7 +312,8 @@ def test_train_through_outage_then_promote_and_infer(pg_server: PgServer, tiny_d
         killed_at = epoch_done()
         pg_server.server.stop()  # SIGKILL to the server's process group, mid-training
         wait_for("an epoch during the outage", lambda: epoch_done() >= killed_at + 1)
-        wait_for("the trainer to notice the outage", lambda: "unreachable" in log_file.read_text(errors="replace"))
+        wait_for("the trainer to notice the outage",
+                 lambda: "unreachable" in log_file.read_text(encoding="utf-8", errors="replace"))
         # freeze the training while the server restarts (tens of seconds on a busy machine), so that the
         # outage ends before the training does, however slow either is: registering the model at the end
         # waits for the server only up to 300 s
@@ -329,7 +331,7 @@ def test_train_through_outage_then_promote_and_infer(pg_server: PgServer, tiny_d
         stderr.close()
         if not pg_server.server.running:  # leave the module's server up for the other tests
             pg_server.server.start(timeout_s=120)
-    log_text = log_file.read_text(errors="replace")
+    log_text = log_file.read_text(errors="replace", encoding="utf-8")
     assert proc.returncode == 0, log_text
     assert "unreachable" in log_text and "answers again" in log_text, "the outage was not noticed:\n" + log_text
     summary = json.loads(output[output.index("{"):])  # MLflow's "View run" lines may come first
@@ -353,7 +355,7 @@ def test_train_through_outage_then_promote_and_infer(pg_server: PgServer, tiny_d
     pred = tmp_path / "pred"
     _medsup("infer", "-i", str(tiny_data / "imagesTr"), "-o", str(pred), "--model", "models:/medsup-tiny@champion",
             "--tracking-uri", uri, "--device", "cpu")
-    report = json.loads((pred / "report.json").read_text())
+    report = json.loads((pred / "report.json").read_text(encoding="utf-8"))
     assert len(report["cases"]) == 4
     for case in report["cases"]:
         assert case["status"] == "ok", case

@@ -125,7 +125,7 @@ def test_resolve_bundle_gives_the_trained_weights(registered: Registered, ref: s
     assert _same_weights(folder, registered.bundle)
     assert resolve_bundle(registered.uri, ref, cache_dir=tmp_path / "cache") == folder  # cached
     model_root = folder.parents[1]  # <model>/artifacts/<bundle>
-    pins = (model_root / "requirements.txt").read_text()
+    pins = (model_root / "requirements.txt").read_text(encoding="utf-8")
     assert "torch==" in pins and "monai==" in pins and "pytorch-ignite==" in pins
     assert (model_root / "code" / "medsup" / "inference").is_dir()  # loads where medsup is not installed
 
@@ -163,17 +163,17 @@ def test_read_commands_do_not_create_a_store(tmp_path: Path) -> None:
 def test_pull_exports_and_refuses_foreign_folders(registered: Registered, tmp_path: Path) -> None:
     out = pull(registered.uri, "models:/medsup-tiny@champion", tmp_path / "pulled")
     assert _same_weights(out, registered.bundle)
-    record = json.loads((out / "medsup-pull.json").read_text())
+    record = json.loads((out / "medsup-pull.json").read_text(encoding="utf-8"))
     assert record["model_ref"] == "models:/medsup-tiny@champion" and record["version"] == 1
     assert pull(registered.uri, "models:/medsup-tiny/1", out) == out  # same logged model: refreshed
     with pytest.raises(ValueError, match="not an earlier pull"):
         pull(registered.uri, "models:/medsup-tiny/2", out)  # another logged model
     foreign = tmp_path / "foreign"
     foreign.mkdir()
-    (foreign / "notes.txt").write_text("mine")
+    (foreign / "notes.txt").write_text("mine", encoding="utf-8")
     with pytest.raises(ValueError, match="not empty"):
         pull(registered.uri, "models:/medsup-tiny/1", foreign)
-    assert (foreign / "notes.txt").read_text() == "mine"
+    assert (foreign / "notes.txt").read_text(encoding="utf-8") == "mine"
 
 
 def test_cli_list_promote_pull(registered: Registered, tmp_path: Path) -> None:
@@ -251,7 +251,7 @@ def test_mlflow_models_predict_cli(registered: Registered, tmp_path: Path) -> No
     missing = tmp_path / "in" / "missing.nii.gz"
     request = {"dataframe_split": {"columns": ["path"], "data": [[str(source)], [str(missing)]]},
                "params": {"output_dir": str(tmp_path / "out")}}
-    (tmp_path / "input.json").write_text(json.dumps(request))
+    (tmp_path / "input.json").write_text(json.dumps(request), encoding="utf-8")
     env = {**os.environ, "MLFLOW_TRACKING_URI": registered.uri, "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("PYTHONPATH", None)
     # `mlflow models predict`, with the checkout (where the editable install points) taken off sys.path
@@ -271,7 +271,7 @@ def test_mlflow_models_predict_cli(registered: Registered, tmp_path: Path) -> No
         cwd=tmp_path, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    predictions = json.loads((tmp_path / "predictions.json").read_text())["predictions"]
+    predictions = json.loads((tmp_path / "predictions.json").read_text(encoding="utf-8"))["predictions"]
     assert [p["status"] for p in predictions] == ["ok", "error"], predictions
     assert predictions[0]["input"] == str(source)
     assert Path(predictions[0]["output"]).is_file()

@@ -112,7 +112,7 @@ def test_check_reachable_silent_server_times_out() -> None:
 
 def test_sqlite_run_round_trip(tmp_path: Path) -> None:
     uri = sqlite_uri(tmp_path)
-    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "notes.txt").write_text("hello", encoding="utf-8")
     with RunTracker(uri, "medsup-test", "first-run", spool_dir=tmp_path / "spool") as tracker:
         run_id = tracker.run_id
         assert run_id is not None
@@ -140,7 +140,7 @@ def test_sqlite_run_round_trip(tmp_path: Path) -> None:
     assert math.isnan(client.get_metric_history(run_id, "diverged")[0].value)
     assert {a.path for a in client.list_artifacts(run_id)} == {"notes.txt", "plan"}
     plan_file = client.download_artifacts(run_id, "plan/plan.json", str(tmp_path / "dl"))
-    assert json.loads(Path(plan_file).read_text()) == {"spacing": [1.0, 1.0, 2.5]}
+    assert json.loads(Path(plan_file).read_text(encoding="utf-8")) == {"spacing": [1.0, 1.0, 2.5]}
     # artifacts stay beside the database, not in ./mlruns of whatever the working directory was
     assert (tmp_path / "mlartifacts").is_dir()
     # everything was confirmed: the spool and its files are gone
@@ -201,11 +201,11 @@ def test_replay_without_acks_does_not_duplicate(tmp_path: Path) -> None:
         tracker.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
     assert tracker.flush(timeout_s=30)
     (spool,) = spool_files(tmp_path / "spool", tracker.run_id)
-    lines = [ln for ln in spool.read_text().splitlines() if '"type": "ack"' not in ln]
+    lines = [ln for ln in spool.read_text(encoding="utf-8").splitlines() if '"type": "ack"' not in ln]
     tracker.finish()
     no_acks = tmp_path / "copy" / spool.name
     no_acks.parent.mkdir()
-    no_acks.write_text("\n".join(lines) + "\n")
+    no_acks.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
     assert replay_spool(no_acks, uri) == 0
     client = MlflowClient(tracking_uri=uri)
@@ -246,7 +246,7 @@ def test_disabled_tracker_does_nothing(tmp_path: Path) -> None:
 def test_http_round_trip(mlflow_server: str, tmp_path: Path) -> None:
     """Shared session server: run, params, metrics and a proxied artifact over HTTP."""
     check_reachable(mlflow_server)
-    (tmp_path / "model.txt").write_text("weights")
+    (tmp_path / "model.txt").write_text("weights", encoding="utf-8")
     with RunTracker(mlflow_server, "medsup-http", "over-http", spool_dir=tmp_path) as tracker:
         tracker.log_params({"train.lr": 0.02})
         for step in range(3):
@@ -264,7 +264,7 @@ def test_http_round_trip(mlflow_server: str, tmp_path: Path) -> None:
     assert run.data.params == {"train.lr": "0.02"}
     assert history(client, run_id, "loss") == [(0, 1.0), (1, 0.9), (2, 0.8)]
     local = client.download_artifacts(run_id, "model/model.txt", str(tmp_path / "dl"))
-    assert Path(local).read_text() == "weights"
+    assert Path(local).read_text(encoding="utf-8") == "weights"
 
 
 @pytest.mark.mlflow_server

@@ -66,9 +66,9 @@ def test_train_two_epochs_to_sqlite(tiny_data: Path, tmp_path: Path) -> None:
     for stage in ("encoder0", "encoder1", "encoder2", "decoder0", "decoder1", "head0", "head1", "total"):
         assert 0 < metrics[f"train.grad_norm.{stage}"] < math.inf, stage
     assert len(client.get_metric_history(result.run_id, "train.grad_norm.encoder0")) == 2
-    history = json.loads((result.output_dir / "history.json").read_text())
+    history = json.loads((result.output_dir / "history.json").read_text(encoding="utf-8"))
     assert [h["epoch"] for h in history] == [1, 2] and "train.grad_norm.encoder0" in history[0]
-    validation = json.loads((result.output_dir / "validation.json").read_text())
+    validation = json.loads((result.output_dir / "validation.json").read_text(encoding="utf-8"))
     assert len(validation) == 2 and all(Path(v["label"]).is_file() for v in validation)
     redrawn = CliRunner().invoke(app, ["figures", "--run", str(result.output_dir), "--cases", "--out",
                                        str(tmp_path / "redrawn"), "--device", "cpu"])
@@ -76,7 +76,7 @@ def test_train_two_epochs_to_sqlite(tiny_data: Path, tmp_path: Path) -> None:
     assert {p.name for p in (tmp_path / "redrawn").iterdir()} == figures
     bundle = result.bundle_dir
     assert {p.name for p in bundle.iterdir()} >= {"weights.pt", "config.json", "plan.json", "labels.json"}
-    assert json.loads((bundle / "labels.json").read_text())["2"] == "lesion"
+    assert json.loads((bundle / "labels.json").read_text(encoding="utf-8"))["2"] == "lesion"
 
 
 def test_none_scheme_logs_a_single_supervised_head(tiny_data: Path, tmp_path: Path) -> None:

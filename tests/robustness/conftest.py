@@ -18,6 +18,7 @@ u/io = unit/test_io, u/check = unit/test_check, i/infer = integration/test_infer
 | float label (non-integer values) | "non-integer values [0.5]" | B (check, train), u/check |
 | label values outside the task | "values [7] outside the task's [0, 1, 2]" | B, u/check |
 | zero / negative / NaN spacing | "pixdim ... non-zero and finite" (ITK read 1 mm), "spacing" | B, F |
+| NRRD spacing NaN, ``none`` or missing | "NRRD axis 0 has spacing nan ... unknown" (ITK read 1 mm) | B |
 | non-orthogonal direction cosines | "not orthonormal" / ITK's "orthonormal direction cosines" | B, F |
 | image/label geometry mismatch | "image X and label Y geometry differ: shape ..." | B, u/check |
 | empty folders | check exit 2 / 1, infer exit 2, train exit 1 without a run folder | B, u/check |
@@ -30,12 +31,15 @@ u/io = unit/test_io, u/check = unit/test_check, i/infer = integration/test_infer
 | output names escaping OUT | ``..`` in a list, ``--format``, a link in OUT: exit 2, nothing written | B |
 | two inputs, one output name | "would both write", exit 2 | B |
 | pickle-bomb checkpoint | refused by ``weights_only=True``: ``infer --model`` exit 2 | B; i/train (``--resume``) |
-| disk full (RLIMIT_FSIZE, EFBIG) | "write failed", no temp or truncated file; resume redoes it | R |
+| file-size limit (RLIMIT_FSIZE, EFBIG) | "write failed", no temp or truncated file; resume redoes it | R |
 | outputs unreadable to others | were 0600 (mkstemp); now 0666 less the umask | R |
 | SIGKILL during training, ``--resume`` | same run, every epoch once | i/train::test_resume_after_sigkill |
 | SIGTERM / SIGINT in batch inference, ``--resume`` | exit 143 / 130, no temp file, each case once | S |
 | mutated NIfTI / NRRD / MHA headers | only ImageReadError naming the file | F |
 | MHA ``NDims = 1e20`` (ITK hangs or segfaults) | "NDims = ...; expected a dimension count" | B, F |
+| NIfTI sform with an Inf (ITK's reader never returns) | "sform (srow_x/y/z) holds NaN or Inf" | B, F |
+| a read that hangs or crashes the process (any format) | fuzz example fails in its worker process, named | F |
+| disk really full (256 kB tmpfs) in batch inference | batch stops: 1 error, the rest "not_run", exit 1 | R |
 
 The model here is an untrained tiny bundle (the smoke preset's network, random weights, written with
 :func:`medsup.train.write_bundle`): these tests exercise reading, validation, writing and signals, not

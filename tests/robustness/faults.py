@@ -91,12 +91,29 @@ def _zero_pixdim(path: Path) -> None:
     path.write_bytes(data)
 
 
+def _inf_sform(path: Path) -> None:
+    data = _nifti_bytes()
+    data[254:256] = struct.pack("<h", 1)  # sform_code: the sform is used
+    data[300:304] = struct.pack("<f", float("inf"))  # srow_y[1]
+    path.write_bytes(data)
+
+
 def _text_header(pattern: bytes, replacement: bytes) -> Callable[[Path], None]:
     def write(path: Path) -> None:
         image, _ = good()
         write_volume(path, image, compress=False)
         raw = path.read_bytes()
         path.write_bytes(re.sub(pattern, replacement, raw, count=1))
+    return write
+
+
+def _nrrd_spacings(line: bytes) -> Callable[[Path], None]:
+    """A NRRD without world space: per-axis ``spacings`` (``line``; empty: none at all) instead of directions."""
+    def write(path: Path) -> None:
+        image, _ = good()
+        write_volume(path, image, compress=False)
+        raw = re.sub(rb"space(?: origin)?: [^\n]*\n", b"", path.read_bytes())
+        path.write_bytes(re.sub(rb"space directions: [^\n]*\n", line + b"\n" if line else b"", raw, count=1))
     return write
 
 
@@ -136,9 +153,18 @@ IMAGE_FAULTS = [
           "must be positive and finite"),
     Fault("zero_spacing_nrrd", ".nrrd", _text_header(rb"space directions: \([^)]*\)", b"space directions: (0,0,0)"),
           "must be positive and finite"),
+    # ITK's NRRD reader gives an axis of unknown spacing 1 mm: refused by medsup.data.filecheck
+    Fault("nan_spacings_nrrd", ".nrrd", _nrrd_spacings(b"spacings: nan 0.9 2.5"), "spacing nan"),
+    Fault("no_spacing_nrrd", ".nrrd", _nrrd_spacings(b""), "no 'space directions' or 'spacings' field"),
+    Fault("none_direction_nrrd", ".nrrd", _text_header(rb"space directions: \([^)]*\)", b"space directions: none"),
+          "space direction none"),
+    Fault("nan_direction_nrrd", ".nrrd", _text_header(rb"space directions: \([^)]*\)",
+                                                      b"space directions: (nan,nan,nan)"), "space direction (nan"),
     Fault("sheared", ".nii.gz", _sheared_nifti, "orthonormal direction cosines"),
     Fault("sheared_mha", ".mha", _text_header(rb"TransformMatrix = [^\n]*", b"TransformMatrix = 1 0 0 0.5 1 0 0 0 1"),
           "are not orthonormal"),
+    # found by the fuzz: ITK's NIfTI reader never returns from an sform with an Inf in it
+    Fault("inf_sform", ".nii", _inf_sform, "sform (srow_x/y/z) holds NaN or Inf"),
     # found by the fuzz: ITK's MetaImage reader hangs or segfaults on this
     Fault("ndims", ".mha", _text_header(rb"NDims = 3", b"NDims = 99999999999999999999"),
           "NDims = '99999999999999999999'"),
@@ -200,7 +226,7 @@ def address_space_limit(extra: int) -> Iterator[None]:
     Inside, any allocation of more than ``extra`` bytes (numpy, ITK's ``new[]``, nibabel's ``bytearray``) fails
     at once instead of being granted lazily by the kernel's overcommit, so "allocates nothing big" is testable.
     """
-    status = Path("/proc/self/status").read_text()
+    status = Path("/proc/self/status").read_text(encoding="utf-8")
     vm = int(re.search(r"VmSize:\s+(\d+) kB", status).group(1)) * 1024  # type: ignore[union-attr]
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     limit = vm + extra if hard == resource.RLIM_INFINITY else min(vm + extra, hard)

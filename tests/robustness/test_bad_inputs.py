@@ -109,7 +109,7 @@ def test_empty_folders(tmp_path: Path, bundle: Path) -> None:
     result = infer(empty, out, bundle)
     assert result.exit_code == 2 and f"{empty}: no images in this folder" in result.output
     listing = tmp_path / "cases.txt"
-    listing.write_text("# nothing yet\n\n")
+    listing.write_text("# nothing yet\n\n", encoding="utf-8")
     result = infer(listing, out, bundle)
     assert result.exit_code == 2 and f"{listing}: the list names no images" in result.output
     assert not out.exists()
@@ -171,7 +171,7 @@ def test_unreadable_files_and_folders(shared_dir: Path, bundle: Path) -> None:
 
 def test_dataset_json_paths_stay_inside_the_dataset(tmp_path: Path) -> None:
     root = write_msd(tmp_path / "ds", n=2)
-    meta = json.loads((root / "dataset.json").read_text())
+    meta = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
     meta["training"] += [
         {"image": "../../etc/passwd", "label": "./labelsTr/case0.nii.gz"},
         {"image": "./imagesTr/case1.nii.gz", "label": "/etc/passwd"},
@@ -179,7 +179,7 @@ def test_dataset_json_paths_stay_inside_the_dataset(tmp_path: Path) -> None:
         {"label": "./labelsTr/case0.nii.gz"},
     ]
     meta["test"] = [{"no_image": 1}]
-    (root / "dataset.json").write_text(json.dumps(meta))
+    (root / "dataset.json").write_text(json.dumps(meta), encoding="utf-8")
     result = cli("data", "check", root, "--task", "tiny", "--json")
     assert result.exit_code == 1, result.output
     text = " ".join(p["problem"] for p in _payload(result)["problems"])
@@ -188,7 +188,7 @@ def test_dataset_json_paths_stay_inside_the_dataset(tmp_path: Path) -> None:
                   "dataset.json entry lacks an 'image' path", "dataset.json test entry lacks an 'image' path"):
         assert words in text, words
 
-    (root / "dataset.json").write_text(json.dumps({"training": "imagesTr"}))
+    (root / "dataset.json").write_text(json.dumps({"training": "imagesTr"}), encoding="utf-8")
     result = cli("data", "check", root, "--task", "tiny")
     assert result.exit_code == 2 and "'training' must be a list, not str" in result.output
 
@@ -197,7 +197,7 @@ def test_output_names_cannot_escape_the_output_folder(tmp_path: Path, bundle: Pa
     inp, out = tmp_path / "in", tmp_path / "out"
     src = write_volume(inp / "case0.nii.gz", make_volume(0)[0])
     listing = tmp_path / "cases.txt"
-    listing.write_text(f"{src}\n..\n")
+    listing.write_text(f"{src}\n..\n", encoding="utf-8")
     result = infer(listing, out, bundle)
     assert result.exit_code == 2 and "..: cannot name an output after '..'" in result.output
     result = infer(src, out, bundle, "--format", "/../../../escaped.nii.gz")

@@ -4,7 +4,10 @@ Every read ends in one of two ways: a usable 3-D volume whose array agrees with 
 :class:`~medsup.data.io.ImageReadError` naming the file. Never ``MemoryError`` (the reads run under an
 address-space limit of the current size + 1 GiB, so a header that makes a reader allocate what it claims fails
 here), never a numpy / nibabel / SimpleITK exception escaping, never a near-hang (a read of these tiny files
-taking over 5 s fails the example; a read blocked for good would block the run, and CI's timeout names it).
+taking over 5 s fails the example), never a hang or a crash: the reads run in a worker process, so a read
+blocked for good in C (where no Python timeout reaches) or a segfault fails its example within
+:data:`HANG_S` seconds, naming the file, and hypothesis shrinks it like any other failure; the worker is then
+replaced.
 
 Before ``medsup.data.io`` checked headers itself, this found ``HeaderDataError: vox offset 128 too low for single
 file nifti1`` escaping ``read_image``, and a MetaImage ``NDims = 99999999999999999999`` on which ITK hangs or
@@ -19,9 +22,14 @@ spacings, directions, type and encoding).
 from __future__ import annotations
 
 import gzip
+import multiprocessing as mp
+import os
 import re
+import signal
 import struct
 import time
+from collections.abc import Callable, Iterator
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +42,7 @@ from tests.conftest import make_volume
 from tests.robustness.faults import address_space_limit
 
 SECONDS_PER_READ = 5.0  # a tiny file; anything slower is a (near) hang
+HANG_S = 30.0  # no answer from the worker by then: the read is blocked for good
 
 # NIfTI-1 fields readers trust: (offset, struct format)
 NIFTI_FIELDS = [(0, "<i"), *((40 + 2 * i, "<h") for i in range(8)), (70, "<h"), (72, "<h"),
@@ -117,8 +126,65 @@ def _check_one(path: Path) -> None:
     np.testing.assert_allclose(d.T @ d, np.eye(3), atol=1e-3)
 
 
+def _serve(conn: Connection, check: Callable[[Path], None]) -> None:
+    """Worker loop: ``check`` each path sent, answer ``None`` or what went wrong (under the address-space cap)."""
+    with address_space_limit(1 << 30):
+        while True:
+            path = conn.recv()
+            try:
+                check(Path(path))
+                conn.send(None)
+            except BaseException as err:
+                conn.send(f"{type(err).__name__}: {err}")
+
+
+class Reader:
+    """A worker process that runs ``check`` on each file, so that a read blocked for good or a crash fails one
+    example instead of the whole run. ``spawn``: the test process holds torch's threads, which a fork would copy
+    in a broken state; ``check`` must be a module-level function."""
+
+    def __init__(self, check: Callable[[Path], None] = _check_one, hang_s: float = HANG_S) -> None:
+        self._ctx = mp.get_context("spawn")
+        self._check, self._hang_s = check, hang_s
+        self._start()
+
+    def _start(self) -> None:
+        self._conn, child = self._ctx.Pipe()
+        self._proc = self._ctx.Process(target=_serve, args=(child, self._check), daemon=True, name="fuzz-reader")
+        self._proc.start()
+        child.close()
+
+    def check(self, path: Path) -> str | None:
+        """``None`` when ``check(path)`` passed; else its failure, a hang or a crash of the worker."""
+        self._conn.send(str(path))
+        try:
+            if self._conn.poll(self._hang_s):
+                return self._conn.recv()  # type: ignore[no-any-return]
+            failure = f"{path}: read blocked for over {self._hang_s:.0f} s (a hang)"
+        except EOFError:
+            self._proc.join(10)
+            failure = f"{path}: the reader process died (exit code {self._proc.exitcode}) reading it"
+        self.close()
+        self._start()
+        return failure
+
+    def close(self) -> None:
+        """Stop the worker."""
+        self._proc.kill()
+        self._proc.join(10)
+        self._conn.close()
+
+
+@pytest.fixture(scope="module")
+def reader() -> Iterator[Reader]:
+    """One worker for the module (starting one costs the imports of medsup.data.io, ~1 s)."""
+    worker = Reader()
+    yield worker
+    worker.close()
+
+
 @pytest.mark.parametrize("suffix", [".nii", ".nii.gz", ".nrrd", ".mha"])
-def test_mutated_headers_fail_cleanly(seeds: dict[str, bytes], suffix: str,
+def test_mutated_headers_fail_cleanly(seeds: dict[str, bytes], suffix: str, reader: Reader,
                                       tmp_path_factory: pytest.TempPathFactory) -> None:
     folder = tmp_path_factory.mktemp("fuzz")
     path = folder / f"fuzzed{suffix}"
@@ -128,7 +194,43 @@ def test_mutated_headers_fail_cleanly(seeds: dict[str, bytes], suffix: str,
     @given(blob=mutated(seeds, suffix))
     def run(blob: bytes) -> None:
         path.write_bytes(blob)
-        with address_space_limit(1 << 30):
-            _check_one(path)
+        failure = reader.check(path)
+        assert failure is None, failure
 
     run()
+
+
+def _open_raw(path: Path) -> None:
+    """No medsup checks: opening a FIFO for reading blocks in the kernel until a writer comes (none will)."""
+    with open(path, "rb") as f:
+        f.read(1)
+
+
+def _abort(path: Path) -> None:
+    os.abort()  # SIGABRT, as a crashing C++ reader would end
+
+
+def test_the_worker_turns_hangs_and_crashes_into_failures(tmp_path: Path) -> None:
+    """The guard itself, with a real block in C (``open`` of a FIFO) and a real crash (SIGABRT): each becomes a
+    failure naming the file within the hang limit, and the next file is checked by a fresh worker."""
+    fifo, plain = tmp_path / "blocks.nii.gz", tmp_path / "plain.bin"
+    os.mkfifo(fifo)
+    plain.write_bytes(b"x")
+    reader = Reader(check=_open_raw, hang_s=3.0)
+    try:
+        started = time.monotonic()
+        assert reader.check(fifo) == f"{fifo}: read blocked for over 3 s (a hang)"
+        assert time.monotonic() - started < 20
+        assert reader.check(plain) is None  # a fresh worker
+    finally:
+        reader.close()
+    crasher = Reader(check=_abort, hang_s=30.0)
+    try:
+        assert reader_failure_is_crash(crasher.check(plain), plain)
+    finally:
+        crasher.close()
+
+
+def reader_failure_is_crash(failure: str | None, path: Path) -> bool:
+    """The message a crash of the worker gives: it names the file and the signal."""
+    return failure == f"{path}: the reader process died (exit code -{signal.SIGABRT.value}) reading it"

@@ -75,7 +75,7 @@ def test_signal_in_the_middle_of_a_write(tmp_path: Path, bundle: Path, monkeypat
     assert Path(calls[1]).name.startswith(".case1.nii.gz.")  # it was the temp file that was cut short
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the batch's handler is gone again
     assert _assert_clean_outputs(out, inputs) == ["case0.nii.gz"]
-    assert _statuses(json.loads((out / "report.json").read_text())) == {"case0.nii.gz": "ok"}
+    assert _statuses(json.loads((out / "report.json").read_text(encoding="utf-8"))) == {"case0.nii.gz": "ok"}
 
     second = runner.invoke(app, [*args, "--resume", "--json"])
     assert second.exit_code == 0, second.output
@@ -88,7 +88,7 @@ def _wait_for_done(proc: subprocess.Popen[str], report: Path, timeout: float) ->
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         try:
-            payload = json.loads(report.read_text())
+            payload = json.loads(report.read_text(encoding="utf-8"))
             if payload["summary"]["ok"] >= 1:
                 return payload
         except (FileNotFoundError, json.JSONDecodeError, KeyError):
@@ -113,7 +113,7 @@ def test_sigterm_during_batch_inference_then_resume(tmp_path: Path, bundle: Path
     log, _ = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, log  # not -15: the handler ran and cleaned up
     assert "SIGTERM: stopping" in log and "Traceback" not in log, log
-    first = _statuses(json.loads((out / "report.json").read_text()))
+    first = _statuses(json.loads((out / "report.json").read_text(encoding="utf-8")))
     done = _assert_clean_outputs(out, inputs)
     assert 1 <= len(done) < len(inputs), f"SIGTERM came too late to test anything: {first}"
     # the report is rewritten after each case, so at most the case that finished as the signal came is missing

@@ -1,9 +1,10 @@
 """Resource faults: headers that claim huge volumes (nothing allocated), a full disk (clean error, no truncated or
 temp file left), and output files other users can read.
 
-A full disk is simulated with RLIMIT_FSIZE in a child process whose SIGXFSZ is ignored, so ``write()`` fails
-with EFBIG exactly where ENOSPC would (a tiny tmpfs would be closer, but mounting one needs root and
-CAP_SYS_ADMIN; a file-size limit works for any user).
+A file-size limit is set with RLIMIT_FSIZE in a child process whose SIGXFSZ is ignored, so ``write()`` fails
+with EFBIG exactly where ENOSPC would; it works for any user. A really full disk is a tiny tmpfs mounted in a
+private user and mount namespace (``unshare -rm``, no root needed where user namespaces are allowed); the test
+is skipped, saying why, where the kernel refuses that.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import gzip
 import json
 import os
 import resource
+import shutil
 import signal
 import struct
 import subprocess
@@ -107,7 +109,7 @@ for name in ("x.nii.gz", "x.nii", "x.nrrd", "x.mha"):
         errors[name] = str(err)
 try:
     with atomic_path(out / "report.json") as tmp:
-        tmp.write_text(json.dumps({"cases": ["x" * 100] * 200}))
+        tmp.write_text(json.dumps({"cases": ["x" * 100] * 200}), encoding="utf-8")
 except OSError as err:
     errors["report.json"] = str(err)
 print(json.dumps(errors))
@@ -146,7 +148,7 @@ def test_disk_full_during_batch_inference(tmp_path: Path, bundle: Path) -> None:
                           errors="replace", timeout=300, preexec_fn=lambda: _limited(64 << 10))
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert [c["status"] for c in report["cases"]] == ["error", "error"]
     for case in report["cases"]:
         name = Path(case["input"]).name.removesuffix(".nii.gz")
@@ -162,6 +164,46 @@ def test_disk_full_during_batch_inference(tmp_path: Path, bundle: Path) -> None:
             read_header(inp / f"case{i}.nii.gz").geometry, 1e-5) == []
 
 
+def _tmpfs_prefix(tmp_path: Path) -> list[str]:
+    """argv prefix that runs a command with a 256 kB tmpfs mounted on its first argument (in a private user and
+    mount namespace, gone with the process); skips the test where this kernel or sandbox refuses it."""
+    script = 'mount -t tmpfs -o size=256k medsup-full "$1" && shift && exec "$@"'
+    if shutil.which("unshare") is None:
+        pytest.skip("needs util-linux unshare to mount a small tmpfs (a really full disk)")
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    tried = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", str(probe), "true"], capture_output=True,
+                           text=True, timeout=60)
+    if tried.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs in a user namespace here: {tried.stderr.strip()}")
+    return ["unshare", "-rm", "sh", "-c", script, "sh"]
+
+
+@pytest.mark.slow
+def test_really_full_disk_stops_the_batch(tmp_path: Path, bundle: Path) -> None:
+    """A 256 kB tmpfs as OUT: the first case's softmax maps fill it; the batch stops there instead of computing
+    the cases it could not keep, reports them as not attempted, exits 1, and leaves no temp file behind."""
+    inp, out = tmp_path / "in", tmp_path / "out"
+    out.mkdir()
+    for i in range(3):
+        write_volume(inp / f"case{i}.nii.gz", make_volume(i, shape=(64, 60, 40))[0])
+    # what is left in OUT is listed by the same namespaced shell, before the tmpfs goes away with it
+    command = (f"{sys.executable} -m medsup infer -i {inp} -o {out} --model {bundle} --device cpu --probabilities "
+               f"--json; status=$?; echo left: $(ls -A {out}) >&2; exit $status")
+    proc = subprocess.run([*_tmpfs_prefix(tmp_path), str(out), "sh", "-c", command], cwd=REPO, capture_output=True,
+                          encoding="utf-8", errors="replace", timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    report = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert [c["status"] for c in report["cases"]] == ["error", "not_run", "not_run"], report["cases"]
+    assert report["summary"] == {"ok": 0, "skipped": 0, "error": 1, "not_run": 2}
+    assert "no space left on the device" in report["cases"][0]["error"], report["cases"][0]
+    assert all(c["error"].endswith("not attempted: the output disk is full") for c in report["cases"][1:])
+    assert "stopping the batch with 2 case(s) not attempted" in proc.stderr
+    left = next(line for line in proc.stderr.splitlines() if line.startswith("left:")).split()[1:]
+    assert all(not name.startswith(".") for name in left), left  # no temp file; the report, if it fit
+
+
 def test_outputs_are_readable_by_others(tmp_path: Path) -> None:
     """Atomic writes used mkstemp, whose 0600 survived the rename: predictions nobody else could read."""
     umask = os.umask(0o022)
@@ -169,7 +211,7 @@ def test_outputs_are_readable_by_others(tmp_path: Path) -> None:
         image, _ = make_volume(0)
         written = write_volume(tmp_path / "pred.nii.gz", image)
         with atomic_path(tmp_path / "report.json") as tmp:
-            tmp.write_text("{}")
+            tmp.write_text("{}", encoding="utf-8")
     finally:
         os.umask(umask)
     for path in (written, tmp_path / "report.json"):

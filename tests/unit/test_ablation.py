@@ -77,24 +77,24 @@ def test_write_report_and_early_exit(tmp_path: Path) -> None:
     bundle = tmp_path / "runs" / "arm" / "model"
     bundle.mkdir(parents=True)
     cfg = load("liver", ["loss.scheme=nnunet", "seed=1", "data.max_train_cases=20"])
-    (bundle / "config.json").write_text(cfg.to_json())
+    (bundle / "config.json").write_text(cfg.to_json(), encoding="utf-8")
     for level, seconds, dice in ((0, 2.0, 0.9), (1, 0.5, 0.8)):
         folder = tmp_path / "early" / "arm" / f"exit{level}"
         (folder / "evaluation").mkdir(parents=True)
         case = {"status": "ok", "seconds": {"network": seconds / 2}, "seconds_total": seconds}
         (folder / "report.json").write_text(json.dumps({"model": str(bundle.parent), "settings": {"exit_level": level},
-                                                        "cases": [case]}))
+                                                        "cases": [case]}), encoding="utf-8")
         (folder / "evaluation" / "summary.json").write_text(json.dumps(
-            {"classes": {"liver": {"dice": {"mean": dice}}, "tumour": {"dice": {"mean": 0.1}}}}))
+            {"classes": {"liver": {"dice": {"mean": dice}}, "tumour": {"dice": {"mean": 0.1}}}}), encoding="utf-8")
     exits = read_early_exit(tmp_path / "early", "val.dice.liver")
     assert [(e.scheme, e.seed, e.n_train, e.level, e.dice, e.total_s) for e in exits] == [
         ("nnunet", 1, 20, 0, 0.9, 2.0), ("nnunet", 1, 20, 1, 0.8, 0.5)]
     s = summarize(_runs(), "medsup-ablation", "liver", early_exit_dir=tmp_path / "early")
     paths = write_report(s, tmp_path / "docs", ["bash pipelines/ablation.sh"])
-    text = paths["markdown"].read_text()
+    text = paths["markdown"].read_text(encoding="utf-8")
     assert "| `nnunet` | 20 | 1 | 0.800 | 0.250 | 0.500 | 4.00x |" in text
     assert paths["figure"].read_bytes()[:4] == b"\x89PNG"
-    assert json.loads(paths["numbers"].read_text())["default_scheme"] == "nnunet"
+    assert json.loads(paths["numbers"].read_text(encoding="utf-8"))["default_scheme"] == "nnunet"
     assert sorted(p.name for p in (tmp_path / "docs").iterdir()) == ["ablation.json", "ablation.md", "ablation.png"]
 
 

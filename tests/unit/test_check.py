@@ -107,9 +107,9 @@ def test_folder_layout_and_pairing_rules(tmp_path: Path) -> None:
 def test_msd_channel_suffix_and_escaping_paths(tmp_path: Path) -> None:
     root = write_msd(tmp_path / "ds", n=2)
     shutil.move(root / "imagesTr/case0.nii.gz", root / "imagesTr/case0_0000.nii.gz")
-    meta = json.loads((root / "dataset.json").read_text())
+    meta = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
     meta["training"].append({"image": "../../etc/passwd", "label": "/etc/shadow"})
-    (root / "dataset.json").write_text(json.dumps(meta))
+    (root / "dataset.json").write_text(json.dumps(meta), encoding="utf-8")
     datalist = load_datalist(root)
     assert [c.image.name for c in datalist.labelled] == ["case0_0000.nii.gz", "case1.nii.gz"]
     text = " ".join(p.message for p in datalist.problems)
@@ -122,7 +122,7 @@ def test_missing_or_empty_dataset(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"no dataset\.json"):
         check_dataset(tmp_path / "empty", load("tiny"))
-    (tmp_path / "empty" / "dataset.json").write_text("{not json")
+    (tmp_path / "empty" / "dataset.json").write_text("{not json", encoding="utf-8")
     with pytest.raises(ValueError, match="not valid JSON"):
         check_dataset(tmp_path / "empty", load("tiny"))
 

@@ -10,7 +10,7 @@ from medsup.tasks import TASKS, get_task
 
 def test_defaults_yaml_documents_every_field() -> None:
     """defaults.yaml and the typed model hold exactly the same keys, each commented."""
-    text = (config.config_dir() / "defaults.yaml").read_text()
+    text = (config.config_dir() / "defaults.yaml").read_text(encoding="utf-8")
     tree = yaml.safe_load(text)
     assert set(config.flatten(tree)) == set(config.Config().flat())
     for line in text.splitlines():

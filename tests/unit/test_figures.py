@@ -71,7 +71,7 @@ def test_curve_figures_skip_grad_norms_when_not_recorded(tmp_path: Path) -> None
 def test_history_and_validation_json_round_trip(tmp_path: Path) -> None:
     h = history(2)
     write_history(tmp_path / "history.json", h)
-    assert "NaN" not in (tmp_path / "history.json").read_text()  # strict JSON
+    assert "NaN" not in (tmp_path / "history.json").read_text(encoding="utf-8")  # strict JSON
     back = read_history(tmp_path)
     assert math.isnan(back[0]["val.dice.lesion"]) and back[1] == h[1]
     rows = [{"case": "a", "image": "a.nii.gz", "label": "la.nii.gz", "dice": {"organ": 0.9, "lesion": math.nan}},

@@ -73,7 +73,7 @@ def test_plan_on_dataset_writes_plan_fingerprint_splits(msd_dataset: Path, tmp_p
     assert plan.num_classes == 3 and plan.num_cases == 3
     # foreground HU: organ at ~100 with a lesion at ~60, from the conftest phantom
     assert 40 < plan.normalization.mean < 110 and plan.normalization.clip_low < plan.normalization.clip_high
-    fingerprint = json.loads((tmp_path / "out" / "fingerprint.json").read_text())
+    fingerprint = json.loads((tmp_path / "out" / "fingerprint.json").read_text(encoding="utf-8"))
     assert fingerprint["hash"] == plan.fingerprint_hash == fingerprint_dataset(msd_dataset, cfg)["hash"]
     splits = load_splits(tmp_path / "out" / "splits.json")
     assert len(splits) == 2 and sorted(splits[0]["val"] + splits[1]["val"]) == ["case0", "case1", "case2"]

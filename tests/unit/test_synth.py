@@ -25,7 +25,7 @@ def tiny_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_layout_and_dataset_json(tiny_set: Path) -> None:
-    meta = json.loads((tiny_set / "dataset.json").read_text())
+    meta = json.loads((tiny_set / "dataset.json").read_text(encoding="utf-8"))
     assert meta["tensorImageSize"] == "3D"
     assert meta["modality"] == {"0": "CT"}
     assert meta["labels"] == {"0": "background", "1": "organ", "2": "lesion"}
@@ -43,7 +43,7 @@ def test_layout_and_dataset_json(tiny_set: Path) -> None:
 
 
 def test_labels_geometry_and_dtypes(tiny_set: Path) -> None:
-    meta = json.loads((tiny_set / "dataset.json").read_text())
+    meta = json.loads((tiny_set / "dataset.json").read_text(encoding="utf-8"))
     orientations, spacings = set(), set()
     for entry in meta["training"]:
         image, label = _load(tiny_set, entry["image"]), _load(tiny_set, entry["label"])
@@ -65,7 +65,7 @@ def test_labels_geometry_and_dtypes(tiny_set: Path) -> None:
 
 def test_lesion_centres_land_on_lesion_labels(tiny_set: Path) -> None:
     """dataset.json's lesion centres (world mm) map, through each file's geometry, onto label 2."""
-    meta = json.loads((tiny_set / "dataset.json").read_text())
+    meta = json.loads((tiny_set / "dataset.json").read_text(encoding="utf-8"))
     checked = 0
     for entry in meta["training"]:
         cid = Path(entry["label"]).name.removesuffix(".nii.gz")
@@ -162,7 +162,7 @@ def test_rewrite_replaces_previous_synthetic_dataset(tmp_path: Path) -> None:
     synthesize("tiny", 2, root, seed=0, test_cases=0)
     assert sorted(p.name for p in (root / "imagesTr").iterdir()) == ["tiny_000.nii.gz", "tiny_001.nii.gz"]
     assert list((root / "imagesTs").iterdir()) == []
-    assert json.loads((root / "dataset.json").read_text())["numTraining"] == 2
+    assert json.loads((root / "dataset.json").read_text(encoding="utf-8"))["numTraining"] == 2
 
 
 def test_errors(tmp_path: Path) -> None:
@@ -174,10 +174,10 @@ def test_errors(tmp_path: Path) -> None:
         synthesize("tiny", 1, tmp_path / "x", test_cases=-1)
     foreign = tmp_path / "real"
     foreign.mkdir()
-    (foreign / "dataset.json").write_text(json.dumps({"name": "Task03_Liver"}))
+    (foreign / "dataset.json").write_text(json.dumps({"name": "Task03_Liver"}), encoding="utf-8")
     with pytest.raises(FileExistsError, match="not written by"):
         synthesize("tiny", 1, foreign)
-    assert json.loads((foreign / "dataset.json").read_text()) == {"name": "Task03_Liver"}
+    assert json.loads((foreign / "dataset.json").read_text(encoding="utf-8")) == {"name": "Task03_Liver"}
 
 
 def test_painting_agrees_with_point_queries_on_a_rotated_grid() -> None:
