@@ -18,16 +18,16 @@
 #   SCHEMES      loss.scheme values                 "none nnunet dsn"
 #   SEEDS        training seeds                     "0 1 2"         (smoke: "0")
 #   SIZES        training-set sizes (n_train)       "2 5 20"        (smoke: "1 2")
-#   VAL_CASES    validation cases (shared by all)   5               (smoke: 2)
+#   VAL_CASES    validation cases (shared by all)   3               (smoke: 2)
 #   TEST_CASES   labelled test cases (early exit)   5               (smoke: 1)
-#   EPOCHS       epochs per arm                     40              (smoke: 1)
+#   EPOCHS       epochs per arm                     30              (smoke: 1)
 #   ITERATIONS   iterations per epoch               20              (smoke: 3)
 #   EXIT_LEVELS  heads to exit from (0 = full)      "0 1 2"         (smoke: "0 1")
-#   PRESET       config preset                      quick           (smoke: smoke)
+#   PRESET       config preset                      ablation        (smoke: smoke)
 #   SET          extra config overrides, space-separated a.b=c, applied to every arm
 #   EXPERIMENT   MLflow experiment                  medsup-ablation
 #   OUT          data, run folders, early-exit outputs; the MLflow store unless MLFLOW_TRACKING_URI is set
-#                runs/pipelines/ablation        (smoke: runs/pipelines/ablation-smoke)
+#                runs/pipelines/ablation-TASK   (smoke: runs/pipelines/ablation-smoke)
 #   DOCS         where ablation.md goes             docs/           (smoke: OUT/docs)
 #   SMOKE=1      the whole chain in minutes, with meaningless numbers
 # An arm whose run folder already holds a model is not trained again, nor an evaluated early exit redone:
@@ -39,7 +39,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 if [ "${SMOKE:-0}" = 1 ]; then
     d=(tiny "0" "1 2" 2 1 1 3 "0 1" smoke "-smoke")
 else
-    d=(liver "0 1 2" "2 5 20" 5 5 40 20 "0 1 2" quick "")
+    d=(liver "0 1 2" "2 5 20" 3 5 30 20 "0 1 2" ablation "")
 fi
 TASK="${TASK:-${d[0]}}"
 SCHEMES="${SCHEMES:-none nnunet dsn}"
@@ -52,7 +52,7 @@ ITERATIONS="${ITERATIONS:-${d[6]}}"
 EXIT_LEVELS="${EXIT_LEVELS:-${d[7]}}"
 PRESET="${PRESET:-${d[8]}}"
 EXPERIMENT="${EXPERIMENT:-medsup-ablation}"
-OUT="${OUT:-$ROOT/runs/pipelines/ablation${d[9]}}"
+OUT="${OUT:-$ROOT/runs/pipelines/ablation${d[9]:--$TASK}}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 if [ "${SMOKE:-0}" = 1 ]; then DOCS="${DOCS:-$OUT/docs}"; else DOCS="${DOCS:-$ROOT/docs}"; fi
@@ -75,9 +75,10 @@ common=(--set data.num_folds="$folds" --set data.fold=0 --set data.split_seed=0
     --set train.early_stop_patience=0 --set tracking.register_best=false)
 for kv in ${SET:-}; do common+=(--set "$kv"); done
 
-for scheme in $SCHEMES; do
-    for seed in $SEEDS; do
-        for n in $SIZES; do
+# seed, then size, then scheme: a stopped ablation has every scheme of the (seed, size) pairs it finished
+for seed in $SEEDS; do
+    for n in $SIZES; do
+        for scheme in $SCHEMES; do
             name="ablation-$TASK-$scheme-seed$seed-n$n"
             if [ -f "$OUT/runs/$name/model/weights.pt" ]; then
                 step "$name: trained already, kept"

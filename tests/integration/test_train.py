@@ -37,7 +37,7 @@ def _metric_keys(client: MlflowClient, run_id: str) -> set[str]:
 
 def test_train_two_epochs_to_sqlite(tiny_data: Path, tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = load("tiny", presets=["smoke"])
+    cfg = load("tiny", presets=["smoke"], overrides=["train.figures=true"])
     result = run_training(cfg, tiny_data, output=tmp_path / "run", tracking_uri=uri, run_name="smoke-test")
     assert result.epochs_done == 2 and result.run_id
     client = MlflowClient(uri)
