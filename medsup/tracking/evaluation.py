@@ -18,8 +18,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from medsup.tracking.batching import MAX_METRICS_PER_BATCH, sanitize_key
-from medsup.tracking.registry import call_store
-from medsup.tracking.uri import TrackingUnavailable, prepare_store, sqlite_path
+from medsup.tracking.uri import TrackingUnavailable, call_store, prepare_store, sqlite_path
 
 log = logging.getLogger(__name__)
 

@@ -11,11 +11,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from mlflow.entities import Run, ViewType
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from medsup.tracking.batching import is_permanent
-from medsup.tracking.uri import TrackingUnavailable, prepare_store, sqlite_path
+from medsup.tracking.uri import call_store, prepare_store, sqlite_path
 
 log = logging.getLogger(__name__)
 
@@ -53,34 +51,34 @@ def experiment_runs(uri: str, experiment: str, history_prefixes: Sequence[str] =
     if db is not None and not db.is_file():  # reading never creates an empty store
         raise ValueError(f"no MLflow store at {uri} ({db} does not exist)")
     client = MlflowClient(tracking_uri=uri)
-    try:
-        exp = client.get_experiment_by_name(experiment)
-        if exp is None:
-            raise ValueError(f"no experiment {experiment!r} at {uri}")
-        runs: list[Run] = []
-        token: str | None = None
-        while True:
-            page = client.search_runs([exp.experiment_id], run_view_type=ViewType.ACTIVE_ONLY, max_results=PAGE,
-                                      order_by=["attributes.start_time ASC"], page_token=token)
-            runs.extend(page)
-            token = page.token
-            if not token:
-                break
-        records = []
-        for run in runs:
-            record = RunRecord(run.info.run_id, run.info.run_name or "", run.info.status, run.info.start_time or 0,
-                               dict(run.data.params), dict(run.data.tags), dict(run.data.metrics))
-            for key in sorted(run.data.metrics):
-                if any(key.startswith(p) for p in history_prefixes):
-                    points = {m.step: (m.timestamp, m.value) for m in
-                              sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.timestamp)}
-                    record.history[key] = sorted((step, value) for step, (_, value) in points.items())
-            records.append(record)
-    except MlflowException as err:
-        if is_permanent(err) or err.error_code == "NOT_FOUND":
-            raise ValueError(f"{uri}: cannot read experiment {experiment!r}: {err}") from err
-        raise TrackingUnavailable(f"{uri}: cannot read experiment {experiment!r}: {err}") from err
-    except OSError as err:
-        raise TrackingUnavailable(f"{uri}: cannot read experiment {experiment!r}: {err}") from err
+    exp = call_store(uri, f"read experiment {experiment!r}", lambda: client.get_experiment_by_name(experiment))
+    if exp is None:
+        raise ValueError(f"no experiment {experiment!r} at {uri}")
+    records = call_store(uri, f"read experiment {experiment!r}",
+                         lambda: _records(client, exp.experiment_id, history_prefixes))
     log.info("read %d runs of experiment %r from %s", len(records), experiment, uri)
+    return records
+
+
+def _records(client: MlflowClient, experiment_id: str, history_prefixes: Sequence[str]) -> list[RunRecord]:
+    """Every active run of the experiment, oldest first, page by page, with the histories asked for."""
+    runs: list[Run] = []
+    token: str | None = None
+    while True:
+        page = client.search_runs([experiment_id], run_view_type=ViewType.ACTIVE_ONLY, max_results=PAGE,
+                                  order_by=["attributes.start_time ASC"], page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            break
+    records = []
+    for run in runs:
+        record = RunRecord(run.info.run_id, run.info.run_name or "", run.info.status, run.info.start_time or 0,
+                           dict(run.data.params), dict(run.data.tags), dict(run.data.metrics))
+        for key in sorted(run.data.metrics):
+            if any(key.startswith(p) for p in history_prefixes):
+                points = {m.step: (m.timestamp, m.value) for m in
+                          sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.timestamp)}
+                record.history[key] = sorted((step, value) for step, (_, value) in points.items())
+        records.append(record)
     return records

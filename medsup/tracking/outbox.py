@@ -23,6 +23,7 @@ from medsup.tracking.batching import (
     surely_not_sent,
 )
 from medsup.tracking.spool import Spool
+from medsup.tracking.uri import short_error
 
 log = logging.getLogger(__name__)
 
@@ -221,12 +222,9 @@ class Outbox:
         if self._down_since is None:
             self._down_since = time.monotonic()
             log.warning("MLflow store unreachable (%s); training continues, %d record(s) of run %s kept in "
-                        "memory and in %s, retrying with backoff", _short(error), len(self._pending),
+                        "memory and in %s, retrying with backoff", short_error(error), len(self._pending),
                         self.run_id, self.spool.path)
         else:
-            log.debug("MLflow store still unreachable (%s); next try in %.0f s", _short(error), delay)
+            log.debug("MLflow store still unreachable (%s); next try in %.0f s", short_error(error), delay)
 
 
-def _short(err: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(err).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."

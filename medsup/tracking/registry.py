@@ -53,7 +53,15 @@ from mlflow.tracking import MlflowClient
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
 from medsup.tracking.batching import is_permanent
-from medsup.tracking.uri import TrackingUnavailable, is_http, prepare_store, sqlite_path
+from medsup.tracking.uri import (
+    TrackingUnavailable,
+    call_store,
+    is_http,
+    prepare_store,
+    short_error,
+    sqlite_path,
+    store_error,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -146,7 +154,7 @@ def log_bundle_model(uri: str, run_id: str, bundle_dir: Path) -> str:
         except MlflowException as err:
             if is_permanent(err):
                 raise ValueError(f"MLflow refused to log {bundle_dir} to run {run_id}: {err}") from err
-            raise TrackingUnavailable(f"{uri}: logging the model of run {run_id} failed: {_short(err)}") from err
+            raise TrackingUnavailable(f"{uri}: logging the model of run {run_id} failed: {short_error(err)}") from err
     log.info("logged %s to run %s as %s in %.1f s", bundle_dir, run_id, info.model_uri,
              time.perf_counter() - started)
     return str(info.model_uri)
@@ -176,7 +184,7 @@ def register(uri: str, run_id: str, task: str, model_uri: str, val_dice: float |
         client.create_registered_model(name, description=f"medsup {task} segmentation bundles")
     except MlflowException as err:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":  # else: a later version of a known model
-            raise _as_error(uri, f"create {name}", err) from err
+            raise store_error(uri, f"create {name}", err) from err
     tags = {"run_id": run_id, "task": task}
     if val_dice is not None:
         tags["val_dice"] = repr(float(val_dice))
@@ -207,7 +215,7 @@ def with_patience(action: Callable[[], T], patience_s: float, what: str, max_bac
         except TrackingUnavailable as err:
             if time.monotonic() + delay > deadline:
                 raise
-            log.warning("could not %s (%s); retrying in %.0f s", what, _short(err), delay)
+            log.warning("could not %s (%s); retrying in %.0f s", what, short_error(err), delay)
             time.sleep(delay)
             delay = min(delay * 2, max_backoff_s)
 
@@ -508,7 +516,7 @@ def _download(uri: str, resolved: _Resolved, cache: Path) -> Path:
                 raise
     except MlflowException as err:
         raise TrackingUnavailable(f"{uri}: downloading {resolved.ref} from {resolved.download_uri} failed: "
-                                  f"{_short(err)}") from err
+                                  f"{short_error(err)}") from err
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return _find_bundle(dest, resolved.ref)
@@ -557,21 +565,6 @@ def _client(uri: str, must_exist: bool = False) -> MlflowClient:
     if must_exist and db is not None and not db.is_file():
         raise ValueError(f"no MLflow store at {uri} ({db} does not exist)")
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-def call_store(uri: str, what: str, fn: Callable[[], T], missing: str | None = None) -> T:
-    """Run one MLflow call: a refusal is a ValueError (``missing`` when given), anything else unavailability."""
-    try:
-        return fn()
-    except (MlflowException, OSError) as err:
-        raise _as_error(uri, what, err, missing) from err
-
-
-def _as_error(uri: str, what: str, err: Exception, missing: str | None = None) -> Exception:
-    """A refusal by the store (bad name, not found) as ValueError, anything else as TrackingUnavailable."""
-    if isinstance(err, MlflowException) and (is_permanent(err) or err.error_code == "NOT_FOUND"):
-        return ValueError(missing or f"{uri}: cannot {what}: {_short(err)}")
-    return TrackingUnavailable(f"{uri}: cannot {what}: {_short(err)}")
 
 
 @contextlib.contextmanager
@@ -627,6 +620,3 @@ def _now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _short(err: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(err).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -33,7 +33,7 @@ from mlflow.tracking import MlflowClient
 from medsup.tracking.batching import MAX_PARAM_LENGTH, MAX_TAG_LENGTH, Item, is_permanent, sanitize_key, truncate
 from medsup.tracking.outbox import Outbox
 from medsup.tracking.spool import Spool, read_spool, replay_spool, spool_files
-from medsup.tracking.uri import TrackingUnavailable, prepare_store, sqlite_path
+from medsup.tracking.uri import TrackingUnavailable, prepare_store, short_error, sqlite_path
 
 log = logging.getLogger(__name__)
 
@@ -357,7 +357,7 @@ def run_output_dir(uri: str, run_id: str) -> Path:
     except Exception as err:
         if is_permanent(err):
             raise ValueError(f"no run {run_id} at {uri}") from err
-        raise TrackingUnavailable(f"{uri}: cannot look up run {run_id}: {_short(err)}") from err
+        raise TrackingUnavailable(f"{uri}: cannot look up run {run_id}: {short_error(err)}") from err
     folder = run.data.tags.get(OUTPUT_DIR_TAG)
     if not folder:
         raise ValueError(f"run {run_id} at {uri} has no {OUTPUT_DIR_TAG} tag")
@@ -368,9 +368,6 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def _short(err: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(err).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _context_tags() -> dict[str, str]:

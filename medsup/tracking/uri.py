@@ -19,7 +19,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlparse
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,9 @@ HTTP_DEFAULTS: dict[str, str] = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
 }
+
+
+T = TypeVar("T")
 
 
 class TrackingUnavailable(RuntimeError):  # noqa: N818 (name fixed by the training loop's API)
@@ -148,10 +153,34 @@ def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
         raise TrackingUnavailable(f"{uri}: no answer within {timeout_s:g} s (is the tracking server running?)")
     failure = outcome[0]
     if failure is not None:
-        raise TrackingUnavailable(f"{uri}: tracking server not usable: {_short(failure)}") from failure
+        raise TrackingUnavailable(f"{uri}: tracking server not usable: {short_error(failure)}") from failure
     log.debug("tracking store %s answers", uri)
 
 
-def _short(err: BaseException, limit: int = 400) -> str:
+def short_error(err: BaseException, limit: int = 300) -> str:
+    """``err`` on one line, at most ``limit`` characters (MLflow's errors carry whole HTTP bodies)."""
     text = " ".join(str(err).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def call_store(uri: str, what: str, fn: Callable[[], T], missing: str | None = None) -> T:
+    """Run one MLflow call: a refusal is a ValueError (``missing`` when given), anything else unavailability
+    (see :func:`store_error`)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return fn()
+    except (MlflowException, OSError) as err:
+        raise store_error(uri, what, err, missing) from err
+
+
+def store_error(uri: str, what: str, err: Exception, missing: str | None = None) -> Exception:
+    """A refusal by the store (bad name, not found) as ValueError, anything else as TrackingUnavailable; the
+    message names ``uri`` and ``what`` was being done."""
+    from mlflow.exceptions import MlflowException
+
+    from medsup.tracking.batching import is_permanent
+
+    if isinstance(err, MlflowException) and (is_permanent(err) or err.error_code == "NOT_FOUND"):
+        return ValueError(missing or f"{uri}: cannot {what}: {short_error(err)}")
+    return TrackingUnavailable(f"{uri}: cannot {what}: {short_error(err)}")
