@@ -62,7 +62,7 @@ def test_folder_outputs_on_exact_input_grid(trained: tuple[Path, Path], tmp_path
         assert case["volumes_ml"]["organ"] > 0
     assert np.mean(dices) > 0.6, dices
     saved = json.loads((tmp_path / "out" / "report.json").read_text(encoding="utf-8"))
-    assert saved["summary"] == {"ok": 4, "skipped": 0, "error": 0}
+    assert saved["summary"] == {"ok": 4, "skipped": 0, "error": 0, "not_run": 0}
     assert saved["bundle"]["task"] == "tiny" and saved["device"] == "cpu"
 
 
