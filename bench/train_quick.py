@@ -9,7 +9,8 @@ folder) and this tree one after the other, in alternating order, with the same d
 overrides (validation and registration off), each a fresh process as a user runs it. Every epoch but the
 first (which fills the preprocessing cache) is read from the log line ``epoch i/n: ..., X s``. Prints the
 median seconds per iteration of each tree, the samples/s, and the ratio baseline / current (> 1: this tree
-trains faster), with the spread over repeats. ``--current-set`` adds overrides for this tree only (to
+trains faster), with the spread over repeats, and each process's whole wall time (start-up, caching, the
+untimed first epoch and the end included). ``--current-set`` adds overrides for this tree only (to
 compare one setting against the baseline).
 """
 
@@ -23,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 log = logging.getLogger("bench.train_quick")
@@ -30,8 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+): .*, ([\d.]+) s$")
 
 
-def train_seconds(tree: Path, args: argparse.Namespace, extra: list[str], out: Path) -> list[float]:
-    """Seconds of each epoch after the first, from one ``medsup train`` run of the code in ``tree``."""
+def train_seconds(tree: Path, args: argparse.Namespace, extra: list[str], out: Path) -> tuple[list[float], float]:
+    """Seconds of each epoch after the first, and of the whole process, from one ``medsup train`` run of the
+    code in ``tree``."""
     overrides = [f"train.epochs={args.epochs}", f"train.iterations_per_epoch={args.iterations}",
                  f"train.val_every={args.epochs + 1}", "tracking.register_best=false", *args.set, *extra]
     cmd = [sys.executable, "-m", "medsup", "train", "--task", args.task, "--data", str(args.data.resolve()),
@@ -39,15 +42,17 @@ def train_seconds(tree: Path, args: argparse.Namespace, extra: list[str], out: P
     for kv in overrides:
         cmd += ["--set", kv]
     env = {**os.environ, "PYTHONPATH": str(tree), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, encoding="utf-8", errors="replace",
                           timeout=args.timeout)
+    wall = time.perf_counter() - started
     if proc.returncode != 0:
         raise RuntimeError(f"{tree}: medsup train failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     epochs = [(int(m.group(1)), float(m.group(3))) for line in proc.stderr.splitlines()
               if (m := EPOCH_LINE.search(line.strip()))]
     if len(epochs) != args.epochs:
         raise RuntimeError(f"{tree}: expected {args.epochs} epoch lines, found {len(epochs)}:\n{proc.stderr[-3000:]}")
-    return [seconds for epoch, seconds in epochs if epoch > 1]
+    return [seconds for epoch, seconds in epochs if epoch > 1], wall
 
 
 def main() -> None:
@@ -72,13 +77,15 @@ def main() -> None:
                         args.baseline_rev], check=True)
         try:
             per_it: dict[str, list[float]] = {"baseline": [], "current": []}
+            walls: dict[str, list[float]] = {"baseline": [], "current": []}
             for repeat in range(args.repeats):
                 order = ["baseline", "current"] if repeat % 2 == 0 else ["current", "baseline"]
                 for name in order:
                     tree, extra = (base_tree, []) if name == "baseline" else (REPO, args.current_set)
                     out = Path(tmp) / f"{name}{repeat}" / "run"
-                    seconds = train_seconds(tree, args, extra, out)
+                    seconds, wall = train_seconds(tree, args, extra, out)
                     per_it[name].append(statistics.median(seconds) / args.iterations)
+                    walls[name].append(wall)
                     log.info("repeat %d %s: %s s per epoch", repeat, name, ", ".join(f"{s:.1f}" for s in seconds))
                     if batch is None:
                         batch = _batch_size(out)
@@ -87,11 +94,13 @@ def main() -> None:
     ratios = [b / c for b, c in zip(per_it["baseline"], per_it["current"], strict=True)]
     log.info("\n%s preset, task %s, %d x %d iterations per run (first epoch untimed), %d repeats, batch %s",
              args.preset, args.task, args.epochs, args.iterations, args.repeats, batch)
-    log.info("| tree | s/iteration (median) | samples/s | per repeat |\n|---|---|---|---|")
+    log.info("| tree | s/iteration (median) | samples/s | per repeat | process wall s (median) |")
+    log.info("|---|---|---|---|---|")
     for name, rev in (("baseline", args.baseline_rev), ("current", "this tree")):
         med = statistics.median(per_it[name])
         samples = f"{(batch or 0) / med:.2f}" if batch else "-"
-        log.info("| %s (%s) | %.3f | %s | %s |", name, rev, med, samples, ", ".join(f"{x:.3f}" for x in per_it[name]))
+        log.info("| %s (%s) | %.3f | %s | %s | %.1f |", name, rev, med, samples,
+                 ", ".join(f"{x:.3f}" for x in per_it[name]), statistics.median(walls[name]))
     log.info("\nbaseline / current: median %.2fx (repeats: %s)", statistics.median(ratios),
              ", ".join(f"{r:.2f}" for r in ratios))
 

@@ -68,8 +68,14 @@ def test_signal_in_the_middle_of_a_write(tmp_path: Path, bundle: Path, monkeypat
             time.sleep(5)  # the Python-level handler runs here, raising out of the write
 
     monkeypatch.setattr(sitk, "WriteImage", write_then_die)
+    # a shell starts background jobs (`cmd &`, nohup) with SIGINT ignored and Python then installs no Ctrl-C
+    # handler; put Python's own back, as an interactive terminal would have it
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     args = ["infer", "-i", str(tmp_path / "in"), "-o", str(out), "--model", str(bundle), "--device", "cpu"]
-    first = runner.invoke(app, args)
+    try:
+        first = runner.invoke(app, args)
+    finally:
+        signal.signal(signal.SIGINT, previous_int)
     monkeypatch.undo()
     assert first.exit_code == code, first.output
     assert Path(calls[1]).name.startswith(".case1.nii.gz.")  # it was the temp file that was cut short
