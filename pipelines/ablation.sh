@@ -28,7 +28,7 @@
 #   EXPERIMENT   MLflow experiment                  medsup-ablation
 #   OUT          data, run folders, early-exit outputs; the MLflow store unless MLFLOW_TRACKING_URI is set
 #                runs/pipelines/ablation-TASK   (smoke: runs/pipelines/ablation-smoke)
-#   DOCS         where ablation.md goes             docs/           (smoke: OUT/docs)
+#   DOCS         where ablation.md goes             docs/ablation/TASK  (smoke: OUT/docs)
 #   SMOKE=1      the whole chain in minutes, with meaningless numbers
 # An arm whose run folder already holds a model is not trained again, nor an evaluated early exit redone:
 # a stopped ablation resumes where it was (delete OUT to start over with other settings).
@@ -55,7 +55,8 @@ EXPERIMENT="${EXPERIMENT:-medsup-ablation}"
 OUT="${OUT:-$ROOT/runs/pipelines/ablation${d[9]:--$TASK}}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
-if [ "${SMOKE:-0}" = 1 ]; then DOCS="${DOCS:-$OUT/docs}"; else DOCS="${DOCS:-$ROOT/docs}"; fi
+# one report per task (docs/ablation.md is the overview across tasks, written from these)
+if [ "${SMOKE:-0}" = 1 ]; then DOCS="${DOCS:-$OUT/docs}"; else DOCS="${DOCS:-$ROOT/docs/ablation/$TASK}"; fi
 export MLFLOW_TRACKING_URI="${MLFLOW_TRACKING_URI:-sqlite:///$OUT/mlflow.db}"
 
 largest=0
