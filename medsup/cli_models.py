@@ -123,7 +123,7 @@ def pull(
 ) -> None:
     """Export a registered model's bundle to a folder (usable by `medsup infer --model DIR`)."""
     from medsup.tracking import TrackingUnavailable
-    from medsup.tracking.registry import pull as pull_bundle
+    from medsup.tracking.resolve import pull as pull_bundle
 
     uri = _uri(tracking_uri)
     try:

@@ -133,7 +133,7 @@ def bundle_for(model: str, tracking_uri: str | None) -> tuple[Path, str | None]:
     """
     if model.startswith(("models:/", "runs:/")):
         from medsup.tracking import resolve_tracking_uri
-        from medsup.tracking.registry import resolve_model
+        from medsup.tracking.resolve import resolve_model
 
         path, version = resolve_model(resolve_tracking_uri(tracking_uri, None, Path.cwd())[0], model)
         return path, None if version is None else str(version)

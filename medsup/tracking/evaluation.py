@@ -15,22 +15,13 @@ from pathlib import Path
 
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 
 from medsup.tracking.batching import MAX_METRICS_PER_BATCH, sanitize_key
-from medsup.tracking.uri import TrackingUnavailable, call_store, prepare_store, sqlite_path
+from medsup.tracking.uri import TrackingUnavailable, call_store, store_client
 
 log = logging.getLogger(__name__)
 
 ARTIFACT_PATH = "evaluation"
-
-
-def _client(uri: str) -> MlflowClient:
-    prepare_store(uri)
-    db = sqlite_path(uri)
-    if db is not None and not db.is_file():  # never create an empty store to log into
-        raise ValueError(f"no MLflow store at {uri} ({db} does not exist)")
-    return MlflowClient(tracking_uri=uri)
 
 
 def require_run(uri: str, run_id: str) -> None:
@@ -40,7 +31,7 @@ def require_run(uri: str, run_id: str) -> None:
         ValueError: no such store (SQLite file absent), no such run, or the run is deleted.
         TrackingUnavailable: the store does not answer.
     """
-    client = _client(uri)
+    client = store_client(uri, must_exist=True)
     run = call_store(uri, f"look up run {run_id}", lambda: client.get_run(run_id),
                      missing=f"no MLflow run {run_id!r} at {uri}")
     if run.info.lifecycle_stage == "deleted":
@@ -59,7 +50,7 @@ def log_evaluation(uri: str, run_id: str, metrics: dict[str, float], artifacts: 
         TrackingUnavailable: the store refused or did not answer.
     """
     require_run(uri, run_id)
-    client = _client(uri)
+    client = store_client(uri, must_exist=True)
     now = int(time.time() * 1000)
     points = [Metric(sanitize_key(key), float(value), now, 0) for key, value in sorted(metrics.items())
               if math.isfinite(value)]

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from mlflow.entities import Run, ViewType
 from mlflow.tracking import MlflowClient
 
-from medsup.tracking.uri import call_store, prepare_store, sqlite_path
+from medsup.tracking.uri import call_store, store_client
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +46,7 @@ def experiment_runs(uri: str, experiment: str, history_prefixes: Sequence[str] =
         ValueError: no such store (a SQLite file that does not exist) or experiment.
         TrackingUnavailable: the store does not answer.
     """
-    prepare_store(uri)
-    db = sqlite_path(uri)
-    if db is not None and not db.is_file():  # reading never creates an empty store
-        raise ValueError(f"no MLflow store at {uri} ({db} does not exist)")
-    client = MlflowClient(tracking_uri=uri)
+    client = store_client(uri, must_exist=True)  # reading never creates an empty store
     exp = call_store(uri, f"read experiment {experiment!r}", lambda: client.get_experiment_by_name(experiment))
     if exp is None:
         raise ValueError(f"no experiment {experiment!r} at {uri}")

@@ -21,8 +21,11 @@ import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlparse
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 log = logging.getLogger(__name__)
 
@@ -184,3 +187,14 @@ def store_error(uri: str, what: str, err: Exception, missing: str | None = None)
     if isinstance(err, MlflowException) and (is_permanent(err) or err.error_code == "NOT_FOUND"):
         return ValueError(missing or f"{uri}: cannot {what}: {short_error(err)}")
     return TrackingUnavailable(f"{uri}: cannot {what}: {short_error(err)}")
+
+
+def store_client(uri: str, must_exist: bool = False) -> MlflowClient:
+    """A client bound to ``uri``; for reads, a SQLite store must already exist (do not create one)."""
+    prepare_store(uri)
+    db = sqlite_path(uri)
+    if must_exist and db is not None and not db.is_file():
+        raise ValueError(f"no MLflow store at {uri} ({db} does not exist)")
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)

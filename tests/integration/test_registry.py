@@ -23,7 +23,8 @@ from medsup.config import load
 from medsup.data.io import write_volume
 from medsup.tracking import RunTracker
 from medsup.tracking.pyfunc_model import parse_input
-from medsup.tracking.registry import list_models, log_bundle_model, promote, pull, register, resolve_bundle
+from medsup.tracking.registry import list_models, log_bundle_model, promote, register
+from medsup.tracking.resolve import pull, resolve_bundle
 from medsup.train import run_training
 from tests.conftest import make_volume, write_msd
 
