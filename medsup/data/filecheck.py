@@ -48,7 +48,7 @@ DISK_FULL_FREE_BYTES = 1 << 20
 def is_disk_full(err: BaseException, folder: Path) -> bool:
     """Did the write that raised ``err`` into ``folder`` fail for want of space? ENOSPC or EDQUOT, or (ITK's
     writers report a short write without errno) less than :data:`DISK_FULL_FREE_BYTES` free in ``folder``."""
-    if isinstance(err, DiskFullError) or getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+    if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT):  # DiskFullError carries ENOSPC too
         return True
     if not isinstance(err, OSError):
         return False
