@@ -268,8 +268,15 @@ def _fit(cfg: Config, plan: Plan, labels: dict[int, str], cases: dict[str, Any],
         set_rng_state(checkpoint["rng"])
         log.info("resumed at epoch %d (iteration %d)", trainer.state.epoch, trainer.state.iteration)
 
+    # A checkpoint of a finished training (killed between the last epoch and the export) has nothing left to
+    # train: Ignite would start a finished engine over from epoch 0, training every epoch a second time.
+    finished = checkpoint is not None and (trainer.state.epoch >= cfg.train.epochs or best.stopped)
     try:
-        trainer.run(train_loader, max_epochs=cfg.train.epochs)
+        if finished:
+            log.info("the checkpoint ends the training (epoch %d of %d): only the export is left",
+                     trainer.state.epoch, cfg.train.epochs)
+        else:
+            trainer.run(train_loader, max_epochs=cfg.train.epochs)
     except torch.cuda.OutOfMemoryError:
         raise TrainingError(
             f"out of GPU memory with patch {list(plan.patch_size)} x batch {plan.batch_size}: lower "

@@ -30,8 +30,9 @@
 #                runs/pipelines/ablation-TASK   (smoke: runs/pipelines/ablation-smoke)
 #   DOCS         where ablation.md goes             docs/ablation/TASK  (smoke: OUT/docs)
 #   SMOKE=1      the whole chain in minutes, with meaningless numbers
-# An arm whose run folder already holds a model is not trained again, nor an evaluated early exit redone:
-# a stopped ablation resumes where it was (delete OUT to start over with other settings).
+# An arm whose run folder already holds a model is not trained again, an arm stopped part way resumes from
+# its last checkpoint (same MLflow run), and an evaluated early exit is not redone: a stopped ablation goes
+# on where it was (delete OUT to start over with other settings).
 set -euo pipefail
 # shellcheck source=pipelines/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -83,6 +84,12 @@ for seed in $SEEDS; do
             name="ablation-$TASK-$scheme-seed$seed-n$n"
             if [ -f "$OUT/runs/$name/model/weights.pt" ]; then
                 step "$name: trained already, kept"
+                continue
+            fi
+            if [ -f "$OUT/runs/$name/checkpoints/last.pt" ]; then
+                # an arm stopped part way (a killed session): go on from its last epoch, in the same MLflow run
+                step "$name: resume from its last checkpoint"
+                medsup -q train --task "$TASK" --data "$OUT/data" --resume "$OUT/runs/$name"
                 continue
             fi
             step "$name: train ($EPOCHS x $ITERATIONS iterations on $n cases)"

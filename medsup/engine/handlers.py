@@ -96,11 +96,16 @@ class BestTracker:
             self.best, self.best_epoch, self.stale = score, engine.state.epoch, 0
             return True
         self.stale += 1
-        if self.patience and self.stale >= self.patience:
+        if self.stopped:
             log.info("early stop: %s has not improved for %d validations (best %.4f at epoch %d)",
                      self.key, self.stale, self.best, self.best_epoch)
             engine.terminate()
         return False
+
+    @property
+    def stopped(self) -> bool:
+        """True once the score has stalled for ``patience`` validations (the trainer was told to stop)."""
+        return bool(self.patience) and self.stale >= self.patience
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "best_epoch": self.best_epoch, "stale": self.stale}

@@ -163,6 +163,9 @@ def test_ablation_report_has_tables_figure_and_generated_conclusion(smoke: Smoke
 @pytest.mark.slow
 def test_mlflow_run_entry_point_reuses_the_arms(smoke: Smoke) -> None:
     docs = smoke.tmp / "docs-mlflow-run"
+    # one arm as a killed session leaves it: checkpoints written, no model yet -> resumed, not retrained
+    interrupted = smoke.out / "runs" / _arm(SCHEMES[0], SIZES[0])
+    shutil.rmtree(interrupted / "model")
     command = [sys.executable, "-m", "mlflow", "run", str(PIPELINES), "-e", "ablation", "-P", "smoke=1",
                "-P", f"schemes={' '.join(SCHEMES)}", "-P", f"out={smoke.out}", "-P", f"docs={docs}",
                "--env-manager", "local"]
@@ -170,12 +173,16 @@ def test_mlflow_run_entry_point_reuses_the_arms(smoke: Smoke) -> None:
                           env=_env(smoke.tmp))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     log = done.stdout + done.stderr
-    assert log.count("trained already, kept") == len(SCHEMES) * len(SIZES)
+    assert log.count("trained already, kept") == len(SCHEMES) * len(SIZES) - 1
+    assert f"{interrupted.name}: resume from its last checkpoint" in log
+    assert (interrupted / "model" / "weights.pt").is_file()
     assert log.count("evaluated already, kept") == len(SCHEMES) * len(EXIT_LEVELS)
     assert "## 1. Convergence" in (docs / "ablation.md").read_text(encoding="utf-8")
     client = MlflowClient(smoke.uri)
     experiment = client.get_experiment_by_name("medsup-ablation")
     assert experiment is not None
-    assert len(client.search_runs([experiment.experiment_id])) == len(SCHEMES) * len(SIZES)  # nothing retrained
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == len(SCHEMES) * len(SIZES)  # nothing retrained: the resumed arm went on in its own run
+    assert {r.info.status for r in runs} == {"FINISHED"}
     project_runs = client.search_runs(["0"], filter_string="tags.`mlflow.project.entryPoint` = 'ablation'")
     assert [r.info.status for r in project_runs] == ["FINISHED"]

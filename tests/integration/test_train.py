@@ -158,6 +158,25 @@ def test_resume_after_sigkill(tiny_data: Path, tmp_path: Path) -> None:
     assert sorted(set(steps)) == [1, 2, 3, 4, 5, 6] and steps == sorted(steps)
 
 
+def test_resume_of_a_finished_training_only_exports(tiny_data: Path, tmp_path: Path) -> None:
+    """Killed after the last epoch's checkpoint but before the export: resuming exports, it does not train again."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load("tiny", presets=["smoke"], overrides=["train.epochs=1", "train.iterations_per_epoch=2"])
+    first = run_training(cfg, tiny_data, output=tmp_path / "run", tracking_uri=uri)
+    weights = first.bundle_dir / "weights.pt"
+    exported = load_checkpoint(weights)["model"]
+    weights.unlink()
+    again = run_training(cfg, tiny_data, resume=str(tmp_path / "run"), tracking_uri=uri)
+    assert again.run_id == first.run_id and again.epochs_done == 1
+    assert (again.best_dice, again.best_epoch) == (first.best_dice, first.best_epoch)
+    assert len(again.history) == 1
+    reexported = load_checkpoint(weights)["model"]  # the same best checkpoint, exported again
+    assert reexported.keys() == exported.keys() and all(torch.equal(reexported[k], exported[k]) for k in exported)
+    client = MlflowClient(uri)
+    assert [m.step for m in client.get_metric_history(first.run_id, "train.loss.total")] == [1]
+    assert client.get_run(first.run_id).info.status == "FINISHED"
+
+
 def test_pickle_bomb_checkpoint_is_refused(tiny_data: Path, tmp_path: Path) -> None:
     class Bomb:
         def __reduce__(self) -> tuple[object, tuple[str]]:
