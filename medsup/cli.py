@@ -43,7 +43,7 @@ def _ablation_app() -> typer.Typer:
     return ablation_app
 
 
-app.add_typer(_ablation_app(), name="ablation", help="Deep-supervision ablation: summarize its runs.")
+app.add_typer(_ablation_app(), name="ablation", help="Deep-supervision ablation: summarize its runs, overview.")
 
 log = logging.getLogger("medsup")
 

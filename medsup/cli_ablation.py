@@ -1,4 +1,4 @@
-"""``medsup ablation``: summarise the deep-supervision ablation (``pipelines/ablation.sh``).
+"""``medsup ablation``: the deep-supervision ablation (``pipelines/ablation.sh``): `summarize` one task, `overview` all.
 
 Registered in :mod:`medsup.cli` with ``app.add_typer(ablation_app, name="ablation")``. MLflow and
 matplotlib are imported inside the command, so ``medsup --help`` stays instant.
@@ -12,7 +12,7 @@ from typing import Annotated, NoReturn
 
 import typer
 
-ablation_app = typer.Typer(help="The deep-supervision ablation: summarise its runs into a report.",
+ablation_app = typer.Typer(help="The deep-supervision ablation: per-task reports from its runs, and an overview.",
                            no_args_is_help=True)
 
 
@@ -70,3 +70,31 @@ def summarize(
     else:
         typer.echo("\n".join(summary.conclusion))
         typer.echo(f"wrote {paths['markdown']} and {paths['figure']}")
+
+
+@ablation_app.command()
+def overview(
+    reports: Annotated[list[Path], typer.Argument(
+        help="Per-task report folders (docs/ablation/<task>), their ablation.json, or a folder of them.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The overview (Markdown); its figure and numbers go "
+                                                          "beside it (.png, .json).")] = Path("docs/ablation.md"),
+    reproduce: Annotated[list[str] | None, typer.Option(
+        help="Command line that reproduced the reports, shown in the overview (repeatable).")] = None,
+) -> None:
+    """The ablation across tasks: every task's report side by side, one figure, and a verdict on the default
+    loss.scheme computed from them, written atomically to OUT."""
+    from medsup.config import ConfigError, load
+    from medsup.evaluation.ablation import NUMBERS, load_summary
+    from medsup.evaluation.ablation_overview import find_reports, write_overview
+
+    missing = [str(p) for p in reports if not p.exists()]
+    if missing:
+        _fail(f"no such report folder or file: {', '.join(missing)}")
+    found = find_reports(reports)
+    try:
+        current = load(load_summary(found[0] / NUMBERS).task).loss.scheme if found else None
+        args = ["medsup", "ablation", "overview", *map(str, reports), "--out", str(out)]
+        paths = write_overview(found, out, [*(reproduce or []), shlex.join(args)], current)
+    except (ConfigError, ValueError) as err:
+        _fail(str(err))
+    typer.echo(f"wrote {paths['markdown']}, {paths['figure']} and {paths['numbers']}")

@@ -5,6 +5,8 @@
 #   -> early exit: infer the test set from each exit level K (models of the largest size) and evaluate
 #   -> `medsup ablation summarize`: DOCS/ablation.md (tables, a generated default-scheme paragraph, the
 #      commands that reproduce it) + ablation.png + ablation.json.
+#   -> `medsup ablation overview`: every task's report side by side, with a verdict on the default scheme
+#      (docs/ablation.md from docs/ablation/*/ with the default DOCS; else DOCS/overview.md)
 #
 # Fair arms. Every arm trains on the same plan (patch, spacing, network) for EPOCHS x ITERATIONS optimiser
 # steps of the same batch size, whatever its training-set size (patches are drawn with replacement). The
@@ -129,10 +131,21 @@ medsup ablation summarize --experiment "$EXPERIMENT" --task "$TASK" --out "$DOCS
     --reproduce "${settings}SMOKE=${SMOKE:-0} bash pipelines/ablation.sh" \
     --reproduce "# or: mlflow run pipelines -e ablation ${params}-P smoke=${SMOKE:-0} --env-manager local"
 
+# the overview across tasks: with the default report folders, every task's report so far -> docs/ablation.md
+if [ "$DOCS" = "$ROOT/docs/ablation/$TASK" ]; then
+    overview=("$ROOT/docs/ablation" --out "$ROOT/docs/ablation.md")
+else
+    overview=("$DOCS" --out "$DOCS/overview.md")
+fi
+step "overview across tasks: ${overview[2]}"
+medsup ablation overview "${overview[@]}" \
+    --reproduce "# each task's report first (its own ablation.md says how): TASK=<task> bash pipelines/ablation.sh"
+
 cat <<EOT
 
 ablation finished:
   report         $DOCS/ablation.md (+ ablation.png, ablation.json)
+  overview       ${overview[2]} (+ .png, .json), across the tasks in ${overview[0]}
   runs           $OUT/runs/<arm>, MLflow experiment $EXPERIMENT
   early exit     $OUT/early_exit/<arm>/exit<K> (report.json, evaluation/summary.json)
   MLflow store   $MLFLOW_TRACKING_URI  (browse: $BIN/mlflow ui --backend-store-uri $MLFLOW_TRACKING_URI)

@@ -217,6 +217,29 @@ def summarize(runs: Iterable[RunLike], experiment: str, task: str, metric: str |
     return summary
 
 
+def load_summary(path: Path) -> Summary:
+    """A report's ``ablation.json`` (written by :func:`write_report`) back as a :class:`Summary`.
+
+    Raises:
+        ValueError: naming ``path``: it cannot be read, is not JSON, or is not an ablation summary.
+    """
+    def pairs(points: list[list[Any]] | None) -> list[tuple[int, float]] | None:
+        # JSON holds NaN/inf as null (see _jsonable): such points are dropped, as the tables ignore them
+        return None if points is None else [(int(e), float(v)) for e, v in points if v is not None]
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        arms = [Arm(**{**a, "curve": pairs(a["curve"]) or [], "grad": pairs(a["grad"])}) for a in data["arms"]]
+        exits = [ExitResult(**e) for e in data.get("early_exit", [])]
+        return Summary(str(data["experiment"]), str(data["task"]), str(data["metric"]), float(data["threshold"]),
+                       arms, list(data.get("skipped", [])), exits, data.get("default_scheme"),
+                       list(data.get("conclusion", [])))
+    except OSError as err:
+        raise ValueError(f"{path}: cannot be read ({err.strerror or err})") from None
+    except (ValueError, KeyError, TypeError) as err:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"{path}: not an ablation.json written by `medsup ablation summarize` ({err!r})") from None
+
+
 # ----------------------------------------------------------------------------------------- numbers
 
 
@@ -226,6 +249,11 @@ def mean_std(values: Iterable[float | None]) -> tuple[float | None, float | None
     if not xs:
         return None, None, 0
     return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else None, len(xs)
+
+
+def grad_mean(grad: Sequence[tuple[int, float]]) -> float:
+    """The mean over epochs of one run's per-epoch gradient norms (``nan`` when there are none)."""
+    return statistics.fmean(v for _, v in grad) if grad else math.nan
 
 
 def fmt(values: Iterable[float | None], digits: int = 3) -> str:
@@ -316,17 +344,18 @@ def render(s: Summary, figure: str, commands: Sequence[str]) -> str:
     largest = max(sizes)
     lines += ["", f"## 3. Gradient flow: `{GRAD_KEY}` (n_train = {largest})", "",
               "Mean per-epoch L2 gradient norm of the first encoder stage, mean ± std over seeds.", "",
-              "| scheme | first epoch | last epoch | last / first |", "|---|---|---|---|"]
+              "| scheme | first epoch | last epoch | mean over training | last / first |", "|---|---|---|---|---|"]
     for sch in s.schemes:
         arms = s.select(sch, largest)
         grads = [a.grad for a in arms if a.grad]
         if not grads:
-            lines.append(f"| `{sch}` | not logged | not logged | – |")
+            lines.append(f"| `{sch}` | not logged | not logged | not logged | – |")
             continue
         first, last = [g[0][1] for g in grads], [g[-1][1] for g in grads]
         ratio = [b / a for a, b in zip(first, last, strict=True) if a > 0]
         note = f" ({len(arms) - len(grads)} runs without it)" if len(grads) < len(arms) else ""
-        lines.append(f"| `{sch}` | {fmt(first, 4)} | {fmt(last, 4)}{note} | {fmt(ratio, 2)} |")
+        lines.append(f"| `{sch}` | {fmt(first, 4)} | {fmt(last, 4)}{note} | {fmt(map(grad_mean, grads), 4)} | "
+                     f"{fmt(ratio, 2)} |")
     lines += ["", "## 4. Early exit on the test images", ""]
     if not s.early_exit:
         lines.append("No early-exit results were given (`--early-exit DIR`).")

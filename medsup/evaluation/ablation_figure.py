@@ -1,4 +1,5 @@
-"""The ablation figure (``ablation.png``): four panels drawn from a :class:`~medsup.evaluation.ablation.Summary`.
+"""The ablation figures: four panels drawn from a :class:`~medsup.evaluation.ablation.Summary`, 2 x 2 for one
+task (``ablation.png``) or one row per task (the overview's figure, :func:`overview_figure`).
 
 (a) the validation metric per epoch at the largest training-set size, mean over seeds, with the threshold;
 (b) best validation metric against n_train; (c) ``train.grad_norm.encoder0`` per epoch (log scale);
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import statistics
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,15 +36,14 @@ def _empty(ax: Any, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="gray")
 
 
-def ablation_figure(s: Summary, path: Path) -> Path:
-    """Draw the four panels into ``path`` (PNG, atomic)."""
+def draw_panels(s: Summary, axes: Sequence[Any], label: str = "") -> None:
+    """Draw the four panels of ``s`` into ``axes`` (curve, size, gradient, early exit), titles prefixed by
+    ``label`` (a task name in the overview's rows)."""
     from matplotlib.ticker import MaxNLocator
 
     from medsup.evaluation.ablation import GRAD_KEY, mean_std
 
-    plt = pyplot()
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    (curve_ax, size_ax), (grad_ax, exit_ax) = axes
+    curve_ax, size_ax, grad_ax, exit_ax = axes
     largest = max(s.sizes)
     for scheme in s.schemes:
         colour = COLOURS.get(scheme)
@@ -66,14 +67,14 @@ def ablation_figure(s: Summary, path: Path) -> Path:
             exit_ax.scatter([x], [y], color=colour, label=scheme if level == min(e.level for e in exits) else None)
             exit_ax.annotate(f"K={level}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     curve_ax.axhline(s.threshold, color="black", linestyle=":", linewidth=1)
-    curve_ax.set(title=f"(a) {s.metric} per epoch, n_train = {largest}", xlabel="epoch", ylabel=s.metric)
-    size_ax.set(title=f"(b) best {s.metric} vs training-set size", xlabel="n_train (training cases)",
+    curve_ax.set(title=f"{label}(a) {s.metric} per epoch, n_train = {largest}", xlabel="epoch", ylabel=s.metric)
+    size_ax.set(title=f"{label}(b) best {s.metric} vs training-set size", xlabel="n_train (training cases)",
                 ylabel=f"best {s.metric}")
     size_ax.set_xticks(s.sizes)
     for ax in (curve_ax, grad_ax):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs
-    grad_ax.set(title=f"(c) {GRAD_KEY}, n_train = {largest}", xlabel="epoch", ylabel="gradient L2 norm")
-    exit_ax.set(title="(d) early exit on the test images", xlabel="seconds per case", ylabel="test Dice")
+    grad_ax.set(title=f"{label}(c) {GRAD_KEY}, n_train = {largest}", xlabel="epoch", ylabel="gradient L2 norm")
+    exit_ax.set(title=f"{label}(d) early exit on the test images", xlabel="seconds per case", ylabel="test Dice")
     for ax, empty in ((curve_ax, "no validation curves"), (size_ax, "no validation results"),
                       (grad_ax, f"{GRAD_KEY} not logged"), (exit_ax, "no early-exit results")):
         if ax.has_data():
@@ -83,6 +84,24 @@ def ablation_figure(s: Summary, path: Path) -> Path:
             _empty(ax, empty)
     if grad_ax.has_data():
         grad_ax.set_yscale("log")
+
+
+def ablation_figure(s: Summary, path: Path) -> Path:
+    """Draw the four panels of one task into ``path`` (2 x 2, PNG, atomic)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    draw_panels(s, axes.flatten())
     fig.suptitle(f"Deep-supervision ablation: {s.task}, experiment {s.experiment}")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def overview_figure(summaries: Sequence[Summary], path: Path) -> Path:
+    """One row of the four panels per task (PNG, atomic): the figure of ``docs/ablation.md``."""
+    plt = pyplot()
+    fig, axes = plt.subplots(len(summaries), 4, figsize=(20, 4.2 * len(summaries)), squeeze=False)
+    for row, s in zip(axes, summaries, strict=True):
+        draw_panels(s, row, label=f"{s.task} ")
+    fig.suptitle("Deep-supervision ablation: " + ", ".join(s.task for s in summaries))
     fig.tight_layout()
     return save_figure(fig, path)

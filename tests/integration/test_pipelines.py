@@ -157,6 +157,9 @@ def test_ablation_report_has_tables_figure_and_generated_conclusion(smoke: Smoke
     assert "bash pipelines/ablation.sh" in text and "mlflow run pipelines -e ablation" in text
     assert "medsup ablation summarize --experiment medsup-ablation --task tiny" in text
     assert "not logged" not in text  # every run has train.grad_norm.encoder0
+    overview = (smoke.docs / "overview.md").read_text(encoding="utf-8")  # across tasks: here the one task
+    assert "## Verdict: the default `loss.scheme`" in overview and "[tiny](ablation.md)" in overview
+    assert (smoke.docs / "overview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(smoke.out.rglob(".*.tmp*")), "a temp file was left behind"
 
 

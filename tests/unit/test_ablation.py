@@ -4,19 +4,21 @@ training-set-size subset. No MLflow: :class:`~medsup.tracking.experiments.RunRec
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from medsup.config import load
 from medsup.data.splits import fold_split, limit_training
-from medsup.evaluation.ablation import read_early_exit, render, summarize, write_report
+from medsup.evaluation.ablation import load_summary, read_early_exit, render, summarize, write_report
+from medsup.evaluation.ablation_overview import find_reports, mean_ranks, paired_gaps, verdict, write_overview
 from medsup.tracking.experiments import RunRecord
 
 
 def _run(scheme: str, seed: int, n: int, dice: list[float], grad: bool = True, status: str = "FINISHED",
-         start: int = 0, task: str = "liver") -> RunRecord:
-    history = {"val.dice.liver": list(enumerate(dice, start=1))}
+         start: int = 0, task: str = "liver", metric: str = "val.dice.liver") -> RunRecord:
+    history = {metric: list(enumerate(dice, start=1))}
     if grad:
         history["train.grad_norm.encoder0"] = [(e, 1.0 / e) for e in range(1, len(dice) + 1)]
     return RunRecord(f"id-{scheme}-{seed}-{n}-{start}", f"{scheme}-s{seed}-n{n}", status, start,
@@ -55,7 +57,8 @@ def test_summary_numbers_and_generated_conclusion() -> None:
     assert "agrees with this" in text
     report = render(s, "ablation.png", ["bash pipelines/ablation.sh"])
     assert "| `nnunet` | – (0/2) | 2.0 ± 0.0 (2/2) |" in report
-    assert "| `dsn` | not logged | not logged | – |" in report  # missing grad norms are said, not fatal
+    assert "| `dsn` | not logged | not logged | not logged | – |" in report  # missing grad norms: said, not fatal
+    assert "| `none` | 1.0000 ± 0.0000 | 0.3333 ± 0.0000 | 0.6111 ± 0.0000 | 0.33 ± 0.00 |" in report
     assert "| `none` | 0.600 ± 0.000 / 0.600 ± 0.000 | 0.885 ± 0.007 / 0.885 ± 0.007 |" in report
     assert "the same for every arm" in report
 
@@ -138,3 +141,73 @@ def test_cli_data_split_prints_the_split_training_uses(tmp_path: Path) -> None:
     assert bad.exit_code == 2
     missing = runner.invoke(app, ["data", "split", str(tmp_path / "nope"), "--task", "tiny"])
     assert missing.exit_code == 2 and "does not exist" in missing.stderr
+
+
+def _lung_runs() -> list[RunRecord]:
+    """dsn ahead of nnunet on lung in both seeds; none last."""
+    runs = []
+    for seed in (0, 1):
+        for scheme, top in (("none", 0.3), ("nnunet", 0.45), ("dsn", 0.55 + 0.01 * seed)):
+            runs += [_run(scheme, seed, n, [top / 2, top - (0.1 if n == 2 else 0.0)], task="lung",
+                          metric="val.dice.tumour") for n in (2, 20)]
+    return runs
+
+
+def test_overview_ranks_pairs_and_verdict() -> None:
+    liver = summarize(_runs(), "medsup-ablation", "liver")
+    lung = summarize(_lung_runs(), "medsup-ablation", "lung")
+    # liver: nnunet > dsn > none at n = 20 and n = 2; lung: dsn > nnunet > none at both sizes
+    assert mean_ranks([liver, lung]) == {"none": 3.0, "nnunet": 1.5, "dsn": 1.5}
+    gaps = paired_gaps([liver, lung], "dsn", "nnunet")
+    assert len(gaps) == 8 and sum(g > 0 for g in gaps) == 4
+    winner, lines = verdict([liver, lung], current_default="nnunet")
+    text = " ".join(lines)
+    assert winner == "dsn"  # tied mean rank, larger paired gaps
+    assert "`dsn` 1.50, `nnunet` 1.50, `none` 3.00" in text
+    assert "Against `nnunet`, it is better in 4 of 8 paired arms" in text and "not consistent" in text
+    assert "Against `none`, it is better in 8 of 8 paired arms" in text
+    assert "liver: epochs to val.dice.liver >= 0.9 at n_train = 20: `dsn` 3.0 ± 0.0 (2/2)" in text
+    assert "lung: epochs to val.dice.tumour >= 0.5 at n_train = 20: `dsn` 2.0 ± 0.0 (2/2)" in text
+    assert "not consistently enough" in text
+    # only lung: dsn wins every pair, a real lead
+    winner, lines = verdict([lung], current_default="nnunet")
+    assert winner == "dsn" and "differs: these numbers favour `dsn`" in " ".join(lines)
+
+
+def test_write_overview_from_the_reports(tmp_path: Path) -> None:
+    docs = tmp_path / "docs" / "ablation"
+    for task, runs in (("liver", _runs()), ("lung", _lung_runs())):
+        write_report(summarize(runs, "medsup-ablation", task), docs / task, ["bash pipelines/ablation.sh"])
+    again = load_summary(docs / "liver" / "ablation.json")  # the JSON round trip keeps the numbers
+    original = summarize(_runs(), "medsup-ablation", "liver")
+    assert [(a.scheme, a.seed, a.n_train, a.best, a.curve, a.grad) for a in again.arms] == [
+        (a.scheme, a.seed, a.n_train, a.best, a.curve, a.grad) for a in original.arms]
+    reports = find_reports([docs])
+    assert reports == [docs / "liver", docs / "lung"]
+    assert find_reports([docs / "lung" / "ablation.json", docs]) == [docs / "lung", docs / "liver"]
+    out = tmp_path / "docs" / "ablation.md"
+    paths = write_overview(reports, out, ["medsup ablation overview docs/ablation"], current_default="dsn")
+    text = out.read_text(encoding="utf-8")
+    assert "[liver](ablation/liver/ablation.md)" in text and "[lung](ablation/lung/ablation.md)" in text
+    assert "| scheme | liver, n = 2 | liver, n = 20 | lung, n = 2 | lung, n = 20 |" in text
+    assert "| `dsn` | 0.700 ± 0.000 | 0.930 ± 0.000 | 0.455 ± 0.007 | 0.555 ± 0.007 |" in text
+    assert "(x1.00)" in text and "agrees with this" in text
+    assert "![ablation overview](ablation.png)" in text
+    assert paths["figure"] == tmp_path / "docs" / "ablation.png"
+    assert paths["figure"].read_bytes()[:4] == b"\x89PNG"
+    assert json.loads(paths["numbers"].read_text(encoding="utf-8"))["default_scheme"] == "dsn"
+
+
+def test_overview_refuses_bad_reports(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"no ablation\.json found"):
+        write_overview([], tmp_path / "o.md", [])
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "ablation.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(ValueError, match=re.escape(f"{bad / 'ablation.json'}: not an ablation.json")):
+        write_overview([bad], tmp_path / "o.md", [])
+    for name in ("a", "b"):
+        write_report(summarize(_runs(), "e", "liver"), tmp_path / name, [])
+    with pytest.raises(ValueError, match="two reports of the same task"):
+        write_overview([tmp_path / "a", tmp_path / "b"], tmp_path / "o.md", [])
+    assert not (tmp_path / "o.md").exists()

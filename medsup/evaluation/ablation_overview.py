@@ -1,0 +1,232 @@
+"""``docs/ablation.md``: the deep-supervision ablation across tasks, from each task's ``ablation.json``.
+
+``medsup ablation summarize`` writes one report per task (``docs/ablation/<task>/``); this module reads their
+``ablation.json`` files back (:func:`~medsup.evaluation.ablation.load_summary`) and puts the tasks side by
+side: best validation Dice per scheme and training-set size, epochs to the convergence threshold, the first
+encoder stage's gradient norm, early exit, one figure with a row per task, and a verdict on the default
+``loss.scheme`` computed from the numbers:
+
+- per (task, n_train) cell, the schemes are ranked by their mean best validation metric over seeds (1 = best);
+  the recommended scheme has the lowest mean rank over all cells (ties: the larger mean paired gap);
+- paired comparisons say how consistent the lead is: the same task, n_train and seed (so the same validation
+  cases and the same training subset) trained with two schemes, best metric of one minus the other's.
+  A lead that holds in fewer than :data:`CONSISTENT` of the pairs is called within noise.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+from medsup.data.io import atomic_path
+from medsup.evaluation.ablation import GRAD_KEY, NUMBERS, Summary, fmt, grad_mean, load_summary, mean_std
+
+log = logging.getLogger(__name__)
+
+#: the share of paired arms a scheme must win for its lead to be called consistent
+CONSISTENT = 2 / 3
+
+
+def _schemes(summaries: Sequence[Summary]) -> list[str]:
+    seen: list[str] = []
+    for s in summaries:
+        seen += [x for x in s.schemes if x not in seen]
+    return seen
+
+
+def _cells(summaries: Sequence[Summary]) -> list[tuple[Summary, int]]:
+    return [(s, n) for s in summaries for n in s.sizes]
+
+
+def mean_ranks(summaries: Sequence[Summary]) -> dict[str, float]:
+    """Per scheme, its mean rank (1 = best mean best-metric over seeds) over the (task, n_train) cells that
+    scored every scheme. Ties share the mean of their ranks."""
+    schemes = _schemes(summaries)
+    ranks: dict[str, list[float]] = {x: [] for x in schemes}
+    for s, n in _cells(summaries):
+        found = {x: mean_std(a.best for a in s.select(x, n))[0] for x in schemes}
+        means = {x: m for x, m in found.items() if m is not None}
+        if len(means) < len(schemes):
+            continue  # a cell without every scheme cannot rank them
+        for x in schemes:
+            better = sum(1 for y in schemes if means[y] > means[x])
+            equal = sum(1 for y in schemes if means[y] == means[x])
+            ranks[x].append(better + (equal + 1) / 2)
+    return {x: statistics.fmean(r) for x, r in ranks.items() if r}
+
+
+def paired_gaps(summaries: Sequence[Summary], a: str, b: str) -> list[float]:
+    """Best metric of ``a`` minus that of ``b`` for every (task, n_train, seed) that trained both."""
+    gaps = []
+    for s, n in _cells(summaries):
+        mine = {arm.seed: arm.best for arm in s.select(a, n) if arm.best is not None}
+        theirs = {arm.seed: arm.best for arm in s.select(b, n) if arm.best is not None}
+        gaps += [mine[seed] - theirs[seed] for seed in sorted(mine.keys() & theirs.keys())]
+    return gaps
+
+
+def verdict(summaries: Sequence[Summary], current_default: str | None) -> tuple[str | None, list[str]]:
+    """The recommended ``loss.scheme`` and the sentences that say why, all computed from ``summaries``."""
+    ranks = mean_ranks(summaries)
+    if not ranks:
+        return None, ["No (task, n_train) cell has every scheme scored, so no scheme can be recommended."]
+
+    def gap_sum(x: str) -> float:
+        return sum(g for y in ranks if y != x for g in paired_gaps(summaries, x, y))
+
+    order = sorted(ranks, key=lambda x: (ranks[x], -gap_sum(x)))
+    winner = order[0]
+    cells = sum(1 for s, n in _cells(summaries) if all(s.select(x, n) for x in ranks))
+    lines = [f"Over {cells} (task, n_train) cells, the mean rank of each scheme's best validation Dice (1 = best) "
+             "is " + ", ".join(f"`{x}` {ranks[x]:.2f}" for x in order) + f": `{winner}` ranks first."]
+    consistent = True
+    for other in order[1:]:
+        gaps = paired_gaps(summaries, winner, other)
+        if not gaps:
+            continue
+        wins = sum(1 for g in gaps if g > 0)
+        held = wins >= CONSISTENT * len(gaps)
+        consistent = consistent and held
+        lines.append(f"Against `{other}`, it is better in {wins} of {len(gaps)} paired arms (same task, n_train and "
+                     f"seed), by {statistics.fmean(gaps):+.3f} on average (median {statistics.median(gaps):+.3f})"
+                     + ("." if held else f": not consistent (under {CONSISTENT:.0%} of the pairs)."))
+    for s in summaries:
+        largest = max(s.sizes)
+        speeds = []
+        for x in order:
+            reached = [a.epochs_to_threshold for a in s.select(x, largest) if a.epochs_to_threshold is not None]
+            runs = len(s.select(x, largest))
+            speeds.append(f"`{x}` {fmt(reached, 1)} ({len(reached)}/{runs})")
+        lines.append(f"{s.task}: epochs to {s.metric} >= {s.threshold:g} at n_train = {largest}: "
+                     + ", ".join(speeds) + ".")
+    if current_default:
+        if current_default == winner:
+            lines.append(f"The configured default (`loss.scheme: {current_default}`) agrees with this.")
+        else:
+            lines.append(f"The configured default (`loss.scheme: {current_default}`) differs"
+                         + (f": these numbers favour `{winner}`." if consistent else
+                            f"; `{winner}` leads, but not consistently enough to call the difference real."))
+    return winner, lines
+
+
+def render_overview(summaries: Sequence[Summary], reports: Sequence[Path], out: Path, figure: str,
+                    commands: Sequence[str], current_default: str | None) -> str:
+    """The Markdown overview; ``reports`` (each task's report folder) are linked relative to ``out``."""
+    schemes = _schemes(summaries)
+    _, lines_why = verdict(summaries, current_default)
+    seeds = sorted({a.seed for s in summaries for a in s.arms})
+    cells = _cells(summaries)
+    head = ("| scheme | " + " | ".join(f"{s.task}, n = {n}" for s, n in cells) + " |\n|---|"
+            + "---|" * len(cells))
+    links = ", ".join(f"[{s.task}]({(Path(os.path.relpath(r, out.parent)) / 'ablation.md').as_posix()})"
+                      for s, r in zip(summaries, reports, strict=True))
+    lines = [
+        "# Deep-supervision ablation: overview", "",
+        f"Generated by `medsup ablation overview` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from the "
+        f"per-task reports ({links}). Schemes {', '.join(f'`{x}`' for x in schemes)}; seeds "
+        f"{', '.join(map(str, seeds))}; every arm of a task trains on the same plan for the same budget and "
+        "validates on the same cases (see each report for its budget, tables and runs).", "",
+        "## Verdict: the default `loss.scheme`", "", " ".join(lines_why), "",
+        f"![ablation overview]({figure})", "",
+        "## Best validation Dice", "",
+        "The best validation Dice of each arm (" + "; ".join(f"{s.task}: `{s.metric}`" for s in summaries)
+        + "), mean ± std over seeds.", "", head,
+    ]
+    for x in schemes:
+        lines.append(f"| `{x}` | " + " | ".join(fmt(a.best for a in s.select(x, n)) if s.select(x, n) else "–"
+                                               for s, n in cells) + " |")
+    lines += ["", "## Convergence: epochs to the threshold", "",
+              "Epochs until the validation metric first reaches the task's threshold ("
+              + "; ".join(f"{s.task} {s.threshold:g}" for s in summaries)
+              + "), mean ± std over the seeds that reached it; (reached/runs).", "", head]
+    for x in schemes:
+        row = []
+        for s, n in cells:
+            arms = s.select(x, n)
+            reached = [a.epochs_to_threshold for a in arms if a.epochs_to_threshold is not None]
+            row.append(f"{fmt(reached, 1)} ({len(reached)}/{len(arms)})" if arms else "–")
+        lines.append(f"| `{x}` | " + " | ".join(row) + " |")
+    lines += ["", f"## Gradient flow: `{GRAD_KEY}`", "",
+              "Mean over training of the first encoder stage's per-epoch gradient norm at each task's largest "
+              "n_train, mean ± std over seeds, and its ratio to `none` (no deep supervision) of the same task.", "",
+              "| scheme | " + " | ".join(s.task for s in summaries) + " |", "|---|" + "---|" * len(summaries)]
+    for x in schemes:
+        row = []
+        for s in summaries:
+            largest = max(s.sizes)
+            mine = mean_std(grad_mean(a.grad) for a in s.select(x, largest) if a.grad)[0]
+            base = mean_std(grad_mean(a.grad) for a in s.select("none", largest) if a.grad)[0]
+            values = [grad_mean(a.grad) for a in s.select(x, largest) if a.grad]
+            ratio = f" (x{mine / base:.2f})" if mine is not None and base else ""
+            row.append(fmt(values, 4) + ratio if values else "not logged")
+        lines.append(f"| `{x}` | " + " | ".join(row) + " |")
+    lines += ["", "## Early exit", "",
+              "Test Dice and seconds per case when inference stops at decoder head K (0 = the full-resolution "
+              "head), models of each task's largest n_train, mean over seeds.", "",
+              "| scheme | exit level | " + " | ".join(f"{s.task} Dice | {s.task} s/case" for s in summaries) + " |",
+              "|---|---|" + "---|---|" * len(summaries)]
+    levels = sorted({e.level for s in summaries for e in s.early_exit})
+    for x in schemes:
+        for level in levels:
+            row = []
+            for s in summaries:
+                at = [e for e in s.early_exit if e.scheme == x and e.level == level]
+                row += [fmt(e.dice for e in at), fmt((e.total_s for e in at), 2)] if at else ["–", "–"]
+            lines.append(f"| `{x}` | {level} | " + " | ".join(row) + " |")
+    if not levels:
+        lines.append("| – | – | " + " | ".join("– | –" for _ in summaries) + " |")
+    lines += ["", "## Reproduce", "", "```bash", *commands, "```", ""]
+    return "\n".join(lines)
+
+
+def find_reports(paths: Sequence[Path]) -> list[Path]:
+    """The report folders among ``paths``: a folder holding ``ablation.json``, an ``ablation.json`` file, or a
+    folder whose subfolders hold one (``docs/ablation``), in that order, without duplicates."""
+    found: list[Path] = []
+    for p in paths:
+        if p.is_file():
+            candidates = [p.parent]
+        elif (p / NUMBERS).is_file():
+            candidates = [p]
+        else:
+            candidates = sorted(q.parent for q in p.glob(f"*/{NUMBERS}"))
+        found += [c for c in candidates if c not in found]
+    return found
+
+
+def write_overview(reports: Sequence[Path], out: Path, commands: Sequence[str],
+                   current_default: str | None = None) -> dict[str, Path]:
+    """Read each report's ``ablation.json``; write ``out`` (Markdown) and its figure (``out`` with ``.png``),
+    each atomically. Tasks appear in the order of ``reports``.
+
+    Raises:
+        ValueError: no report was given, one cannot be read (named), or two reports are of the same task.
+    """
+    from medsup.evaluation.ablation_figure import overview_figure  # matplotlib, only here
+
+    if not reports:
+        raise ValueError(f"no {NUMBERS} found: run `medsup ablation summarize` (pipelines/ablation.sh) first")
+    summaries = [load_summary(r / NUMBERS) for r in reports]
+    tasks = [s.task for s in summaries]
+    if len(set(tasks)) < len(tasks):
+        raise ValueError("two reports of the same task: " + ", ".join(
+            f"{r} ({s.task})" for r, s in zip(reports, summaries, strict=True)))
+    out = Path(out)
+    figure = out.with_suffix(".png")
+    overview_figure(summaries, figure)
+    winner, _ = verdict(summaries, current_default)
+    with atomic_path(out) as tmp:
+        tmp.write_text(render_overview(summaries, reports, out, figure.name, commands, current_default),
+                       encoding="utf-8")
+    numbers = out.with_suffix(".json")
+    with atomic_path(numbers) as tmp:
+        tmp.write_text(json.dumps({"tasks": tasks, "reports": [str(r) for r in reports], "default_scheme": winner,
+                                   "mean_ranks": mean_ranks(summaries)}, indent=2) + "\n", encoding="utf-8")
+    log.info("wrote %s, %s and %s", out, figure, numbers)
+    return {"markdown": out, "figure": figure, "numbers": numbers}
+
