@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _setup import add_threads_option, start
 
 log = logging.getLogger("bench.dataload")
 
@@ -41,12 +42,9 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=40)
     parser.add_argument("--workers", type=int, default=None, help="override train.num_workers")
     parser.add_argument("--samples", type=int, default=20, help="samples for the per-transform breakdown")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; 1 on a machine "
-                        "shared with other jobs, where a 2-thread OpenMP pool stalls at every barrier)")
+    add_threads_option(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    start(args)
     overrides = [f"train.iterations_per_epoch={args.batches}"]
     if args.workers is not None:
         overrides.append(f"train.num_workers={args.workers}")

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _setup import add_threads_option, start
 
 log = logging.getLogger("bench.train_step")
 
@@ -271,12 +272,9 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="peak for MFU (default 989 = H100 bf16 dense on CUDA, none on CPU)")
     parser.add_argument("--quick", action="store_true", help="tiny scale, 1 iteration x 1 block, one task")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; 1 on a machine "
-                        "shared with other jobs, where a 2-thread OpenMP pool stalls at every barrier)")
+    add_threads_option(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    start(args)
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     if args.quick:

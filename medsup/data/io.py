@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
+import math
 import os
 import secrets
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import nibabel.orientations as nio
@@ -408,6 +411,25 @@ def atomic_path(path: Path | str):  # type: ignore[no-untyped-def]
         if full:
             raise DiskFullError(errno.ENOSPC, f"{path}: write failed: no space left on the device ({err})") from None
         raise
+
+
+def finite_or_none(value: Any) -> Any:
+    """``value`` with every NaN and infinity (in nested dicts, lists and tuples) replaced by ``None``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def write_json(path: Path | str, value: Any, indent: int = 2) -> Path:
+    """Atomically write ``value`` to ``path`` as strict JSON plus a newline: NaN and infinities become ``null``
+    (other JSON readers refuse Python's ``NaN``)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(finite_or_none(value), indent=indent, allow_nan=False) + "\n", encoding="utf-8")
+    return Path(path)
 
 
 def write_image(path: Path | str, array: np.ndarray, geometry: Geometry, compress: bool = True) -> Path:

@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
-from medsup.data.io import atomic_path
+from medsup.data.io import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ def load_summary(path: Path) -> Summary:
         ValueError: naming ``path``: it cannot be read, is not JSON, or is not an ablation summary.
     """
     def pairs(points: list[list[Any]] | None) -> list[tuple[int, float]] | None:
-        # JSON holds NaN/inf as null (see _jsonable): such points are dropped, as the tables ignore them
+        # JSON holds NaN/inf as null (medsup.data.io.finite_or_none): such points are dropped, as in the tables
         return None if points is None else [(int(e), float(v)) for e, v in points if v is not None]
 
     try:
@@ -388,19 +388,9 @@ def write_report(s: Summary, out_dir: Path, commands: Sequence[str]) -> dict[str
     out_dir = Path(out_dir)
     paths = {"markdown": out_dir / MARKDOWN, "figure": out_dir / FIGURE, "numbers": out_dir / NUMBERS}
     ablation_figure(s, paths["figure"])
-    with atomic_path(paths["numbers"]) as tmp:
-        tmp.write_text(json.dumps(_jsonable(asdict(s)), indent=2) + "\n", encoding="utf-8")
+    write_json(paths["numbers"], asdict(s))
     with atomic_path(paths["markdown"]) as tmp:
         tmp.write_text(render(s, FIGURE, commands), encoding="utf-8")
     log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
     return paths
 
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    return value

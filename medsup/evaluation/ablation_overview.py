@@ -15,7 +15,6 @@ encoder stage's gradient norm, early exit, one figure with a row per task, and a
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import statistics
@@ -23,7 +22,7 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
-from medsup.data.io import atomic_path
+from medsup.data.io import atomic_path, write_json
 from medsup.evaluation.ablation import GRAD_KEY, NUMBERS, Summary, fmt, grad_mean, load_summary, mean_std
 
 log = logging.getLogger(__name__)
@@ -223,10 +222,8 @@ def write_overview(reports: Sequence[Path], out: Path, commands: Sequence[str],
     with atomic_path(out) as tmp:
         tmp.write_text(render_overview(summaries, reports, out, figure.name, commands, current_default),
                        encoding="utf-8")
-    numbers = out.with_suffix(".json")
-    with atomic_path(numbers) as tmp:
-        tmp.write_text(json.dumps({"tasks": tasks, "reports": [str(r) for r in reports], "default_scheme": winner,
-                                   "mean_ranks": mean_ranks(summaries)}, indent=2) + "\n", encoding="utf-8")
+    numbers = write_json(out.with_suffix(".json"), {"tasks": tasks, "reports": [str(r) for r in reports],
+                                                     "default_scheme": winner, "mean_ranks": mean_ranks(summaries)})
     log.info("wrote %s, %s and %s", out, figure, numbers)
     return {"markdown": out, "figure": figure, "numbers": numbers}
 

@@ -23,7 +23,6 @@ Outputs (atomic): ``OUT/metrics.csv`` (one row per case and class) and ``OUT/sum
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import re
@@ -38,7 +37,7 @@ import numpy as np
 
 from medsup.config import Config
 from medsup.data.datalist import LABEL_DIRS, case_id_of
-from medsup.data.io import ImageReadError, atomic_path, is_image_path, read_image
+from medsup.data.io import ImageReadError, atomic_path, finite_or_none, is_image_path, read_image, write_json
 from medsup.evaluation.metrics import HD_PERCENTILE, ClassMetrics, bounding_box, class_metrics
 from medsup.tasks import get_task
 
@@ -89,7 +88,7 @@ class CaseResult:
             "case": self.case, "status": self.status, "prediction": self.prediction, "reference": self.reference,
             "error": self.error, "warnings": self.warnings, "shape": self.shape, "spacing": self.spacing,
             "seconds": round(self.seconds, 4),
-            "classes": {name: _json_safe(m.as_dict()) for name, m in self.classes.items()},
+            "classes": {name: finite_or_none(m.as_dict()) for name, m in self.classes.items()},
         }
 
 
@@ -121,16 +120,6 @@ class EvaluationResult:
         for key, value in self.summary["counts"].items():
             out[f"eval.cases.{key}"] = float(value)
         return out
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def _files(folder: Path) -> list[Path]:
@@ -282,13 +271,6 @@ def write_csv(path: Path, cases: list[CaseResult], task_labels: dict[str, int]) 
     return path
 
 
-def write_json(path: Path, payload: dict[str, Any]) -> Path:
-    """Strict JSON (NaN as null), written atomically."""
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(json.dumps(_json_safe(payload), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    return path
-
-
 def evaluate_folders(pred_dir: Path, ref_dir: Path, cfg: Config, out_dir: Path,
                      progress: Callable[[CaseResult], None] | None = None) -> EvaluationResult:
     """Pair, evaluate every case, aggregate and write ``metrics.csv`` + ``summary.json`` under ``out_dir``.
@@ -339,4 +321,4 @@ def evaluate_folders(pred_dir: Path, ref_dir: Path, cfg: Config, out_dir: Path,
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = write_csv(out_dir / "metrics.csv", cases, class_labels)
     json_path = write_json(out_dir / "summary.json", summary)
-    return EvaluationResult(cases, _json_safe(summary), csv_path, json_path)
+    return EvaluationResult(cases, finite_or_none(summary), csv_path, json_path)

@@ -16,26 +16,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from medsup.data.io import atomic_path
+from medsup.data.io import write_json
 
 HISTORY = "history.json"
 VALIDATION = "validation.json"
 
 
-def _finite_or_none(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite_or_none(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def _write(path: Path, rows: list[Any]) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(_finite_or_none(rows), indent=1) + "\n", encoding="utf-8")
-    return Path(path)
+    return write_json(path, rows, indent=1)
 
 
 def write_history(path: Path, history: Sequence[dict[str, float]]) -> Path:

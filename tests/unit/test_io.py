@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import gzip
+import json
+import math
 import os
 import time
 from pathlib import Path
@@ -9,7 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from medsup.data.io import Geometry, ImageReadError, Volume, read_header, read_image, to_sitk, write_image
+from medsup.data.io import Geometry, ImageReadError, Volume, read_header, read_image, to_sitk, write_image, write_json
 from tests.conftest import make_volume, rotated_direction
 
 
@@ -188,3 +190,15 @@ def test_single_slice_dicom_is_refused_as_2d(realdata: Path) -> None:
         with pytest.raises(ImageReadError, match="single slice") as err:
             read_image(path)
         assert str(path) in str(err.value)
+
+
+def test_write_json_is_strict_and_atomic(tmp_path: Path) -> None:
+    value = {"a": math.nan, "b": [1.0, math.inf, (2, -math.inf)], "c": "x"}
+    path = write_json(tmp_path / "out" / "numbers.json", value)
+    text = path.read_text(encoding="utf-8")
+    assert json.loads(text) == {"a": None, "b": [1.0, None, [2, None]], "c": "x"} and text.endswith("}\n")
+    assert "NaN" not in text and "Infinity" not in text
+    with pytest.raises(TypeError):
+        write_json(path, {"unserialisable": object()})
+    assert json.loads(path.read_text(encoding="utf-8"))["c"] == "x"  # the old file stays whole
+    assert [p.name for p in path.parent.iterdir()] == ["numbers.json"]
