@@ -28,7 +28,9 @@ from scipy import ndimage
 
 from medsup.data import phantoms
 from medsup.data.io import Geometry, write_image
-from medsup.data.phantoms import Phantom, Slices, Tissue
+from medsup.data.lesions import liver_tumours, lung_nodules
+from medsup.data.phantoms import Phantom, Tissue
+from medsup.data.solids import Canvas, Layer, Slices
 from medsup.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -211,9 +213,9 @@ def generate_case(task: str, index: int, seed: int = 0, full_size: bool = False,
     z = grid.z.ravel()
     zlo, zhi = float(z.min()), float(z.max())
     if spec.anatomy == "abdomen":
-        phantom.lesions = phantoms.liver_tumours(anatomy_rng, phantom, zlo, zhi, spec.diameters, spec.counts)
+        phantom.lesions = liver_tumours(anatomy_rng, phantom, zlo, zhi, spec.diameters, spec.counts)
     else:
-        phantom.lesions = phantoms.lung_nodules(anatomy_rng, phantom, zlo, zhi, spec.diameters, spec.counts)
+        phantom.lesions = lung_nodules(anatomy_rng, phantom, zlo, zhi, spec.diameters, spec.counts)
     image, label = _image(phantom, spec, geometry, grid, np.random.default_rng(tex_seq), noise_seq,
                           scan_rng, pad, slab=48 if full_size else geometry.shape[2])
     lesions = tuple({"kind": les.kind, "center_mm": [round(float(v), 2) for v in les.center + to_world],
@@ -221,13 +223,13 @@ def generate_case(task: str, index: int, seed: int = 0, full_size: bool = False,
     return Case(image, label, geometry, lesions)
 
 
-def paint(layers: list[phantoms.Layer], grid: _Grid, k0: int, k1: int, tex: _SmoothNoise | None = None,
+def paint(layers: list[Layer], grid: _Grid, k0: int, k1: int, tex: _SmoothNoise | None = None,
           grain: _SmoothNoise | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Paint ``layers`` on slices ``k0:k1`` of ``grid``: noise-free HU (float32) and tissue ids (uint8), both
     ``(I, J, k1 - k0)``; air (-1000 HU, tissue 0) where nothing is painted."""
     hu = np.full((grid.shape[0], grid.shape[1], k1 - k0), -1000.0, dtype=np.float32)
     tissue = np.zeros(hu.shape, dtype=np.uint8)
-    canvas = phantoms.Canvas(hu, tissue, grid.x, grid.y, grid.z[:, :, k0:k1],
+    canvas = Canvas(hu, tissue, grid.x, grid.y, grid.z[:, :, k0:k1],
                              locate=functools.partial(grid.locate, k0=k0, k1=k1),
                              tex=None if tex is None else tex.slab(k0, k1),
                              grain=None if grain is None else grain.slab(k0, k1))

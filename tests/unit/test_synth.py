@@ -11,6 +11,7 @@ from scipy import ndimage
 
 from medsup.data import phantoms
 from medsup.data.io import Geometry, Volume, read_image
+from medsup.data.solids import Layer, tissue_at
 from medsup.data.synth import _Grid, generate_case, paint, synthesize
 
 
@@ -123,7 +124,7 @@ def test_lung_case_has_aerated_lungs_and_nodule_labels() -> None:
     assert case.image.dtype == np.int16
 
 
-def _grid_pair() -> tuple[list[phantoms.Layer], _Grid, _Grid, Geometry]:
+def _grid_pair() -> tuple[list[Layer], _Grid, _Grid, Geometry]:
     """A tiny phantom and two grids on exactly the same voxel centres: one stored LPS, one RAS."""
     phantom = phantoms.abdomen(np.random.default_rng(0), scale=0.22)
     shape, spacing = (30, 28, 20), (2.5, 2.5, 3.0)
@@ -191,5 +192,5 @@ def test_painting_agrees_with_point_queries_on_a_rotated_grid() -> None:
     _, tissue = paint(phantom.layers, grid, 0, 18)
     ijk = np.stack(np.meshgrid(*[np.arange(n) for n in geometry.shape], indexing="ij"), -1).reshape(-1, 3)
     centres = np.asarray(geometry.origin) + (ijk * np.asarray(geometry.spacing)) @ geometry.direction_matrix.T
-    expected = phantoms.tissue_at(phantom.layers, centres).reshape(geometry.shape)
+    expected = tissue_at(phantom.layers, centres).reshape(geometry.shape)
     assert np.array_equal(tissue, expected)
