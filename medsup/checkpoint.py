@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medsup.data.io import atomic_path
+from medsup.data.files import atomic_path
 
 log = logging.getLogger(__name__)
 

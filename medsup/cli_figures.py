@@ -96,7 +96,7 @@ def _run_figures(run: Path, out_dir: Path, cases: bool, device: str) -> list[Pat
 
 
 def _overlay(image: Path, ref: Path, pred: Path, task: str, out_dir: Path) -> Path:
-    from medsup.data.io import strip_suffix
+    from medsup.data.files import strip_suffix
     from medsup.evaluation.overlays import overlay_files
     from medsup.tasks import get_task
 
@@ -106,7 +106,7 @@ def _overlay(image: Path, ref: Path, pred: Path, task: str, out_dir: Path) -> Pa
 
 
 def _ds_panel(model: Path, image: Path, ref: Path | None, out_dir: Path, device: str) -> Path:
-    from medsup.data.io import strip_suffix
+    from medsup.data.files import strip_suffix
     from medsup.evaluation.run_figures import ds_panel_files
 
     return ds_panel_files(model, image, out_dir / f"{strip_suffix(image)}_deep_supervision.png", reference=ref,

@@ -32,8 +32,8 @@ from medsup.checkpoint import CheckpointError, load_checkpoint, rng_state, save_
 from medsup.config import Config, from_json
 from medsup.data.check import check_dataset
 from medsup.data.datalist import load_datalist
+from medsup.data.files import atomic_path
 from medsup.data.fingerprint import plan_dataset
-from medsup.data.io import atomic_path
 from medsup.data.planning import Plan
 from medsup.data.splits import fold_split, save_splits
 from medsup.data.transforms import background_value, eval_transforms, train_transforms

@@ -23,7 +23,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medsup.data.io import image_suffix, is_image_path, real_path, strip_suffix
+from medsup.data.files import image_suffix, real_path, strip_suffix
+from medsup.data.io import is_image_path
 
 IMAGE_DIRS = ("imagesTr", "images", "image", "img")
 LABEL_DIRS = ("labelsTr", "labels", "label", "masks", "segmentations")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import os
 import re
-import shutil
 import stat
 from pathlib import Path
 
@@ -33,29 +32,6 @@ _PIXEL_BYTES = {sitk.sitkInt8: 1, sitk.sitkUInt8: 1, sitk.sitkInt16: 2, sitk.sit
 
 class ImageReadError(ValueError):
     """An image could not be read or is not a usable 3-D scalar volume; the message names the file."""
-
-
-class DiskFullError(OSError):
-    """A write failed because its file system (or the user's quota) is full: every later write there would fail
-    too, so a batch stops instead of computing outputs it cannot keep."""
-
-
-#: a failed write with less than this free beside it counts as a full disk (what is left is less than a label
-#: volume of a small scan; the partial temp file still holds the space when this is checked)
-DISK_FULL_FREE_BYTES = 1 << 20
-
-
-def is_disk_full(err: BaseException, folder: Path) -> bool:
-    """Did the write that raised ``err`` into ``folder`` fail for want of space? ENOSPC or EDQUOT, or (ITK's
-    writers report a short write without errno) less than :data:`DISK_FULL_FREE_BYTES` free in ``folder``."""
-    if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT):  # DiskFullError carries ENOSPC too
-        return True
-    if not isinstance(err, OSError):
-        return False
-    try:
-        return shutil.disk_usage(folder).free < DISK_FULL_FREE_BYTES
-    except OSError:
-        return False
 
 
 def check_source(path: Path) -> bool:

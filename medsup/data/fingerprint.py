@@ -18,7 +18,8 @@ import numpy as np
 
 from medsup.config import Config
 from medsup.data.datalist import Case, load_datalist
-from medsup.data.io import ImageReadError, atomic_path, read_image
+from medsup.data.files import atomic_path
+from medsup.data.io import ImageReadError, read_image
 from medsup.data.planning import Plan, make_plan
 from medsup.data.splits import make_splits, save_splits, split_seed
 

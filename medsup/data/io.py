@@ -12,22 +12,15 @@ Every format goes through SimpleITK (NIfTI, NRRD, MHA/MHD, DICOM series folders)
 geometry. The header is read and validated before any pixel is, so a header claiming a terabyte-sized volume
 fails fast without allocating it, and so does one claiming far more pixel data than its file can hold
 (:mod:`medsup.data.filecheck` also refuses FIFOs, dangling symlinks and headers ITK misreads or chokes on).
-Writes are atomic: a temp file in the target folder, then a rename.
+Writes are atomic (:func:`medsup.data.files.atomic_path`): a temp file in the target folder, then a rename.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import json
 import logging
-import math
-import os
-import secrets
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import nibabel as nib
 import nibabel.orientations as nio
@@ -37,7 +30,6 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
 from medsup.data.filecheck import (
-    DiskFullError,
     ImageReadError,
     check_data_size,
     check_metaimage_header,
@@ -45,13 +37,11 @@ from medsup.data.filecheck import (
     check_nifti_written,
     check_nrrd_header,
     check_source,
-    is_disk_full,
 )
+from medsup.data.files import IMAGE_SUFFIXES, atomic_path, image_suffix
 
 log = logging.getLogger(__name__)
 
-#: file suffixes read as single files, longest first so ``.nii.gz`` wins over ``.gz``
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 #: the largest volume a header may claim before we refuse to allocate it (voxels)
 MAX_VOXELS = 2_000_000_000
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -167,27 +157,6 @@ def _triple(values: object) -> tuple[float, float, float]:
 def _triple_int(values: object) -> tuple[int, int, int]:
     a, b, c = (int(v) for v in values)  # type: ignore[attr-defined]
     return (a, b, c)
-
-
-def image_suffix(path: Path) -> str:
-    """The recognised suffix of ``path`` (``".nii.gz"`` ...); ``""`` for a DICOM folder or unknown file."""
-    name = path.name.lower()
-    for suffix in IMAGE_SUFFIXES:
-        if name.endswith(suffix):
-            return suffix
-    return ""
-
-
-def strip_suffix(path: Path) -> str:
-    """File name without its image suffix: ``case_01.nii.gz`` -> ``case_01``."""
-    suffix = image_suffix(path)
-    return path.name[: -len(suffix)] if suffix else path.name
-
-
-def real_path(path: Path) -> Path:
-    """``path`` made absolute with every symlink resolved, like ``Path.resolve()``, except that a symlink loop
-    stays unresolved instead of raising ``RuntimeError`` (Python < 3.13); reading such a path reports it."""
-    return Path(os.path.realpath(path))
 
 
 def is_image_path(path: Path) -> bool:
@@ -378,58 +347,6 @@ def to_sitk(array: np.ndarray, geometry: Geometry) -> sitk.Image:
     image.SetOrigin(geometry.origin)
     image.SetDirection(geometry.direction)
     return image
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path | str):  # type: ignore[no-untyped-def]
-    """Yield a temp path beside ``path`` with the same suffix; rename it over ``path`` only on success.
-
-    A crash, Ctrl-C or full disk leaves no partial ``path`` behind (the temp file is removed).
-
-    Raises:
-        DiskFullError: the write failed for want of space (an ``OSError``; see :func:`is_disk_full`).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = image_suffix(path) or path.suffix
-    while True:
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp{suffix}")
-        try:
-            # not tempfile.mkstemp: its 0600 would survive the rename and hide every output from other users;
-            # os.open's 0666 less the umask gives what a plain open() would
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            break
-        except FileExistsError:
-            continue
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException as err:
-        full = not isinstance(err, DiskFullError) and is_disk_full(err, path.parent)  # before the temp file goes
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        if full:
-            raise DiskFullError(errno.ENOSPC, f"{path}: write failed: no space left on the device ({err})") from None
-        raise
-
-
-def finite_or_none(value: Any) -> Any:
-    """``value`` with every NaN and infinity (in nested dicts, lists and tuples) replaced by ``None``."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [finite_or_none(v) for v in value]
-    return value
-
-
-def write_json(path: Path | str, value: Any, indent: int = 2) -> Path:
-    """Atomically write ``value`` to ``path`` as strict JSON plus a newline: NaN and infinities become ``null``
-    (other JSON readers refuse Python's ``NaN``)."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(finite_or_none(value), indent=indent, allow_nan=False) + "\n", encoding="utf-8")
-    return Path(path)
 
 
 def write_image(path: Path | str, array: np.ndarray, geometry: Geometry, compress: bool = True) -> Path:

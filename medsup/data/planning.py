@@ -80,7 +80,7 @@ class Plan(BaseModel):
 
     def save(self, path: Path | str) -> Path:
         """Write ``plan.json`` atomically."""
-        from medsup.data.io import atomic_path
+        from medsup.data.files import atomic_path
 
         path = Path(path)
         with atomic_path(path) as tmp:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medsup.data.datalist import load_datalist
-from medsup.data.io import atomic_path
+from medsup.data.files import atomic_path
 
 if TYPE_CHECKING:
     from medsup.config import Config

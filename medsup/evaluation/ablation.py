@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
-from medsup.data.io import atomic_path, write_json
+from medsup.data.files import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
-from medsup.data.io import atomic_path, write_json
+from medsup.data.files import atomic_path, write_json
 from medsup.evaluation.ablation import GRAD_KEY, NUMBERS, Summary, fmt, grad_mean, load_summary, mean_std
 
 log = logging.getLogger(__name__)

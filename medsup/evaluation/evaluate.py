@@ -37,7 +37,8 @@ import numpy as np
 
 from medsup.config import Config
 from medsup.data.datalist import LABEL_DIRS, case_id_of
-from medsup.data.io import ImageReadError, atomic_path, finite_or_none, is_image_path, read_image, write_json
+from medsup.data.files import atomic_path, finite_or_none, write_json
+from medsup.data.io import ImageReadError, is_image_path, read_image
 from medsup.evaluation.metrics import HD_PERCENTILE, ClassMetrics, bounding_box, class_metrics
 from medsup.tasks import get_task
 

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from medsup.data.io import atomic_path
+from medsup.data.files import atomic_path
 
 #: figure resolution; a figure of ``w x h`` inches is ``100 w x 100 h`` pixels
 DPI = 100

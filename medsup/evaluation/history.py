@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from medsup.data.io import write_json
+from medsup.data.files import write_json
 
 HISTORY = "history.json"
 VALIDATION = "validation.json"

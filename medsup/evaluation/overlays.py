@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from medsup.data.io import Geometry, Volume, read_image, strip_suffix
+from medsup.data.files import strip_suffix
+from medsup.data.io import Geometry, Volume, read_image
 from medsup.evaluation.figures import pyplot, save_figure
 
 Point = tuple[int, int, int]

@@ -19,18 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from medsup.data.io import (
-    IMAGE_SUFFIXES,
-    DiskFullError,
-    ImageReadError,
-    atomic_path,
-    image_suffix,
-    is_image_path,
-    read_header,
-    real_path,
-    strip_suffix,
-    write_image,
-)
+from medsup.data.files import IMAGE_SUFFIXES, DiskFullError, atomic_path, image_suffix, real_path, strip_suffix
+from medsup.data.io import ImageReadError, is_image_path, read_header, write_image
 from medsup.inference.predictor import CaseError, Predictor, Prepared
 from medsup.inference.window import TileHook
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from medsup.data.io import Geometry, ImageReadError, Volume, read_header, read_image, to_sitk, write_image, write_json
+from medsup.data.files import write_json
+from medsup.data.io import Geometry, ImageReadError, Volume, read_header, read_image, to_sitk, write_image
 from tests.conftest import make_volume, rotated_direction
 
 
