@@ -102,7 +102,7 @@ class LossConfig(_Section):
     dsn_gamma_momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
     dsn_alpha: Annotated[float, Field(ge=0)] = 1.0
     dsn_schedule: Literal["constant", "linear", "exponential", "switch"] = "linear"
-    dsn_end_epoch: Annotated[int, Field(ge=0)] = 100
+    dsn_end_epoch: Annotated[int, Field(ge=0)] | None = None  # None: train.epochs (resolved by build_loss)
     dsn_decay: Annotated[float, Field(gt=0, le=1)] = 0.97
 
     @model_validator(mode="after")

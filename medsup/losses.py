@@ -83,6 +83,8 @@ def nnunet_weights(num_heads: int, zero_coarsest: bool = False) -> list[float]:
 def dsn_alpha(cfg: LossConfig, epoch: int) -> float:
     """Companion weight ``alpha(t)`` of the DSN scheme at 0-based ``epoch``.
 
+    ``end`` is ``loss.dsn_end_epoch``, by default the training's epochs (:func:`build_loss` fills it in), so that
+    the companions fade out over the whole training as in the DSN paper, whatever its length.
     ``constant``: ``alpha0``; ``linear``: ``alpha0 * (1 - epoch / end)``, 0 from ``end`` on; ``exponential``:
     ``alpha0 * decay**epoch``; ``switch``: ``alpha0`` before ``end``, then 0 (the original DSN code dropped
     the companion heads late in training).
@@ -92,6 +94,10 @@ def dsn_alpha(cfg: LossConfig, epoch: int) -> float:
     a0, end = cfg.dsn_alpha, cfg.dsn_end_epoch
     if cfg.dsn_schedule == "constant":
         return a0
+    if end is None and cfg.dsn_schedule in ("linear", "switch"):
+        raise ValueError("loss.dsn_end_epoch is unset: build the loss with build_loss(), which sets it to "
+                         "train.epochs")
+    end = end or 0
     if cfg.dsn_schedule == "linear":
         return a0 * max(0.0, 1.0 - epoch / end) if end > 0 else 0.0
     if cfg.dsn_schedule == "exponential":
@@ -265,8 +271,11 @@ def downsample_label(label: Tensor, size: Sequence[int]) -> Tensor:
 
 
 def build_loss(cfg: Config) -> DeepSupervisionLoss:
-    """The deep-supervision loss of ``cfg.loss`` over a per-head MONAI DiceCE (softmax, one-hot labels)."""
+    """The deep-supervision loss of ``cfg.loss`` over a per-head MONAI DiceCE (softmax, one-hot labels); an unset
+    ``loss.dsn_end_epoch`` becomes ``train.epochs``."""
     c = cfg.loss
+    if c.dsn_end_epoch is None:
+        c = c.model_copy(update={"dsn_end_epoch": cfg.train.epochs})
     dice_ce = DiceCELoss(
         to_onehot_y=True,
         softmax=True,

@@ -83,6 +83,20 @@ def test_dsn_alpha_schedules(schedule: str, epochs: list[int], expected: list[fl
     assert loss.weights(3) == pytest.approx([1.0, expected[-1], expected[-1]])
 
 
+def test_dsn_companions_fade_over_the_whole_training_by_default() -> None:
+    """loss.dsn_end_epoch unset: alpha reaches 0 at train.epochs (the DSN paper's alpha0 * (1 - t/N))."""
+    for epochs in (30, 200):
+        cfg = load("tiny", ["loss.scheme=dsn", f"train.epochs={epochs}"])
+        assert cfg.loss.dsn_end_epoch is None
+        loss = build_loss(cfg)
+        loss.set_epoch(epochs // 2)
+        assert loss.weights(2) == pytest.approx([1.0, 0.5])
+        loss.set_epoch(epochs - 1)
+        assert loss.weights(2)[1] == pytest.approx(1 / epochs)
+    with pytest.raises(ValueError, match="dsn_end_epoch is unset"):
+        dsn_alpha(load("tiny", ["loss.scheme=dsn"]).loss, 3)
+
+
 def test_absolute_hinge_switches_a_companion_off_below_gamma() -> None:
     loss = mean_loss(["loss.scheme=dsn", "loss.dsn_gamma=0.3", "loss.dsn_schedule=constant", "loss.dsn_alpha=0.5"])
     heads = heads_with_values([0.5, 0.2, 0.8])
