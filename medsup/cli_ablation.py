@@ -44,8 +44,8 @@ def summarize(
     """Tables (convergence, low data, gradient flow, early exit), a figure and a generated default-scheme
     paragraph from the ablation's MLflow runs, written atomically to OUT/ablation.md."""
     from medsup.config import ConfigError, load
+    from medsup.evaluation.ablation import CLASS_PREFIX, GRAD_KEY, task_metric, write_report
     from medsup.evaluation.ablation import summarize as summarize_runs
-    from medsup.evaluation.ablation import task_metric, write_report
     from medsup.tracking import TrackingUnavailable, resolve_tracking_uri
     from medsup.tracking.experiments import experiment_runs
 
@@ -55,7 +55,7 @@ def summarize(
         current = load(task).loss.scheme
         uri = resolve_tracking_uri(tracking_uri, None, Path.cwd())[0]
         key, _ = task_metric(task, metric, threshold)
-        runs = experiment_runs(uri, experiment, history_prefixes=(key, "train.grad_norm.encoder0"))
+        runs = experiment_runs(uri, experiment, history_prefixes=(key, CLASS_PREFIX, GRAD_KEY))
         summary = summarize_runs(runs, experiment, task, metric, threshold, early_exit, current)
     except (ConfigError, ValueError, TrackingUnavailable) as err:
         _fail(str(err))

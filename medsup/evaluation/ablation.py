@@ -37,6 +37,7 @@ from medsup.data.files import atomic_path, write_json
 log = logging.getLogger(__name__)
 
 GRAD_KEY = "train.grad_norm.encoder0"
+CLASS_PREFIX = "val.dice."  # per-class validation Dice: val.dice.liver, val.dice.tumour, ...
 #: per task: the validation metric the convergence and low-data tables use, and the convergence threshold
 TASK_METRICS: dict[str, tuple[str, float]] = {
     "liver": ("val.dice.liver", 0.9),
@@ -73,6 +74,8 @@ class Arm:
     epochs_to_threshold: int | None
     best: float | None
     final: float | None
+    #: best of every other per-class validation metric (``val.dice.<class>``): what the main metric hides
+    others: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -152,8 +155,11 @@ def collect_arms(runs: Iterable[RunLike], task: str, metric: str, threshold: flo
         reached = next((step for step, v in curve if v >= threshold), None)
         budget = (f"{run.params.get('train.epochs', '?')} epochs x {run.params.get('train.iterations_per_epoch', '?')}"
                   f" iterations x batch {run.params.get('planned.batch_size', '?')}")
+        others = {key: max(finite) for key, points in run.history.items()
+                  if key.startswith(CLASS_PREFIX) and key != metric
+                  and (finite := [v for _, v in points if math.isfinite(v)])}
         arms.append(Arm(scheme, seed, n_train, run.run_id, run.name, budget, curve, run.history.get(GRAD_KEY),
-                        reached, max(values) if values else None, values[-1] if values else None))
+                        reached, max(values) if values else None, values[-1] if values else None, others))
     return arms, skipped
 
 
@@ -341,6 +347,15 @@ def render(s: Summary, figure: str, commands: Sequence[str]) -> str:
         cells = [f"{fmt(a.best for a in s.select(sch, n))} / {fmt(a.final for a in s.select(sch, n))}"
                  if s.select(sch, n) else "–" for n in sizes]
         lines.append(f"| `{sch}` | " + " | ".join(cells) + " |")
+    others = sorted({k for a in s.arms for k in a.others})
+    if others:
+        lines += ["", "Best validation Dice of the other classes (mean over seeds): what the table above leaves out.",
+                  "", "| scheme | " + " | ".join(f"{k.removeprefix(CLASS_PREFIX)}, n_train = {n}"
+                                                  for k in others for n in sizes) + " |",
+                  "|---|" + "---|" * (len(others) * len(sizes))]
+        for sch in s.schemes:
+            lines.append(f"| `{sch}` | " + " | ".join(fmt(a.others.get(k) for a in s.select(sch, n))
+                                                     for k in others for n in sizes) + " |")
     largest = max(sizes)
     lines += ["", f"## 3. Gradient flow: `{GRAD_KEY}` (n_train = {largest})", "",
               "Mean per-epoch L2 gradient norm of the first encoder stage, mean ± std over seeds.", "",

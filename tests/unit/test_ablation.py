@@ -211,3 +211,15 @@ def test_overview_refuses_bad_reports(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="two reports of the same task"):
         write_overview([tmp_path / "a", tmp_path / "b"], tmp_path / "o.md", [])
     assert not (tmp_path / "o.md").exists()
+
+
+def test_other_classes_are_reported_beside_the_main_metric() -> None:
+    runs = _runs()
+    for r in runs:  # the liver arms also logged a tumour Dice that never got anywhere, except nnunet's
+        r.history["val.dice.tumour"] = [(1, 0.0), (2, 0.2 if r.params["loss.scheme"] == "nnunet" else 0.01)]
+    s = summarize(runs, "medsup-ablation", "liver")
+    assert s.select("nnunet", 20)[0].others == {"val.dice.tumour": 0.2}
+    report = render(s, "ablation.png", [])
+    assert "| scheme | tumour, n_train = 2 | tumour, n_train = 20 |" in report
+    assert "| `nnunet` | 0.200 ± 0.000 | 0.200 ± 0.000 |" in report and "| `dsn` | 0.010 ± 0.000 |" in report
+    assert "other classes" not in render(summarize(_runs(), "e", "liver"), "a.png", [])  # none logged: no table
