@@ -69,10 +69,14 @@ done
 folds=$(((largest + VAL_CASES - 1) / VAL_CASES + 1))
 pool=$((folds * VAL_CASES))
 
-step "synthesise a $pool-case $TASK pool ($folds folds of $VAL_CASES) and $TEST_CASES labelled test cases"
-medsup synth --task "$TASK" --cases "$pool" --test-cases 0 --seed 0 --out "$OUT/data"
-medsup synth --task "$TASK" --cases "$TEST_CASES" --test-cases 0 --seed 1 --out "$OUT/test"
-medsup plan --task "$TASK" --data "$OUT/data" --preset "$PRESET" --out "$OUT/plan.json"
+if [ -f "$OUT/data/dataset.json" ] && [ -f "$OUT/test/dataset.json" ] && [ -f "$OUT/plan.json" ]; then
+    step "the $TASK pool, test set and plan: made already, kept"  # synth writes dataset.json last
+else
+    step "synthesise a $pool-case $TASK pool ($folds folds of $VAL_CASES) and $TEST_CASES labelled test cases"
+    medsup synth --task "$TASK" --cases "$pool" --test-cases 0 --seed 0 --out "$OUT/data"
+    medsup synth --task "$TASK" --cases "$TEST_CASES" --test-cases 0 --seed 1 --out "$OUT/test"
+    medsup plan --task "$TASK" --data "$OUT/data" --preset "$PRESET" --out "$OUT/plan.json"
+fi
 
 common=(--set data.num_folds="$folds" --set data.fold=0 --set data.split_seed=0
     --set train.epochs="$EPOCHS" --set train.iterations_per_epoch="$ITERATIONS" --set train.val_every=1

@@ -176,6 +176,7 @@ def test_mlflow_run_entry_point_reuses_the_arms(smoke: Smoke) -> None:
                           env=_env(smoke.tmp))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     log = done.stdout + done.stderr
+    assert "the tiny pool, test set and plan: made already, kept" in log
     assert log.count("trained already, kept") == len(SCHEMES) * len(SIZES) - 1
     assert f"{interrupted.name}: resume from its last checkpoint" in log
     assert (interrupted / "model" / "weights.pt").is_file()
