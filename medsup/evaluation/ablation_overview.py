@@ -83,14 +83,13 @@ def verdict(summaries: Sequence[Summary], current_default: str | None) -> tuple[
     cells = sum(1 for s, n in _cells(summaries) if all(s.select(x, n) for x in ranks))
     lines = [f"Over {cells} (task, n_train) cells, the mean rank of each scheme's best validation Dice (1 = best) "
              "is " + ", ".join(f"`{x}` {ranks[x]:.2f}" for x in order) + f": `{winner}` ranks first."]
-    consistent = True
+    consistent: dict[str, bool] = {}  # per other scheme: does the winner's lead over it hold in the pairs?
     for other in order[1:]:
         gaps = paired_gaps(summaries, winner, other)
         if not gaps:
             continue
         wins = sum(1 for g in gaps if g > 0)
-        held = wins >= CONSISTENT * len(gaps)
-        consistent = consistent and held
+        held = consistent[other] = wins >= CONSISTENT * len(gaps)
         lines.append(f"Against `{other}`, it is better in {wins} of {len(gaps)} paired arms (same task, n_train and "
                      f"seed), by {statistics.fmean(gaps):+.3f} on average (median {statistics.median(gaps):+.3f})"
                      + ("." if held else f": not consistent (under {CONSISTENT:.0%} of the pairs)."))
@@ -108,8 +107,8 @@ def verdict(summaries: Sequence[Summary], current_default: str | None) -> tuple[
             lines.append(f"The configured default (`loss.scheme: {current_default}`) agrees with this.")
         else:
             lines.append(f"The configured default (`loss.scheme: {current_default}`) differs"
-                         + (f": these numbers favour `{winner}`." if consistent else
-                            f"; `{winner}` leads, but not consistently enough to call the difference real."))
+                         + (f": these numbers favour `{winner}`." if consistent.get(current_default) else
+                            f"; `{winner}` leads it, but not consistently enough to call the difference real."))
     return winner, lines
 
 

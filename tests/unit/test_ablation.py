@@ -169,6 +169,8 @@ def test_overview_ranks_pairs_and_verdict() -> None:
     assert "liver: epochs to val.dice.liver >= 0.9 at n_train = 20: `dsn` 3.0 ± 0.0 (2/2)" in text
     assert "lung: epochs to val.dice.tumour >= 0.5 at n_train = 20: `dsn` 2.0 ± 0.0 (2/2)" in text
     assert "not consistently enough" in text
+    # the lead that matters is over the configured default: dsn beats `none` in every pair
+    assert "differs: these numbers favour `dsn`" in " ".join(verdict([liver, lung], current_default="none")[1])
     # only lung: dsn wins every pair, a real lead
     winner, lines = verdict([lung], current_default="nnunet")
     assert winner == "dsn" and "differs: these numbers favour `dsn`" in " ".join(lines)
