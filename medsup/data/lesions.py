@@ -41,6 +41,18 @@ def _place(rng: np.random.Generator, phantom: Phantom, lo: np.ndarray, hi: np.nd
     return None
 
 
+def _draw(rng: np.random.Generator, phantom: Phantom, lo: np.ndarray, hi: np.ndarray,
+          diameters: tuple[float, float], organ: tuple[int, ...], border_prob: float,
+          taken: list[tuple[np.ndarray, float]]) -> tuple[np.ndarray, float] | None:
+    """One lesion's centre and diameter (log-uniform in ``diameters``), touching the organ's edge with
+    probability ``border_prob``; recorded in ``taken``. None when no place was found."""
+    diam = float(math.exp(rng.uniform(math.log(diameters[0]), math.log(diameters[1]))))
+    c = _place(rng, phantom, lo, hi, diam / 2, organ, border=rng.uniform() < border_prob, taken=taken)
+    if c is not None:
+        taken.append((c, diam / 2))
+    return None if c is None else (c, diam)
+
+
 def _lesion_blob(rng: np.random.Generator, center: np.ndarray, radius: float, wobble: float) -> Solid:
     radii = radius * rng.uniform(0.8, 1.2, 3)
     return blob(rng, [(center, radii, rotation(*rng.uniform(-90, 90, 3)))], wobble, wavelength=3 * radius)
@@ -61,11 +73,10 @@ def liver_tumours(rng: np.random.Generator, phantom: Phantom, zlo: float, zhi: f
     taken: list[tuple[np.ndarray, float]] = []
     organ = (T.LIVER, T.LIVER_VESSEL)
     for _ in range(n):
-        diam = float(math.exp(rng.uniform(math.log(diameters[0]), math.log(diameters[1]))))
-        c = _place(rng, phantom, lo, hi, diam / 2, organ, border=rng.uniform() < 0.2, taken=taken)
-        if c is None:
+        placed = _draw(rng, phantom, lo, hi, diameters, organ, 0.2, taken)
+        if placed is None:
             continue
-        taken.append((c, diam / 2))
+        c, diam = placed
         tumour_hu = liver_hu - rng.uniform(20, 60)
         where = (T.LIVER, T.LIVER_VESSEL, T.TUMOUR)
         layers = [Layer(T.TUMOUR, _lesion_blob(rng, c, diam / 2, 0.12), tumour_hu, 8.0, 0.0, where)]
@@ -92,11 +103,10 @@ def lung_nodules(rng: np.random.Generator, phantom: Phantom, zlo: float, zhi: fl
     organ = (T.LUNG, T.LUNG_VESSEL)
     where = (T.LUNG, T.LUNG_VESSEL, T.NODULE)
     for _ in range(n):
-        diam = float(math.exp(rng.uniform(math.log(diameters[0]), math.log(diameters[1]))))
-        c = _place(rng, phantom, lo, hi, diam / 2, organ, border=rng.uniform() < 0.35, taken=taken)
-        if c is None:
+        placed = _draw(rng, phantom, lo, hi, diameters, organ, 0.35, taken)
+        if placed is None:
             continue
-        taken.append((c, diam / 2))
+        c, diam = placed
         kind = str(rng.choice(["solid", "part-solid", "ground-glass"], p=[0.6, 0.25, 0.15]))
         spiky = 0.25 if rng.uniform() < 0.3 else 0.1
         solid_hu = rng.uniform(0, 60)
