@@ -262,6 +262,13 @@ def grad_mean(grad: Sequence[tuple[int, float]]) -> float:
     return statistics.fmean(v for _, v in grad) if grad else math.nan
 
 
+def reached_cell(arms: Sequence[Arm]) -> str:
+    """Epochs to the threshold over ``arms``: ``"12.0 ± 1.4 (2/3)"`` (mean ± std of those that reached it;
+    reached/runs), ``"–"`` for no arms."""
+    reached = [a.epochs_to_threshold for a in arms if a.epochs_to_threshold is not None]
+    return f"{fmt(reached, 1)} ({len(reached)}/{len(arms)})" if arms else "–"
+
+
 def fmt(values: Iterable[float | None], digits: int = 3) -> str:
     """``0.912 ± 0.004`` (or ``0.912`` for one value, ``–`` for none)."""
     mean, std, _ = mean_std(values)
@@ -339,8 +346,7 @@ def render(s: Summary, figure: str, commands: Sequence[str]) -> str:
         cells = []
         for n in sizes:
             arms = s.select(sch, n)
-            reached = [a.epochs_to_threshold for a in arms if a.epochs_to_threshold is not None]
-            cells.append(f"{fmt(reached, 1)} ({len(reached)}/{len(arms)})" if arms else "–")
+            cells.append(reached_cell(arms))
         lines.append(f"| `{sch}` | " + " | ".join(cells) + " |")
     lines += ["", f"## 2. Low data: best / final {s.metric}", "", "Mean ± std over seeds.", "", head]
     for sch in s.schemes:

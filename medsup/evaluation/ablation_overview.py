@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from medsup.data.files import atomic_path, write_json
-from medsup.evaluation.ablation import GRAD_KEY, NUMBERS, Summary, fmt, grad_mean, load_summary, mean_std
+from medsup.evaluation.ablation import GRAD_KEY, NUMBERS, Summary, fmt, grad_mean, load_summary, mean_std, reached_cell
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +95,7 @@ def verdict(summaries: Sequence[Summary], current_default: str | None) -> tuple[
                      + ("." if held else f": not consistent (under {CONSISTENT:.0%} of the pairs)."))
     for s in summaries:
         largest = max(s.sizes)
-        speeds = []
-        for x in order:
-            reached = [a.epochs_to_threshold for a in s.select(x, largest) if a.epochs_to_threshold is not None]
-            runs = len(s.select(x, largest))
-            speeds.append(f"`{x}` {fmt(reached, 1)} ({len(reached)}/{runs})")
+        speeds = [f"`{x}` {reached_cell(s.select(x, largest))}" for x in order]
         lines.append(f"{s.task}: epochs to {s.metric} >= {s.threshold:g} at n_train = {largest}: "
                      + ", ".join(speeds) + ".")
     if current_default:
@@ -113,10 +109,10 @@ def verdict(summaries: Sequence[Summary], current_default: str | None) -> tuple[
 
 
 def render_overview(summaries: Sequence[Summary], reports: Sequence[Path], out: Path, figure: str,
-                    commands: Sequence[str], current_default: str | None) -> str:
-    """The Markdown overview; ``reports`` (each task's report folder) are linked relative to ``out``."""
+                    commands: Sequence[str], why: Sequence[str]) -> str:
+    """The Markdown overview; ``reports`` (each task's report folder) are linked relative to ``out``, ``why`` is
+    :func:`verdict`'s sentences."""
     schemes = _schemes(summaries)
-    _, lines_why = verdict(summaries, current_default)
     seeds = sorted({a.seed for s in summaries for a in s.arms})
     cells = _cells(summaries)
     head = ("| scheme | " + " | ".join(f"{s.task}, n = {n}" for s, n in cells) + " |\n|---|"
@@ -129,7 +125,7 @@ def render_overview(summaries: Sequence[Summary], reports: Sequence[Path], out: 
         f"per-task reports ({links}). Schemes {', '.join(f'`{x}`' for x in schemes)}; seeds "
         f"{', '.join(map(str, seeds))}; every arm of a task trains on the same plan for the same budget and "
         "validates on the same cases (see each report for its budget, tables and runs).", "",
-        "## Verdict: the default `loss.scheme`", "", " ".join(lines_why), "",
+        "## Verdict: the default `loss.scheme`", "", " ".join(why), "",
         f"![ablation overview]({figure})", "",
         "## Best validation Dice", "",
         "The best validation Dice of each arm (" + "; ".join(f"{s.task}: `{s.metric}`" for s in summaries)
@@ -143,12 +139,7 @@ def render_overview(summaries: Sequence[Summary], reports: Sequence[Path], out: 
               + "; ".join(f"{s.task} {s.threshold:g}" for s in summaries)
               + "), mean ± std over the seeds that reached it; (reached/runs).", "", head]
     for x in schemes:
-        row = []
-        for s, n in cells:
-            arms = s.select(x, n)
-            reached = [a.epochs_to_threshold for a in arms if a.epochs_to_threshold is not None]
-            row.append(f"{fmt(reached, 1)} ({len(reached)}/{len(arms)})" if arms else "–")
-        lines.append(f"| `{x}` | " + " | ".join(row) + " |")
+        lines.append(f"| `{x}` | " + " | ".join(reached_cell(s.select(x, n)) for s, n in cells) + " |")
     lines += ["", f"## Gradient flow: `{GRAD_KEY}`", "",
               "Mean over training of the first encoder stage's per-epoch gradient norm at each task's largest "
               "n_train, mean ± std over seeds, and its ratio to `none` (no deep supervision) of the same task.", "",
@@ -157,9 +148,9 @@ def render_overview(summaries: Sequence[Summary], reports: Sequence[Path], out: 
         row = []
         for s in summaries:
             largest = max(s.sizes)
-            mine = mean_std(grad_mean(a.grad) for a in s.select(x, largest) if a.grad)[0]
-            base = mean_std(grad_mean(a.grad) for a in s.select("none", largest) if a.grad)[0]
             values = [grad_mean(a.grad) for a in s.select(x, largest) if a.grad]
+            mine = mean_std(values)[0]
+            base = mean_std(grad_mean(a.grad) for a in s.select("none", largest) if a.grad)[0]
             ratio = f" (x{mine / base:.2f})" if mine is not None and base else ""
             row.append(fmt(values, 4) + ratio if values else "not logged")
         lines.append(f"| `{x}` | " + " | ".join(row) + " |")
@@ -217,10 +208,9 @@ def write_overview(reports: Sequence[Path], out: Path, commands: Sequence[str],
     out = Path(out)
     figure = out.with_suffix(".png")
     overview_figure(summaries, figure)
-    winner, _ = verdict(summaries, current_default)
+    winner, why = verdict(summaries, current_default)
     with atomic_path(out) as tmp:
-        tmp.write_text(render_overview(summaries, reports, out, figure.name, commands, current_default),
-                       encoding="utf-8")
+        tmp.write_text(render_overview(summaries, reports, out, figure.name, commands, why), encoding="utf-8")
     numbers = write_json(out.with_suffix(".json"), {"tasks": tasks, "reports": [str(r) for r in reports],
                                                      "default_scheme": winner, "mean_ranks": mean_ranks(summaries)})
     log.info("wrote %s, %s and %s", out, figure, numbers)
