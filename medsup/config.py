@@ -125,6 +125,7 @@ class TrainConfig(_Section):
     compile: bool = False
     channels_last: bool = False
     foreground_oversample: Probability = 0.33
+    foreground_jitter: Probability = 1.0
     val_every: Annotated[int, Field(ge=1)] = 1
     val_max_cases: Annotated[int, Field(ge=1)] | None = None
     early_stop_patience: Annotated[int, Field(ge=0)] = 0
