@@ -131,8 +131,8 @@ class ForegroundOversampledCropd(RandomizableTransform, MapTransform):
     centre per axis). Why not the centre: lesions are then always in the middle of the foreground patches and
     almost never elsewhere, and a small network reads the position from the zero padding of its convolutions:
     it learns "the middle of a patch is tumour" and, in a sliding window, paints false positives at the centre
-    of every tile (``bench/position_prior.py``: 15x the tumour probability in the central half of
-    lesion-free patches after 1200 iterations on synthetic lung).
+    of every tile (``bench/position_prior.py``: 17x the tumour probability in the central half of
+    lesion-free patches after 1200 iterations on synthetic lung, BENCHMARKS.md).
 
     The volume must already be at least ``patch`` along every axis (see ``SpatialPadd``).
     """
