@@ -60,6 +60,8 @@ mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 # one report per task (docs/ablation.md is the overview across tasks, written from these)
 if [ "${SMOKE:-0}" = 1 ]; then DOCS="${DOCS:-$OUT/docs}"; else DOCS="${DOCS:-$ROOT/docs/ablation/$TASK}"; fi
+mkdir -p "$DOCS"
+DOCS="$(cd "$DOCS" && pwd)"
 export MLFLOW_TRACKING_URI="${MLFLOW_TRACKING_URI:-sqlite:///$OUT/mlflow.db}"
 
 largest=0
@@ -127,19 +129,25 @@ for var in TASK SCHEMES SEEDS SIZES VAL_CASES TEST_CASES EPOCHS ITERATIONS EXIT_
     if [ -n "${!var:-}" ]; then settings+="$var=$(quote "${!var}") "; fi
 done
 params=""
-for var in TASK SCHEMES SEEDS SIZES EPOCHS ITERATIONS EXIT_LEVELS; do
-    params+="-P $(printf '%s' "$var" | tr '[:upper:]' '[:lower:]')=$(quote "${!var}") "
+for var in TASK SCHEMES SEEDS SIZES EPOCHS ITERATIONS EXIT_LEVELS SET; do
+    if [ -n "${!var:-}" ]; then params+="-P $(printf '%s' "$var" | tr '[:upper:]' '[:lower:]')=$(quote "${!var}") "; fi
 done
-step "summarise experiment $EXPERIMENT into $DOCS"
-medsup ablation summarize --experiment "$EXPERIMENT" --task "$TASK" --out "$DOCS" --early-exit "$OUT/early_exit" \
+# the reports are committed: they name paths inside the repository relative to its root, and are written from it
+cd "$ROOT"
+rel() { case "$1" in "$ROOT"/*) printf '%s' "${1#"$ROOT"/}" ;; *) printf '%s' "$1" ;; esac; }
+uri="$MLFLOW_TRACKING_URI"
+case "$uri" in "sqlite:///$ROOT/"*) uri="sqlite:///$(rel "${uri#sqlite:///}")" ;; esac
+step "summarise experiment $EXPERIMENT into $(rel "$DOCS")"
+MLFLOW_TRACKING_URI="$uri" medsup ablation summarize --experiment "$EXPERIMENT" --task "$TASK" --out "$(rel "$DOCS")" \
+    --early-exit "$(rel "$OUT/early_exit")" \
     --reproduce "${settings}SMOKE=${SMOKE:-0} bash pipelines/ablation.sh" \
     --reproduce "# or: mlflow run pipelines -e ablation ${params}-P smoke=${SMOKE:-0} --env-manager local"
 
 # the overview across tasks: with the default report folders, every task's report so far -> docs/ablation.md
 if [ "$DOCS" = "$ROOT/docs/ablation/$TASK" ]; then
-    overview=("$ROOT/docs/ablation" --out "$ROOT/docs/ablation.md")
+    overview=(docs/ablation --out docs/ablation.md)
 else
-    overview=("$DOCS" --out "$DOCS/overview.md")
+    overview=("$(rel "$DOCS")" --out "$(rel "$DOCS")/overview.md")
 fi
 step "overview across tasks: ${overview[2]}"
 medsup ablation overview "${overview[@]}" \
