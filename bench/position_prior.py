@@ -25,7 +25,7 @@ import torch
 from _setup import add_threads_option, start
 
 from medsup.data.transforms import background_value, eval_transforms
-from medsup.engine.validation import dice_per_class
+from medsup.engine.validation import dice_per_class, summarise
 from medsup.inference.bundle import load_bundle
 from medsup.inference.window import SlidingWindow, sliding_window_logits
 
@@ -33,11 +33,11 @@ log = logging.getLogger("bench.position_prior")
 
 
 def position_map(network: torch.nn.Module, image: torch.Tensor, label: torch.Tensor, patch: tuple[int, ...],
-                 n: int, seed: int) -> torch.Tensor | None:
+                 floor: float, n: int, seed: int) -> torch.Tensor | None:
     """Mean foreground probability ``(px, py, pz)`` over ``n`` seeded lesion-free tissue patches of ``image``
-    ``(1, 1, X, Y, Z)`` (normalised) with reference ``label`` ``(X, Y, Z)``; None when none were found."""
+    ``(1, 1, X, Y, Z)`` (normalised; ``floor`` is air) with reference ``label`` ``(X, Y, Z)``; None when none
+    were found."""
     rng = np.random.default_rng(seed)
-    floor = float(image.min())
     total, found = torch.zeros(patch), 0
     for _ in range(50 * n):
         if found == n:
@@ -78,8 +78,10 @@ def main() -> None:
         bundle = load_bundle(Path(path))
         network = bundle.network(torch.device("cpu")).eval()
         plan = bundle.plan
+        floor = background_value(plan.normalization)
         window = SlidingWindow(plan.patch_size, bundle.cfg.infer.overlap, bundle.cfg.infer.sw_batch_size,
-                               bundle.cfg.infer.blend, background_value(plan.normalization))
+                               bundle.cfg.infer.blend, floor)
+        classes = [c for c in sorted(bundle.labels) if c != 0]
         ratios = []
         for case in args.cases:
             item = {"image": str(args.data / "imagesTr" / f"{case}.nii.gz"),
@@ -87,13 +89,12 @@ def main() -> None:
             data = eval_transforms(plan)(item)
             image = data["image"].as_tensor()[None]
             label = data["label"].as_tensor()[0].round().long()
-            prob = position_map(network, image, label, tuple(plan.patch_size), args.patches, args.seed)
+            prob = position_map(network, image, label, tuple(plan.patch_size), floor, args.patches, args.seed)
             with torch.inference_mode():
                 pred = sliding_window_logits(image, network, window).argmax(1)[0]
             fp = int(((pred > 0) & (label == 0)).sum())
-            classes = [c for c in sorted(bundle.labels) if c != 0]
-            dice = statistics.fmean(d for d in dice_per_class(pred, label, classes) if d == d) \
-                if (label > 0).any() or (pred > 0).any() else float("nan")
+            # the validation summary: mean over the classes present in the reference or the prediction
+            dice = summarise([{"dice": dice_per_class(pred, label, classes)}], [str(c) for c in classes])["val.dice"]
             if prob is None:
                 print(f"{name:<16} {case:<12} {'(no lesion-free tissue patch)':>27} {fp:>10} {dice:>6.3f}")
                 continue
