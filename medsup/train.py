@@ -139,7 +139,13 @@ def _train(cfg: Config, opts: _Options) -> TrainResult:
         (output / "config.json").write_text(cfg.to_json() + "\n", encoding="utf-8")
 
     dev = _device(opts.device or cfg.train.device)
-    uri, source = resolve_tracking_uri(opts.tracking_uri, cfg.tracking.uri, Path.cwd())
+    # a resumed run goes back to the store it was started in (its checkpoint says where), unless
+    # --tracking-uri or $MLFLOW_TRACKING_URI says otherwise: the default store lives beside the working
+    # directory of the first start, which a resume from elsewhere would not find
+    started_in = checkpoint.get("tracking_uri") if checkpoint else None
+    uri, source = resolve_tracking_uri(opts.tracking_uri, started_in or cfg.tracking.uri, Path.cwd())
+    if started_in and source == "config":
+        source = "the resumed checkpoint"
     if rank0:
         try:
             check_reachable(uri)
@@ -216,7 +222,7 @@ def _fit(cfg: Config, plan: Plan, labels: dict[int, str], cases: dict[str, Any],
             "scaler": step.scaler.state_dict(),  # type: ignore[attr-defined]
             "trainer": trainer.state_dict(), "epoch": trainer.state.epoch, "best": best.state_dict(),
             "history": history,
-            "rng": rng_state(), "run_id": tracker.run_id or "", "config": cfg.to_json(),
+            "rng": rng_state(), "run_id": tracker.run_id or "", "tracking_uri": tracker.uri, "config": cfg.to_json(),
             "plan": plan.model_dump_json(), "medsup_version": medsup.__version__,
             "loss_running": loss_fn._running if loss_fn._running is not None else torch.zeros(0),
         }

@@ -117,16 +117,20 @@ def test_bad_dataset_names_the_case(tiny_data: Path, tmp_path: Path) -> None:
                      tracking_uri=f"sqlite:///{tmp_path / 'db.sqlite'}")
 
 
-def _cli(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "medsup", *args], cwd=REPO, env=env, encoding="utf-8",
+def _cli(*args: str, env: dict[str, str], cwd: Path = REPO) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "medsup", *args], cwd=cwd, env=env, encoding="utf-8",
                             errors="replace", stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def test_resume_after_sigkill(tiny_data: Path, tmp_path: Path) -> None:
-    """Kill a training mid-run with SIGKILL, resume it: same run, all epochs, a monotone history."""
+    """Kill a training mid-run with SIGKILL, resume it: same run, all epochs, a monotone history.
+
+    The resume names no store and runs from another directory: it finds the run in the store its
+    checkpoint was written to (the default store of a plain resume would be ./mlflow.db there).
+    """
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"PYTHONUNBUFFERED": "1"}
     args = ["train", "--task", "tiny", "--data", str(tiny_data), "--preset", "smoke", "--set", "train.epochs=6",
             "--set", "train.iterations_per_epoch=4", "--output", str(out), "--tracking-uri", uri]
     proc = _cli(*args, env=env)
@@ -145,8 +149,11 @@ def test_resume_after_sigkill(tiny_data: Path, tmp_path: Path) -> None:
     killed_at = load_checkpoint(last)["epoch"]
     assert 2 <= killed_at < 6
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")], "temp checkpoint left"
-    resumed = _cli("train", "--task", "tiny", "--data", str(tiny_data), "--resume", str(out),
-                   "--tracking-uri", uri, "--json", env=env)
+    assert load_checkpoint(last)["tracking_uri"] == uri
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    resumed = _cli("train", "--task", "tiny", "--data", str(tiny_data), "--resume", str(out), "--json",
+                   env=env, cwd=elsewhere)
     output, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, output
     summary = json.loads(output[output.index("{"):])
@@ -156,6 +163,7 @@ def test_resume_after_sigkill(tiny_data: Path, tmp_path: Path) -> None:
     assert len(runs) == 1 and runs[0].info.run_id == summary["run_id"]
     steps = [m.step for m in client.get_metric_history(summary["run_id"], "train.loss.total")]
     assert sorted(set(steps)) == [1, 2, 3, 4, 5, 6] and steps == sorted(steps)
+    assert not (elsewhere / "mlflow.db").exists()
 
 
 def test_resume_of_a_finished_training_only_exports(tiny_data: Path, tmp_path: Path) -> None:
