@@ -8,6 +8,11 @@
 #   -> `medsup ablation overview`: every task's report side by side, with a verdict on the default scheme
 #      (docs/ablation.md from docs/ablation/*/ with the default DOCS; else DOCS/overview.md)
 #
+# Lung. The preset's 4 mm grid erases the nodules (median 9 mm, a quarter under 5 mm): lung plans at 2 mm.
+# Six validation cases hold ~12 nodules (three held two), and a 2 mm validation pass over them costs ~55 s
+# on 2 cores, as much as ten epochs of training: lung validates every 10 epochs, and "epochs to threshold"
+# is then known to within 10 epochs.
+#
 # Fair arms. Every arm trains on the same plan (patch, spacing, network) for EPOCHS x ITERATIONS optimiser
 # steps of the same batch size, whatever its training-set size (patches are drawn with replacement). The
 # pool holds VAL_CASES x (ceil(max size / VAL_CASES) + 1) cases split into folds of exactly VAL_CASES;
@@ -25,7 +30,9 @@
 #   EPOCHS       epochs per arm                     30              (smoke: 1)
 #   ITERATIONS   iterations per epoch               20              (smoke: 3)
 #   EXIT_LEVELS  heads to exit from (0 = full)      "0 1 2"         (smoke: "0 1")
+#   VAL_EVERY    validate every N epochs            1               (lung: 10)
 #   PRESET       config preset                      ablation        (smoke: smoke)
+#   PLAN_SET     overrides for the plan all arms share  none        (lung: plan.target_spacing=[2.0,2.0,2.0])
 #   SET          extra config overrides, space-separated a.b=c, applied to every arm
 #   EXPERIMENT   MLflow experiment                  medsup-ablation
 #   OUT          data, run folders, early-exit outputs; the MLflow store unless MLFLOW_TRACKING_URI is set
@@ -39,10 +46,13 @@ set -euo pipefail
 # shellcheck source=pipelines/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
+#  TASK  SEEDS    SIZES   VAL TEST EPOCHS ITER EXIT_LEVELS PRESET OUT-suffix VAL_EVERY PLAN_SET
 if [ "${SMOKE:-0}" = 1 ]; then
-    d=(tiny "0" "1 2" 2 1 1 3 "0 1" smoke "-smoke")
+    d=(tiny "0" "1 2" 2 1 1 3 "0 1" smoke "-smoke" 1 "")
+elif [ "${TASK:-}" = lung ]; then
+    d=(lung "0 1 2" "2 5 20" 6 5 30 20 "0 1 2" ablation "" 10 "plan.target_spacing=[2.0,2.0,2.0]")
 else
-    d=(liver "0 1 2" "2 5 20" 3 5 30 20 "0 1 2" ablation "")
+    d=(liver "0 1 2" "2 5 20" 3 5 30 20 "0 1 2" ablation "" 1 "")
 fi
 TASK="${TASK:-${d[0]}}"
 SCHEMES="${SCHEMES:-none nnunet dsn}"
@@ -54,6 +64,8 @@ EPOCHS="${EPOCHS:-${d[5]}}"
 ITERATIONS="${ITERATIONS:-${d[6]}}"
 EXIT_LEVELS="${EXIT_LEVELS:-${d[7]}}"
 PRESET="${PRESET:-${d[8]}}"
+VAL_EVERY="${VAL_EVERY:-${d[10]}}"
+PLAN_SET="${PLAN_SET:-${d[11]}}"
 EXPERIMENT="${EXPERIMENT:-medsup-ablation}"
 OUT="${OUT:-$ROOT/runs/pipelines/ablation${d[9]:--$TASK}}"
 mkdir -p "$OUT"
@@ -77,11 +89,13 @@ else
     step "synthesise a $pool-case $TASK pool ($folds folds of $VAL_CASES) and $TEST_CASES labelled test cases"
     medsup synth --task "$TASK" --cases "$pool" --test-cases 0 --seed 0 --out "$OUT/data"
     medsup synth --task "$TASK" --cases "$TEST_CASES" --test-cases 0 --seed 1 --out "$OUT/test"
-    medsup plan --task "$TASK" --data "$OUT/data" --preset "$PRESET" --out "$OUT/plan.json"
+    plan_args=()
+    for kv in $PLAN_SET; do plan_args+=(--set "$kv"); done
+    medsup plan --task "$TASK" --data "$OUT/data" --preset "$PRESET" --out "$OUT/plan.json" "${plan_args[@]}"
 fi
 
 common=(--set data.num_folds="$folds" --set data.fold=0 --set data.split_seed=0
-    --set train.epochs="$EPOCHS" --set train.iterations_per_epoch="$ITERATIONS" --set train.val_every=1
+    --set train.epochs="$EPOCHS" --set train.iterations_per_epoch="$ITERATIONS" --set train.val_every="$VAL_EVERY"
     --set train.early_stop_patience=0 --set tracking.register_best=false)
 for kv in ${SET:-}; do common+=(--set "$kv"); done
 
@@ -125,11 +139,12 @@ for scheme in $SCHEMES; do
 done
 
 settings=""
-for var in TASK SCHEMES SEEDS SIZES VAL_CASES TEST_CASES EPOCHS ITERATIONS EXIT_LEVELS PRESET SET EXPERIMENT; do
+for var in TASK SCHEMES SEEDS SIZES VAL_CASES TEST_CASES EPOCHS ITERATIONS EXIT_LEVELS VAL_EVERY PRESET PLAN_SET SET \
+    EXPERIMENT; do
     if [ -n "${!var:-}" ]; then settings+="$var=$(quote "${!var}") "; fi
 done
 params=""
-for var in TASK SCHEMES SEEDS SIZES EPOCHS ITERATIONS EXIT_LEVELS SET; do
+for var in TASK SCHEMES SEEDS SIZES EPOCHS ITERATIONS EXIT_LEVELS VAL_EVERY PLAN_SET SET; do
     if [ -n "${!var:-}" ]; then params+="-P $(printf '%s' "$var" | tr '[:upper:]' '[:lower:]')=$(quote "${!var}") "; fi
 done
 # the reports are committed: they name paths inside the repository relative to its root, and are written from it

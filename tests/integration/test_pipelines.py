@@ -26,6 +26,7 @@ SCRIPTS = sorted(PIPELINES.glob("*.sh"))
 SCHEMES = ("none", "dsn")
 SIZES = (1, 2)
 EXIT_LEVELS = (0, 1)
+PLAN_SET = "plan.max_filters=8"  # the smoke preset caps at 16: a plan the preset alone would not make
 TIMEOUT_S = 1800
 
 
@@ -74,8 +75,8 @@ def test_mlproject_entry_points_load_and_format() -> None:
         assert f"bash task.sh {task}" in entry.compute_command({"folds": "0 1"}, storage_dir=None)
         assert "FOLDS='0 1'" in entry.compute_command({"folds": "0 1"}, storage_dir=None)
     ablation = project.get_entry_point("ablation")
-    assert {"schemes", "seeds", "sizes", "task", "smoke", "exit_levels", "epochs", "iterations"} <= set(
-        ablation.parameters)
+    assert {"schemes", "seeds", "sizes", "task", "smoke", "exit_levels", "epochs", "iterations", "val_every",
+            "plan_set"} <= set(ablation.parameters)
     assert ablation.parameters["schemes"].default == "none nnunet dsn"
     command = ablation.compute_command({"smoke": "1", "seeds": "0 1"}, storage_dir=None)
     assert "SMOKE=1" in command and "SEEDS='0 1'" in command
@@ -99,7 +100,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> Smoke:
     out, docs = tmp / "out", tmp / "docs"
     done = subprocess.run(["bash", str(PIPELINES / "ablation.sh")], cwd=tmp, capture_output=True, encoding="utf-8",
                           timeout=TIMEOUT_S, env=_env(tmp, SMOKE="1", SCHEMES=" ".join(SCHEMES), OUT=str(out),
-                                                      DOCS=str(docs)))
+                                                      DOCS=str(docs), PLAN_SET=PLAN_SET))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     return Smoke(tmp, out, docs, done.stdout + done.stderr)
 
@@ -123,6 +124,7 @@ def test_ablation_logs_every_arm_into_one_experiment(smoke: Smoke) -> None:
             assert (tags["loss_scheme"], tags["seed"], tags["n_train"], tags["n_val"]) == (scheme, "0", str(n), "2")
             assert params["data.max_train_cases"] == str(n) and params["data.split_seed"] == "0"
             assert (params["train.epochs"], params["train.iterations_per_epoch"]) == ("1", "3")  # one budget
+            assert params["planned.filters"] == "[4, 8, 8]"  # one plan, made with PLAN_SET (the preset: 4, 8, 16)
             assert "val.dice.organ" in run.data.metrics and "train.grad_norm.encoder0" in run.data.metrics
     # one validation set for every arm: fold 0 of the same splits
     val_sets = {tuple(json.loads((smoke.out / "runs" / name / "splits.json").read_text(encoding="utf-8"))[0]["val"])
@@ -155,6 +157,7 @@ def test_ablation_report_has_tables_figure_and_generated_conclusion(smoke: Smoke
     winner = numbers["default_scheme"]
     assert winner in SCHEMES and f"`{winner}` has the highest best validation val.dice.organ" in text
     assert "bash pipelines/ablation.sh" in text and "mlflow run pipelines -e ablation" in text
+    assert f"PLAN_SET='{PLAN_SET}'" in text and f"-P plan_set='{PLAN_SET}'" in text
     assert "medsup ablation summarize --experiment medsup-ablation --task tiny" in text
     assert "not logged" not in text  # every run has train.grad_norm.encoder0
     overview = (smoke.docs / "overview.md").read_text(encoding="utf-8")  # across tasks: here the one task
