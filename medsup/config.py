@@ -95,6 +95,7 @@ class LossConfig(_Section):
     ce_weight: Annotated[float, Field(ge=0)] = 1.0
     include_background: bool = False
     batch_dice: bool = False
+    ds_label_downsample: Literal["nearest", "max"] = "nearest"
     smooth: PositiveFloat = 1e-5
     nnunet_zero_coarsest: bool = False
     dsn_gamma: Annotated[float, Field(ge=0)] = 0.0

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from monai.losses import DiceCELoss
 from torch import Tensor, nn
-from torch.nn.functional import interpolate
+from torch.nn.functional import adaptive_max_pool3d, interpolate
 
 from medsup.config import Config, LossConfig
 
@@ -215,7 +215,7 @@ class DeepSupervisionLoss(nn.Module):
         )
 
     def _head(self, logits: Tensor, label: Tensor) -> Tensor:
-        return self.head_loss(logits, downsample_label(label, logits.shape[2:]))
+        return self.head_loss(logits, downsample_label(label, logits.shape[2:], self.cfg.ds_label_downsample))
 
     def _head_no_grad(self, logits: Tensor, label: Tensor) -> Tensor:
         with torch.no_grad():
@@ -263,10 +263,21 @@ class DeepSupervisionLoss(nn.Module):
         )
 
 
-def downsample_label(label: Tensor, size: Sequence[int]) -> Tensor:
-    """Nearest-exact downsampling of an integer label ``(B, 1, D, H, W)`` to ``size`` (returned as float)."""
+def downsample_label(label: Tensor, size: Sequence[int], mode: str = "nearest") -> Tensor:
+    """Downsample an integer label ``(B, 1, D, H, W)`` to ``size`` ``(d, h, w)`` (returned as float).
+
+    ``nearest``: nearest-exact sampling (nnU-Net's targets for its coarse heads): a lesion smaller than one
+    coarse voxel is often not sampled at all, and that head is then taught background where the lesion is.
+    ``max``: every coarse voxel takes the highest class among the fine voxels it covers, so a lesion stays
+    visible at every scale (grown to at least one coarse voxel). Right for nested label maps whose classes
+    rise inwards (background < liver < tumour; background < nodule).
+    """
     if tuple(label.shape[2:]) == tuple(size):
         return label
+    if mode == "max":
+        return adaptive_max_pool3d(label.float(), tuple(size))
+    if mode != "nearest":
+        raise ValueError(f"label downsampling mode {mode!r}: expected 'nearest' or 'max'")
     return interpolate(label.float(), size=tuple(size), mode="nearest-exact")
 
 

@@ -3,8 +3,8 @@
 One training patch (the plan's patch size) centred on the largest lesion goes through the network in eval
 mode; :meth:`~medsup.models.unet.DeepSupervisedUNet.all_heads` returns every head's logits without
 upsampling. One column per head shows the axial slice through the lesion: top, the head's argmax over the
-CT; bottom, the target that head is trained against (the reference downsampled with nearest-exact, as the
-loss does). Coarse heads show as coarse pixels: nothing is interpolated.
+CT; bottom, the target that head is trained against (the reference downsampled as the loss does it:
+``loss.ds_label_downsample``, nearest-exact or max). Coarse heads show as coarse pixels: nothing is interpolated.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from pathlib import Path
 import nibabel.orientations as nio
 import numpy as np
 import torch
-from torch.nn.functional import interpolate
 
 from medsup.evaluation.figures import pyplot, save_figure
 from medsup.evaluation.overlays import (
@@ -29,6 +28,7 @@ from medsup.evaluation.overlays import (
     plane_extent,
     show_ct,
 )
+from medsup.losses import downsample_label
 from medsup.models.unet import DeepSupervisedUNet
 
 Triple = tuple[int, int, int]
@@ -68,10 +68,11 @@ def head_predictions(model: DeepSupervisedUNet, patch: np.ndarray, device: torch
         model.train(was_training)
 
 
-def head_targets(label: np.ndarray, shapes: Sequence[Sequence[int]]) -> list[np.ndarray]:
-    """The reference downsampled to each head's shape with nearest-exact (what the loss compares with)."""
-    lab = torch.as_tensor(label, dtype=torch.float32)[None, None]
-    return [interpolate(lab, size=tuple(s), mode="nearest-exact")[0, 0].numpy().astype(np.int64) for s in shapes]
+def head_targets(label: np.ndarray, shapes: Sequence[Sequence[int]], mode: str = "nearest") -> list[np.ndarray]:
+    """The ``(X, Y, Z)`` reference downsampled to each head's shape as the loss does it (``mode``: see
+    :func:`~medsup.losses.downsample_label`)."""
+    lab = torch.as_tensor(label, dtype=torch.int64)[None, None]
+    return [downsample_label(lab, s, mode)[0, 0].numpy().astype(np.int64) for s in shapes]
 
 
 def _to_ras(orientation: str) -> np.ndarray:
@@ -84,7 +85,8 @@ def deep_supervision_panel(model: DeepSupervisedUNet, image: np.ndarray, label: 
                            to_hu: tuple[float, float] = (1.0, 0.0), pad_value: float = 0.0,
                            orientation: str = "RAS", lesion_classes: Sequence[int] = (),
                            organ_classes: Sequence[int] = (), window: tuple[float, float] = ABDOMEN_WINDOW,
-                           device: torch.device | None = None, title: str | None = None) -> Path:
+                           device: torch.device | None = None, title: str | None = None,
+                           target_mode: str = "nearest") -> Path:
     """Draw the panel for one case to ``path`` (one column per head; ``3.4 * heads + 0.6`` in wide, 7.6 in
     high at 100 dpi).
 
@@ -95,13 +97,14 @@ def deep_supervision_panel(model: DeepSupervisedUNet, image: np.ndarray, label: 
         patch_size: the network's patch (divisible by its stride product).
         to_hu: ``(std, mean)`` of the CT normalisation, to show the input in HU again.
         pad_value: normalised value of air, used where the patch leaves the volume.
+        target_mode: how the loss downsampled the reference for the coarse heads (``loss.ds_label_downsample``).
     """
     plt = pyplot()
     device = device or next(model.parameters()).device
     point, why = focus_point(label, lesion_classes, organ_classes)
     patch_img, patch_lab, start = crop_patch(image, label, patch_size, point, pad_value)
     preds = head_predictions(model, patch_img, device)
-    targets = head_targets(patch_lab, [p.shape for p in preds])
+    targets = head_targets(patch_lab, [p.shape for p in preds], target_mode)
     scales = model.head_scales()
 
     # everything to RAS for display; scales, spacing and the slice index follow the axis permutation and flips
@@ -135,7 +138,8 @@ def deep_supervision_panel(model: DeepSupervisedUNet, image: np.ndarray, label: 
         axes[0, h].set_title(f"head {h}: {size} voxels\n{mm} mm/voxel (1/{'×'.join(map(str, f))})\n"
                              f"Dice vs target: {shown}", fontsize=9)
     axes[0, 0].set_ylabel("head prediction (argmax)", fontsize=10)
-    axes[1, 0].set_ylabel("head target\n(reference, nearest-exact)", fontsize=10)
+    shown_mode = "max" if target_mode == "max" else "nearest-exact"
+    axes[1, 0].set_ylabel(f"head target\n(reference, {shown_mode})", fontsize=10)
     from matplotlib.patches import Patch
 
     handles = [Patch(facecolor=colors[v], alpha=0.6, label=labels[v]) for v in colors]

@@ -107,7 +107,7 @@ def case_figures(model: DeepSupervisedUNet, cfg: Config, plan: Plan, cases: Sequ
         model, best.image, best.label, out_dir / FIGURES["deep_supervision"], spacing=best.geometry.spacing,
         patch_size=plan.patch_size, labels=task.labels, to_hu=(norm.std, norm.mean), pad_value=background_value(norm),
         orientation=plan.orientation, lesion_classes=task.lesion_classes, organ_classes=task.organ_classes,
-        window=task.window, device=device))
+        window=task.window, device=device, target_mode=cfg.loss.ds_label_downsample))
     return written
 
 
@@ -149,4 +149,4 @@ def ds_panel_files(model_path: Path, image: Path, out: Path, reference: Path | N
         model, array, label, out, spacing=plan.target_spacing, patch_size=plan.patch_size,
         to_hu=(norm.std, norm.mean), pad_value=background_value(norm), orientation=plan.orientation,
         labels=bundle.labels, lesion_classes=task.lesion_classes, organ_classes=task.organ_classes,
-        window=task.window, device=dev)
+        window=task.window, device=dev, target_mode=bundle.cfg.loss.ds_label_downsample)

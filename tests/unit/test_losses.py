@@ -170,6 +170,37 @@ def test_labels_are_downsampled_nearest_exact() -> None:
     assert downsample_label(label, (16, 16, 16)) is label
 
 
+def test_max_downsampling_keeps_a_one_voxel_lesion_at_every_scale() -> None:
+    label = torch.zeros(1, 1, 16, 16, 16, dtype=torch.long)
+    label[0, 0, 4:12, 4:12, 4:12] = 1  # an organ
+    label[0, 0, 5, 6, 9] = 2           # a one-voxel lesion inside it, off every 4^3 block centre
+    nearest = downsample_label(label, (4, 4, 4))
+    assert 2.0 not in nearest.unique().tolist()  # nnU-Net's targets: the coarse head never sees the lesion
+    coarse = downsample_label(label, (4, 4, 4), "max")
+    assert coarse.shape == (1, 1, 4, 4, 4)
+    assert coarse[0, 0, 1, 1, 2] == 2 and int((coarse == 2).sum()) == 1  # the block holding it, nothing else
+    assert int((coarse >= 1).sum()) == 8  # the organ's 2^3 blocks, a coarse voxel per block it touches
+    assert downsample_label(label, (16, 16, 16), "max") is label
+    with pytest.raises(ValueError, match="'mean'"):
+        downsample_label(label, (4, 4, 4), "mean")
+
+
+def test_the_configured_downsampling_reaches_the_coarse_heads() -> None:
+    label = torch.zeros(2, 1, 16, 16, 16, dtype=torch.long)
+    label[:, 0, 5, 6, 9] = 1
+    logits = [torch.zeros(2, 2, 16, 16, 16), torch.zeros(2, 2, 4, 4, 4)]
+    logits[1][:, 0] = 8.0  # the coarse head calls everything background but the block holding the lesion
+    logits[1][:, 0, 1, 1, 2], logits[1][:, 1, 1, 1, 2] = 0.0, 8.0
+    losses = {}
+    for mode in ("nearest", "max"):
+        loss = build_loss(load("tiny", overrides=["loss.scheme=uniform", f"loss.ds_label_downsample={mode}"]))
+        loss(logits, label)
+        assert loss.last_parts is not None
+        losses[mode] = loss.last_parts.raw[1]
+    # nearest: the lesion is not in the target and the head is punished for finding it; max: it is right
+    assert losses["nearest"] > 0.9 and losses["max"] < 0.05
+
+
 def test_a_nan_head_raises_naming_the_head_and_its_scale() -> None:
     loss = build_loss(load("tiny"))
     _, label = phantom(16)
