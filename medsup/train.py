@@ -304,12 +304,15 @@ def _fit(cfg: Config, plan: Plan, labels: dict[int, str], cases: dict[str, Any],
 
 def _validation_rows(results: list[dict[str, Any]], cases_by_image: dict[str, Any],
                      names: list[str]) -> list[dict[str, Any]]:
-    """validate()'s results as ``validation.json`` rows: case id, image and label paths, Dice by class name."""
+    """validate()'s results as ``validation.json`` rows: case id, image and label paths, Dice by class name and
+    the voxel counts behind it (true positives, predicted, reference: what a global Dice sums)."""
     rows = []
     for r in results:
         case = cases_by_image.get(r["case"])
         rows.append({"case": case.case_id if case else r["case"], "image": r["case"],
-                     "label": str(case.label) if case else "", "dice": dict(zip(names, r["dice"], strict=True))})
+                     "label": str(case.label) if case else "", "dice": dict(zip(names, r["dice"], strict=True)),
+                     "voxels": {n: dict(zip(("tp", "predicted", "reference"), c, strict=True))
+                                for n, c in zip(names, r["counts"], strict=True)}})
     return rows
 
 

@@ -1,4 +1,14 @@
-"""Sliding-window validation on whole volumes and per-class Dice."""
+"""Sliding-window validation on whole volumes and per-class Dice.
+
+Two summaries of the same cases, both logged every validation:
+- ``val.dice.<class>``: the mean over cases of each case's Dice (nnU-Net's reported convention); a case
+  without the class in reference or prediction says nothing (NaN, skipped), and one where only the
+  prediction has it scores 0.
+- ``val.dice_global.<class>``: 2 sum(TP) / (sum(prediction) + sum(reference)) over all the cases' voxels
+  (nnU-Net's "pseudo Dice" during training, here on whole volumes). Small lesions make the per-case mean
+  a step function: a 3-voxel nodule scores 0 or close to 1, and a case whose only nodule is that small moves
+  the mean by 1/n whatever the rest does; the global Dice weights each lesion by its voxels.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +23,8 @@ from medsup.device import autocast, autocast_dtype
 from medsup.engine.steps import prepare
 
 
-def dice_per_class(pred: torch.Tensor, label: torch.Tensor, classes: Sequence[int]) -> list[float]:
-    """Dice of each class for one case; NaN when the class is absent from both (it says nothing).
+def overlap_counts(pred: torch.Tensor, label: torch.Tensor, classes: Sequence[int]) -> list[tuple[int, int, int]]:
+    """``(true positives, predicted, reference)`` voxels of each class for one case.
 
     Args:
         pred, label: integer class maps of the same shape.
@@ -22,16 +32,31 @@ def dice_per_class(pred: torch.Tensor, label: torch.Tensor, classes: Sequence[in
     out = []
     for c in classes:
         p, g = pred == c, label == c
-        denom = int(p.sum()) + int(g.sum())
-        out.append(float("nan") if denom == 0 else 2.0 * int((p & g).sum()) / denom)
+        out.append((int((p & g).sum()), int(p.sum()), int(g.sum())))
     return out
+
+
+def dice_from_counts(tp: int, predicted: int, reference: int) -> float:
+    """2 TP / (predicted + reference); NaN when both are empty (it says nothing)."""
+    denom = predicted + reference
+    return float("nan") if denom == 0 else 2.0 * tp / denom
+
+
+def dice_per_class(pred: torch.Tensor, label: torch.Tensor, classes: Sequence[int]) -> list[float]:
+    """Dice of each class for one case; NaN when the class is absent from both (it says nothing).
+
+    Args:
+        pred, label: integer class maps of the same shape.
+    """
+    return [dice_from_counts(*counts) for counts in overlap_counts(pred, label, classes)]
 
 
 @torch.inference_mode()
 def validate(model: nn.Module, cases: Iterable[dict[str, Any]],
              inferer: Callable[[torch.Tensor, nn.Module], torch.Tensor],
              device: torch.device, classes: Sequence[int], amp: bool = True) -> list[dict[str, Any]]:
-    """Run whole-volume inference on each case and return ``[{"case", "dice": [per class]}]``.
+    """Run whole-volume inference on each case and return ``[{"case", "dice": [per class], "counts": [per class
+    (TP, predicted, reference) voxels]}]``.
 
     ``inferer(image, model)`` maps ``(1, 1, X, Y, Z)`` to logits ``(1, C, X, Y, Z)`` (a sliding window).
     """
@@ -45,18 +70,29 @@ def validate(model: nn.Module, cases: Iterable[dict[str, Any]],
         pred = torch.as_tensor(logits).argmax(dim=1, keepdim=True)
         name = batch["image"].meta.get("filename_or_obj", "?") if hasattr(batch["image"], "meta") else "?"
         name = name[0] if isinstance(name, list) else name
-        results.append({"case": str(name), "dice": dice_per_class(pred, label, classes)})
+        counts = overlap_counts(pred, label, classes)
+        results.append({"case": str(name), "dice": [dice_from_counts(*c) for c in counts], "counts": counts})
     return results
 
 
 def summarise(results: list[dict[str, Any]], class_names: Sequence[str]) -> dict[str, float]:
-    """Per-class mean Dice over cases (NaN cases skipped) and their mean: ``val.dice.<name>``, ``val.dice``."""
+    """Per-class mean Dice over cases (NaN cases skipped) and their mean: ``val.dice.<name>``, ``val.dice``;
+    where the results hold ``counts``, also the global Dice over all cases' voxels: ``val.dice_global.<name>``,
+    ``val.dice_global`` (the mean over the classes that have one)."""
     out: dict[str, float] = {}
-    means = []
+    means, globals_ = [], []
     for i, name in enumerate(class_names):
         values = [r["dice"][i] for r in results if not math.isnan(r["dice"][i])]
         if values:
             out[f"val.dice.{name}"] = sum(values) / len(values)
             means.append(out[f"val.dice.{name}"])
+        if results and all("counts" in r for r in results):
+            tp, predicted, reference = (sum(r["counts"][i][k] for r in results) for k in range(3))
+            value = dice_from_counts(tp, predicted, reference)
+            if not math.isnan(value):
+                out[f"val.dice_global.{name}"] = value
+                globals_.append(value)
     out["val.dice"] = sum(means) / len(means) if means else float("nan")
+    if globals_:
+        out["val.dice_global"] = sum(globals_) / len(globals_)
     return out

@@ -134,11 +134,14 @@ def training_curves(history: Sequence[dict[str, float]], path: Path) -> Path:
     _legend(ax)
 
     ax = axes[0, 2]
-    for key in [k for k in keys if k.startswith("val.dice")]:
+    for key in [k for k in keys if k == "val.dice" or k.startswith("val.dice.")]:
         mean = key == "val.dice"
-        ax.plot(*_series(history, key), marker="o", ms=3, lw=2.5 if mean else 1, color="black" if mean else None,
-                label="mean" if mean else key.removeprefix("val.dice."))
-    ax.set(title="validation Dice", xlabel="epoch", ylabel="Dice", ylim=(0, 1))
+        line = ax.plot(*_series(history, key), marker="o", ms=3, lw=2.5 if mean else 1,
+                       color="black" if mean else None, label="mean" if mean else key.removeprefix("val.dice."))[0]
+        if not mean and f"val.dice_global.{key.removeprefix('val.dice.')}" in keys:  # same class, same colour
+            ax.plot(*_series(history, f"val.dice_global.{key.removeprefix('val.dice.')}"), ls="--", lw=1,
+                    color=line.get_color(), label=f"{key.removeprefix('val.dice.')} (global)")
+    ax.set(title="validation Dice (per-case mean; dashed: global)", xlabel="epoch", ylabel="Dice", ylim=(0, 1))
     _legend(ax, loc="lower right")
 
     ax = axes[1, 0]

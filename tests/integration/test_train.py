@@ -55,7 +55,8 @@ def test_train_two_epochs_to_sqlite(tiny_data: Path, tmp_path: Path) -> None:
     assert n_heads == 2  # 3 stages -> 2 decoder scales, one head each
     for i in range(n_heads):
         assert {f"train.loss.head{i}", f"train.loss.weight{i}", f"train.loss.active{i}"} <= keys
-    assert {"train.loss.total", "train.lr", "val.dice", "val.dice.organ", "train.samples_per_s"} <= keys
+    assert {"train.loss.total", "train.lr", "val.dice", "val.dice.organ", "val.dice_global.organ",
+            "train.samples_per_s"} <= keys
     assert len(client.get_metric_history(result.run_id, "train.loss.total")) == 2
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"config.json", "plan.json", "splits.json", "figures"} <= artifacts
@@ -70,6 +71,10 @@ def test_train_two_epochs_to_sqlite(tiny_data: Path, tmp_path: Path) -> None:
     assert [h["epoch"] for h in history] == [1, 2] and "train.grad_norm.encoder0" in history[0]
     validation = json.loads((result.output_dir / "validation.json").read_text(encoding="utf-8"))
     assert len(validation) == 2 and all(Path(v["label"]).is_file() for v in validation)
+    # the logged global Dice is the one the last validation's voxel counts give
+    counts = [v["voxels"]["organ"] for v in validation]
+    global_dice = 2 * sum(c["tp"] for c in counts) / sum(c["predicted"] + c["reference"] for c in counts)
+    assert metrics["val.dice_global.organ"] == pytest.approx(global_dice)
     redrawn = CliRunner().invoke(app, ["figures", "--run", str(result.output_dir), "--cases", "--out",
                                        str(tmp_path / "redrawn"), "--device", "cpu"])
     assert redrawn.exit_code == 0, redrawn.output

@@ -11,7 +11,14 @@ import pytest
 
 from medsup.config import load
 from medsup.data.splits import fold_split, limit_training
-from medsup.evaluation.ablation import load_summary, read_early_exit, render, summarize, write_report
+from medsup.evaluation.ablation import (
+    load_summary,
+    metric_class,
+    read_early_exit,
+    render,
+    summarize,
+    write_report,
+)
 from medsup.evaluation.ablation_overview import find_reports, mean_ranks, paired_gaps, verdict, write_overview
 from medsup.tracking.experiments import RunRecord
 
@@ -88,10 +95,14 @@ def test_write_report_and_early_exit(tmp_path: Path) -> None:
         (folder / "report.json").write_text(json.dumps({"model": str(bundle.parent), "settings": {"exit_level": level},
                                                         "cases": [case]}), encoding="utf-8")
         (folder / "evaluation" / "summary.json").write_text(json.dumps(
-            {"classes": {"liver": {"dice": {"mean": dice}}, "tumour": {"dice": {"mean": 0.1}}}}), encoding="utf-8")
+            {"classes": {"liver": {"dice": {"mean": dice}}, "tumour": {"dice": {"mean": 0.1, "global": 0.3}}}}),
+            encoding="utf-8")
     exits = read_early_exit(tmp_path / "early", "val.dice.liver")
     assert [(e.scheme, e.seed, e.n_train, e.level, e.dice, e.total_s) for e in exits] == [
         ("nnunet", 1, 20, 0, 0.9, 2.0), ("nnunet", 1, 20, 1, 0.8, 0.5)]
+    # a global validation metric reads the evaluation's global Dice of the same class
+    assert [e.dice for e in read_early_exit(tmp_path / "early", "val.dice_global.tumour")] == [0.3, 0.3]
+    assert [e.dice for e in read_early_exit(tmp_path / "early", "val.dice.tumour")] == [0.1, 0.1]
     s = summarize(_runs(), "medsup-ablation", "liver", early_exit_dir=tmp_path / "early")
     paths = write_report(s, tmp_path / "docs", ["bash pipelines/ablation.sh"])
     text = paths["markdown"].read_text(encoding="utf-8")
@@ -149,7 +160,7 @@ def _lung_runs() -> list[RunRecord]:
     for seed in (0, 1):
         for scheme, top in (("none", 0.3), ("nnunet", 0.45), ("dsn", 0.55 + 0.01 * seed)):
             runs += [_run(scheme, seed, n, [top / 2, top - (0.1 if n == 2 else 0.0)], task="lung",
-                          metric="val.dice.tumour") for n in (2, 20)]
+                          metric="val.dice_global.tumour") for n in (2, 20)]
     return runs
 
 
@@ -167,7 +178,7 @@ def test_overview_ranks_pairs_and_verdict() -> None:
     assert "Against `nnunet`, it is better in 4 of 8 paired arms" in text and "not consistent" in text
     assert "Against `none`, it is better in 8 of 8 paired arms" in text
     assert "liver: epochs to val.dice.liver >= 0.9 at n_train = 20: `dsn` 3.0 ± 0.0 (2/2)" in text
-    assert "lung: epochs to val.dice.tumour >= 0.5 at n_train = 20: `dsn` 2.0 ± 0.0 (2/2)" in text
+    assert "lung: epochs to val.dice_global.tumour >= 0.5 at n_train = 20: `dsn` 2.0 ± 0.0 (2/2)" in text
     assert "not consistently enough" in text
     # the lead that matters is over the configured default: dsn beats `none` in every pair
     assert "differs: these numbers favour `dsn`" in " ".join(verdict([liver, lung], current_default="none")[1])
@@ -215,6 +226,16 @@ def test_overview_refuses_bad_reports(tmp_path: Path) -> None:
     assert not (tmp_path / "o.md").exists()
 
 
+def test_metric_class_names_the_class_and_the_aggregate() -> None:
+    assert metric_class("val.dice.liver") == ("liver", "mean")
+    assert metric_class("val.dice_global.tumour") == ("tumour", "global")
+    assert metric_class("val.dice") == ("", "mean") and metric_class("val.dice_global") == ("", "global")
+    with pytest.raises(ValueError, match="not a validation Dice"):
+        metric_class("val.diceliver")
+    lung = summarize(_lung_runs(), "e", "lung")
+    assert lung.metric == "val.dice_global.tumour" and len(lung.arms) == 12  # the lung default
+
+
 def test_other_classes_are_reported_beside_the_main_metric() -> None:
     runs = _runs()
     for r in runs:  # the liver arms also logged a tumour Dice that never got anywhere, except nnunet's
@@ -224,4 +245,4 @@ def test_other_classes_are_reported_beside_the_main_metric() -> None:
     report = render(s, "ablation.png", [])
     assert "| scheme | tumour, n_train = 2 | tumour, n_train = 20 |" in report
     assert "| `nnunet` | 0.200 ± 0.000 | 0.200 ± 0.000 |" in report and "| `dsn` | 0.010 ± 0.000 |" in report
-    assert "other classes" not in render(summarize(_runs(), "e", "liver"), "a.png", [])  # none logged: no table
+    assert "the table above leaves out" not in render(summarize(_runs(), "e", "liver"), "a.png", [])  # no table
