@@ -13,7 +13,9 @@
 # on 2 cores, as much as ten epochs of training: lung validates every 10 epochs, and "epochs to threshold"
 # is then known to within 10 epochs. Nodules are learnt slowly (a 2 mm pilot, 18 training cases: validation
 # nodule Dice 0.02 after 60 epochs of 20 iterations, 0.07 after 100, 0.12 after 160): lung arms get 100
-# epochs, ~19 minutes each on 2 cores (~9 hours for the 27 arms; it resumes where it stopped).
+# epochs, ~19 minutes each on 2 cores (~9 hours for the 27 arms; it resumes where it stopped). Five of the six
+# validation cases hold a single 3-6 mm nodule (2-11 voxels) or none, which pins their Dice near 0 or 1: the
+# lung report ranks the arms by the global validation Dice (val.dice_global.tumour) instead of the per-case mean.
 #
 # Fair arms. Every arm trains on the same plan (patch, spacing, network) for EPOCHS x ITERATIONS optimiser
 # steps of the same batch size, whatever its training-set size (patches are drawn with replacement). The
