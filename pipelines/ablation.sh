@@ -9,7 +9,7 @@
 #      (docs/ablation.md from docs/ablation/*/ with the default DOCS; else DOCS/overview.md)
 #
 # Lung. The preset's 4 mm grid erases the nodules (median 9 mm, a quarter under 5 mm): lung plans at 2 mm.
-# Six validation cases hold ~12 nodules (three held two), and a 2 mm validation pass over them costs ~55 s
+# Six validation cases hold 8 nodules (three held two), and a 2 mm validation pass over them costs ~55 s
 # on 2 cores, as much as ten epochs of training: lung validates every 10 epochs, and "epochs to threshold"
 # is then known to within 10 epochs. Nodules are learnt slowly (a 2 mm pilot, 18 training cases: validation
 # nodule Dice 0.02 after 60 epochs of 20 iterations, 0.07 after 100, 0.12 after 160): lung arms get 100
