@@ -28,22 +28,15 @@ import numpy as np
 from _setup import add_threads_option, start
 from scipy import ndimage
 
+from medsup.config import load
 from medsup.data.datalist import load_datalist
 from medsup.data.planning import Plan
 from medsup.data.transforms import eval_transforms
+from medsup.models.unet import build_model
 from medsup.tasks import get_task
 
 log = logging.getLogger("bench.ds_targets")
 BINS_MM = (0.0, 5.0, 10.0, 20.0, math.inf)
-
-
-def head_factors(plan: Plan) -> list[tuple[int, int, int]]:
-    """Downsampling factor ``(fx, fy, fz)`` of every head after the first (head 0 is full resolution)."""
-    factors, f = [], (1, 1, 1)
-    for stride in plan.strides[1:-1]:  # the bottleneck (last stride) has no head
-        f = (f[0] * stride[0], f[1] * stride[1], f[2] * stride[2])
-        factors.append(f)
-    return factors
 
 
 def seen_fraction(coords: np.ndarray, f: tuple[int, int, int]) -> float:
@@ -76,7 +69,7 @@ def main() -> None:
     start(args)
     plan = Plan.load(args.plan)
     task = get_task(plan.task)
-    factors = head_factors(plan)
+    factors = build_model(load(plan.task), plan).head_scales()[1:]  # head 0 is full resolution
     transform = eval_transforms(plan)
     # (head, bin) -> per lesion: P(seen) under nearest-exact, growth under max
     seen: dict[tuple[int, int], list[float]] = defaultdict(list)

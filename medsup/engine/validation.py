@@ -21,6 +21,7 @@ from torch import nn
 
 from medsup.device import autocast, autocast_dtype
 from medsup.engine.steps import prepare
+from medsup.evaluation.metrics import dice_from_counts
 
 
 def overlap_counts(pred: torch.Tensor, label: torch.Tensor, classes: Sequence[int]) -> list[tuple[int, int, int]]:
@@ -34,12 +35,6 @@ def overlap_counts(pred: torch.Tensor, label: torch.Tensor, classes: Sequence[in
         p, g = pred == c, label == c
         out.append((int((p & g).sum()), int(p.sum()), int(g.sum())))
     return out
-
-
-def dice_from_counts(tp: int, predicted: int, reference: int) -> float:
-    """2 TP / (predicted + reference); NaN when both are empty (it says nothing)."""
-    denom = predicted + reference
-    return float("nan") if denom == 0 else 2.0 * tp / denom
 
 
 def dice_per_class(pred: torch.Tensor, label: torch.Tensor, classes: Sequence[int]) -> list[float]:

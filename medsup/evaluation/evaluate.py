@@ -39,7 +39,7 @@ from medsup.config import Config
 from medsup.data.datalist import LABEL_DIRS, case_id_of
 from medsup.data.files import atomic_path, finite_or_none, write_json
 from medsup.data.io import ImageReadError, is_image_path, read_image
-from medsup.evaluation.metrics import HD_PERCENTILE, ClassMetrics, bounding_box, class_metrics
+from medsup.evaluation.metrics import HD_PERCENTILE, ClassMetrics, bounding_box, class_metrics, dice_from_counts
 from medsup.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -240,8 +240,8 @@ def aggregate(cases: list[CaseResult], class_names: list[str]) -> dict[str, dict
     for name in class_names:
         rows = [c.classes[name] for c in done]
         block: dict[str, Any] = {metric: _stats([getattr(r, metric) for r in rows]) for metric in METRICS}
-        denominator = sum(r.pred_voxels + r.ref_voxels for r in rows)
-        block["dice"]["global"] = 2.0 * sum(r.tp_voxels for r in rows) / denominator if denominator else math.nan
+        block["dice"]["global"] = dice_from_counts(sum(r.tp_voxels for r in rows), sum(r.pred_voxels for r in rows),
+                                                   sum(r.ref_voxels for r in rows))
         block["hd95_mm"]["n_undefined"] = block["hd95_mm"].pop("n_nan")
         block["nsd_tolerance_mm"] = rows[0].nsd_tolerance_mm if rows else None
         out[name] = block

@@ -135,12 +135,12 @@ def training_curves(history: Sequence[dict[str, float]], path: Path) -> Path:
 
     ax = axes[0, 2]
     for key in [k for k in keys if k == "val.dice" or k.startswith("val.dice.")]:
-        mean = key == "val.dice"
+        mean, cls = key == "val.dice", key.removeprefix("val.dice.")
         line = ax.plot(*_series(history, key), marker="o", ms=3, lw=2.5 if mean else 1,
-                       color="black" if mean else None, label="mean" if mean else key.removeprefix("val.dice."))[0]
-        if not mean and f"val.dice_global.{key.removeprefix('val.dice.')}" in keys:  # same class, same colour
-            ax.plot(*_series(history, f"val.dice_global.{key.removeprefix('val.dice.')}"), ls="--", lw=1,
-                    color=line.get_color(), label=f"{key.removeprefix('val.dice.')} (global)")
+                       color="black" if mean else None, label="mean" if mean else cls)[0]
+        if not mean and f"val.dice_global.{cls}" in keys:  # same class, same colour
+            ax.plot(*_series(history, f"val.dice_global.{cls}"), ls="--", lw=1, color=line.get_color(),
+                    label=f"{cls} (global)")
     ax.set(title="validation Dice (per-case mean; dashed: global)", xlabel="epoch", ylabel="Dice", ylim=(0, 1))
     _legend(ax, loc="lower right")
 

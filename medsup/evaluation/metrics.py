@@ -100,13 +100,17 @@ def surface_distances(pred: np.ndarray, ref: np.ndarray, spacing: Spacing) -> tu
     return np.asarray(to_ref[surf_pred], dtype=np.float64), np.asarray(to_pred[surf_ref], dtype=np.float64)
 
 
+def dice_from_counts(tp: int, predicted: int, reference: int) -> float:
+    """Dice ``2 TP / (predicted + reference)`` from voxel counts; NaN when both are empty (it says nothing).
+    Summed counts of several cases give the global (pooled) Dice."""
+    total = predicted + reference
+    return math.nan if total == 0 else 2.0 * tp / total
+
+
 def dice(pred: np.ndarray, ref: np.ndarray) -> float:
     """Dice ``2|P∩R| / (|P|+|R|)`` of two boolean masks; NaN when both are empty, 0 when only one is."""
     _check(pred, ref)
-    total = int(np.count_nonzero(pred)) + int(np.count_nonzero(ref))
-    if total == 0:
-        return math.nan
-    return 2.0 * int(np.count_nonzero(pred & ref)) / total
+    return dice_from_counts(int(np.count_nonzero(pred & ref)), int(np.count_nonzero(pred)), int(np.count_nonzero(ref)))
 
 
 def hd95(pred: np.ndarray, ref: np.ndarray, spacing: Spacing) -> float:
@@ -215,7 +219,7 @@ def class_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Spacing, tolerance
         tp_voxels=tp,
         pred_voxels=n_pred,
         ref_voxels=n_ref,
-        dice=2.0 * tp / (n_pred + n_ref) if n_pred + n_ref else math.nan,
+        dice=dice_from_counts(tp, n_pred, n_ref),
         hd95_mm=hd,
         nsd=nsd,
         nsd_tolerance_mm=float(tolerance_mm),
