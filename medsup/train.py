@@ -152,7 +152,8 @@ def _train(cfg: Config, opts: _Options) -> TrainResult:
         except Exception as err:
             raise TrainingError(f"MLflow tracking store unavailable ({source}: {uri}): {err}") from None
     tracker = RunTracker(
-        uri, opts.experiment or cfg.tracking.experiment or f"medsup-{cfg.task}",
+        # a resumed run stays in its experiment, which may have been named by --experiment, not the config
+        uri, opts.experiment or (None if checkpoint else cfg.tracking.experiment or f"medsup-{cfg.task}"),
         opts.run_name or output.name, run_id=checkpoint.get("run_id") if checkpoint else None,
         spool_dir=output, enabled=rank0, flush_interval_s=cfg.tracking.flush_interval_s,
     )

@@ -61,7 +61,8 @@ class RunTracker:
     Args:
         uri: tracking URI (see :func:`~medsup.tracking.uri.resolve_tracking_uri`); never a file store.
         experiment: experiment name, created if missing (a SQLite store keeps artifacts in
-            ``mlartifacts/`` beside the database instead of MLflow's ``./mlruns`` default).
+            ``mlartifacts/`` beside the database instead of MLflow's ``./mlruns`` default). When resuming,
+            None means the run's own experiment (a run cannot move; a name that differs is only warned about).
         run_name: the new run's name (``mlflow.runName``); ignored when resuming.
         run_id: resume this run: same id, status back to RUNNING, new points appended.
         spool_dir: where the spool file of this session lives.
@@ -78,7 +79,7 @@ class RunTracker:
         ValueError: a file-store URI, an unknown or deleted ``run_id``, a deleted experiment.
     """
 
-    def __init__(self, uri: str, experiment: str, run_name: str, *, run_id: str | None = None,
+    def __init__(self, uri: str, experiment: str | None, run_name: str, *, run_id: str | None = None,
                  spool_dir: Path, enabled: bool = True, outage_tolerance_s: float = 300.0,
                  flush_interval_s: float = 5.0, flush_points: int = 500, max_backoff_s: float = 60.0,
                  max_buffered: int = 100_000) -> None:
@@ -94,9 +95,14 @@ class RunTracker:
 
         prepare_store(uri)
         self._client = MlflowClient(tracking_uri=uri)
+        if run_id is None and experiment is None:
+            raise ValueError("a new run needs an experiment name")
         action = "resume run " + run_id if run_id else f"create a run in experiment {experiment!r}"
         try:
-            run = self._resume(run_id, experiment, Path(spool_dir)) if run_id else self._create(experiment, run_name)
+            if run_id:
+                run, experiment = self._resume(run_id, experiment, Path(spool_dir))
+            else:
+                run = self._create(str(experiment), run_name)
         except ValueError:
             raise
         except Exception as err:
@@ -131,7 +137,7 @@ class RunTracker:
             experiment_id = exp.experiment_id
         return self._client.create_run(experiment_id, run_name=run_name, tags=_context_tags())
 
-    def _resume(self, run_id: str, experiment: str, spool_dir: Path) -> Run:
+    def _resume(self, run_id: str, experiment: str | None, spool_dir: Path) -> tuple[Run, str]:
         try:
             run = self._client.get_run(run_id)
         except Exception as err:
@@ -141,7 +147,7 @@ class RunTracker:
         if run.info.lifecycle_stage == "deleted":
             raise ValueError(f"cannot resume run {run_id}: it is deleted at {self.uri}")
         exp = self._client.get_experiment(run.info.experiment_id)
-        if exp.name != experiment:
+        if experiment is not None and exp.name != experiment:
             log.warning("resuming run %s of experiment %r, not %r", run_id, exp.name, experiment)
         self._params = dict(run.data.params)
         for leftover in spool_files(spool_dir, run_id):
@@ -155,7 +161,7 @@ class RunTracker:
                 leftover.unlink()
                 shutil.rmtree(artifact_dir(leftover), ignore_errors=True)
         self._client.update_run(run_id, status="RUNNING")
-        return self._client.get_run(run_id)
+        return self._client.get_run(run_id), exp.name
 
     def finish(self, status: str = "FINISHED") -> None:
         """Send everything, then end the run with ``status`` (FINISHED, FAILED or KILLED). Never raises.

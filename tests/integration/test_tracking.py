@@ -159,7 +159,15 @@ def test_resume_continues_the_same_run(tmp_path: Path, caplog: pytest.LogCapture
     assert run_id is not None
 
     client = MlflowClient(tracking_uri=uri)
-    second = RunTracker(uri, "medsup-test", "ignored", run_id=run_id, spool_dir=tmp_path)
+    with caplog.at_level(logging.WARNING, logger="medsup.tracking"):
+        # another name is warned about and ignored: a run cannot change experiment
+        RunTracker(uri, "medsup-other", "ignored", run_id=run_id, spool_dir=tmp_path).finish()
+    assert "of experiment 'medsup-test', not 'medsup-other'" in caplog.text
+    assert client.get_experiment_by_name("medsup-other") is None
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="medsup.tracking"):
+        second = RunTracker(uri, None, "ignored", run_id=run_id, spool_dir=tmp_path)  # None: the run's own
+    assert caplog.text == ""
     assert second.run_id == run_id
     assert client.get_run(run_id).info.status == "RUNNING"
     with caplog.at_level(logging.WARNING, logger="medsup.tracking"):

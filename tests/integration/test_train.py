@@ -131,13 +131,16 @@ def test_resume_after_sigkill(tiny_data: Path, tmp_path: Path) -> None:
     """Kill a training mid-run with SIGKILL, resume it: same run, all epochs, a monotone history.
 
     The resume names no store and runs from another directory: it finds the run in the store its
-    checkpoint was written to (the default store of a plain resume would be ./mlflow.db there).
+    checkpoint was written to (the default store of a plain resume would be ./mlflow.db there). It names no
+    experiment either: the run stays in the one it was started in, without a warning (as pipelines/ablation.sh
+    resumes its arms).
     """
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"PYTHONUNBUFFERED": "1"}
     args = ["train", "--task", "tiny", "--data", str(tiny_data), "--preset", "smoke", "--set", "train.epochs=6",
-            "--set", "train.iterations_per_epoch=4", "--output", str(out), "--tracking-uri", uri]
+            "--set", "train.iterations_per_epoch=4", "--output", str(out), "--tracking-uri", uri,
+            "--experiment", "killed"]
     proc = _cli(*args, env=env)
     last = out / "checkpoints" / "last.pt"
     deadline = time.monotonic() + 240
@@ -163,8 +166,10 @@ def test_resume_after_sigkill(tiny_data: Path, tmp_path: Path) -> None:
     assert resumed.returncode == 0, output
     summary = json.loads(output[output.index("{"):])
     assert summary["epochs"] == 6
+    assert "resuming run" not in output
     client = MlflowClient(uri)
-    runs = client.search_runs([client.get_experiment_by_name("medsup-tiny").experiment_id])
+    assert client.get_experiment_by_name("medsup-tiny") is None
+    runs = client.search_runs([client.get_experiment_by_name("killed").experiment_id])
     assert len(runs) == 1 and runs[0].info.run_id == summary["run_id"]
     steps = [m.step for m in client.get_metric_history(summary["run_id"], "train.loss.total")]
     assert sorted(set(steps)) == [1, 2, 3, 4, 5, 6] and steps == sorted(steps)
