@@ -32,9 +32,10 @@ def summarize(
     early_exit: Annotated[Path | None, typer.Option(
         help="Folder of `medsup infer --exit-level K` outputs (report.json + evaluation/summary.json).")] = None,
     metric: Annotated[str | None, typer.Option(
-        help="Validation metric (default per task: val.dice.liver, val.dice.tumour for lung).")] = None,
+        help="Validation metric: val.dice[.CLASS] (per-case mean) or val.dice_global[.CLASS] (pooled voxels); "
+             "default per task: val.dice.liver, val.dice_global.tumour for lung.")] = None,
     threshold: Annotated[float | None, typer.Option(
-        help="Convergence threshold on the metric (default per task: 0.9 for liver).")] = None,
+        help="Convergence threshold on the metric (default per task: 0.9 for liver, 0.5 for lung).")] = None,
     reproduce: Annotated[list[str] | None, typer.Option(
         help="Command line that reproduced the runs, shown in the report (repeatable).")] = None,
     tracking_uri: Annotated[str | None, typer.Option(
