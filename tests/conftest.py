@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,23 @@ import pytest
 from medsup.data.io import Geometry, Volume, write_volume
 
 REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, give each worker its share of the cores, in-process and in the processes it starts.
+
+    Two workers with a 2-thread pool each on 2 cores oversubscribe them, and an OpenMP pool stalls at every
+    barrier while one of its threads waits for a core (BENCHMARKS.md, "Threads").
+    """
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not workers:
+        return
+    threads = str(max(1, len(os.sched_getaffinity(0)) // int(workers)))
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, threads)
+    import torch  # here, not at the top: without xdist the thread count is torch's own choice
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def rotated_direction(angle_deg: float, flip: tuple[int, int, int] = (1, 1, 1)) -> tuple[float, ...]:
