@@ -135,7 +135,8 @@ class DeepSupervisionLoss(nn.Module):
     integer classes at full resolution. Returns the scalar total.
 
     The relative DSN hinge keeps a running mean of each companion's loss; it is updated from detached values
-    only while the module is in training mode and gradients are enabled (never from validation batches).
+    only while the module is in training mode and gradients are enabled (never from validation batches). It is
+    the module's extra state: ``state_dict()`` holds it, and a resumed training restores it.
     """
 
     def __init__(self, cfg: LossConfig, head_loss: HeadLoss) -> None:
@@ -146,6 +147,14 @@ class DeepSupervisionLoss(nn.Module):
         self._running: Tensor | None = None  # (H,) running-mean loss per head, relative hinge only
         self._last: tuple[Tensor, ...] | None = None  # detached parts of the last call, floats made lazily
         self._last_epoch = 0
+
+    def get_extra_state(self) -> Tensor:
+        """The relative hinge's running mean loss per head, ``(H,)``; empty ``(0,)`` before its first update."""
+        return self._running.detach().clone() if self._running is not None else torch.zeros(0)
+
+    def set_extra_state(self, state: Tensor) -> None:
+        """Restore :meth:`get_extra_state` (an empty tensor: no running mean yet)."""
+        self._running = state.clone() if state.numel() else None
 
     def set_epoch(self, epoch: int) -> None:
         """Advance the schedules to 0-based ``epoch`` (Ignite: ``state.epoch - 1`` at EPOCH_STARTED)."""

@@ -225,7 +225,7 @@ def _fit(cfg: Config, plan: Plan, labels: dict[int, str], cases: dict[str, Any],
             "history": history,
             "rng": rng_state(), "run_id": tracker.run_id or "", "tracking_uri": tracker.uri, "config": cfg.to_json(),
             "plan": plan.model_dump_json(), "medsup_version": medsup.__version__,
-            "loss_running": loss_fn._running if loss_fn._running is not None else torch.zeros(0),
+            "loss_running": loss_fn.get_extra_state(),
         }
 
     @trainer.on(Events.EPOCH_COMPLETED)
@@ -270,8 +270,7 @@ def _fit(cfg: Config, plan: Plan, labels: dict[int, str], cases: dict[str, Any],
         history.extend(checkpoint["history"])
         if (output / VALIDATION).is_file():  # the case figures need the last validation even if none is left
             last_validation[:] = read_validation(output)
-        if checkpoint["loss_running"].numel():
-            loss_fn._running = checkpoint["loss_running"].to(dev)
+        loss_fn.set_extra_state(checkpoint["loss_running"].to(dev))
         set_rng_state(checkpoint["rng"])
         log.info("resumed at epoch %d (iteration %d)", trainer.state.epoch, trainer.state.iteration)
 

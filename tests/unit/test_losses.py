@@ -141,6 +141,15 @@ def test_relative_hinge_follows_the_running_mean() -> None:
     assert parts is not None
     assert parts.gammas[1:] == pytest.approx((0.9 * 0.75, 0.9 * 1.5))
     assert parts.active == (True, True, False)
+    # the running mean is the module's state: a fresh loss given it sets the same thresholds (a resume)
+    running = loss.state_dict()["_extra_state"]
+    assert running.tolist() == pytest.approx([1.0, 0.725, 1.25])
+    restored = mean_loss(["loss.scheme=dsn", "loss.dsn_gamma=0.9", "loss.dsn_gamma_mode=relative",
+                          "loss.dsn_gamma_momentum=0.5", "loss.dsn_schedule=constant"])
+    restored.load_state_dict(loss.state_dict())
+    restored(heads_with_values([1.0, 1.0, 1.0]), label)
+    assert restored.last_parts is not None
+    assert restored.last_parts.gammas[1:] == pytest.approx((0.9 * 0.725, 0.9 * 1.25))
 
 
 def test_single_tensor_is_one_head_and_label_is_checked() -> None:
