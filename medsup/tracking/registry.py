@@ -19,8 +19,8 @@ MLflow 3 notes that shaped this module:
 - ``Model.log``, ``models:/`` downloads (so they are avoided: the logged model's artifact location is
   downloaded instead) and a SQLite registry creating a version from a ``models:/m-<id>`` source read
   MLflow's process-global tracking URI, whatever client is passed; :func:`_global_tracking_uri`
-  sets it for the duration of such a call and restores it (and ``$MLFLOW_TRACKING_URI``) afterwards.
-  Everything else uses an explicit ``MlflowClient(uri)``.
+  sets it for the duration of such a call and restores it (and ``$MLFLOW_TRACKING_URI``) afterwards, one
+  thread at a time. Everything else uses an explicit ``MlflowClient(uri)``.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -343,26 +344,33 @@ def resolve_version(uri: str, task: str, alias: str) -> int:
 # ----------------------------------------------------------------------------------------- helpers
 
 
+# one thread at a time in _global_tracking_uri: two registrations to different stores from threads of one
+# process (a service) would otherwise log or register into whichever store was set last
+_GLOBAL_URI_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def _global_tracking_uri(uri: str) -> Iterator[None]:
     """Point MLflow's process-global tracking URI at ``uri`` for a call that reads only that.
 
     MLflow's own ``_use_tracking_uri`` restores ``None`` by deleting ``$MLFLOW_TRACKING_URI``; the
-    variable is put back here as it was. Not thread-safe against other fluent-API users in the process.
+    variable is put back here as it was. medsup's own callers wait for each other (a lock); MLflow
+    fluent-API calls of other code in the process, which do not take it, can still see ``uri`` meanwhile.
     """
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
-    old_uri = tracking_utils._tracking_uri
-    old_env = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(old_uri)  # type: ignore[arg-type]  # None means "unset", as MLflow keeps it
-        if old_env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = old_env
+    with _GLOBAL_URI_LOCK:
+        old_uri = tracking_utils._tracking_uri
+        old_env = os.environ.get("MLFLOW_TRACKING_URI")
+        mlflow.set_tracking_uri(uri)
+        try:
+            yield
+        finally:
+            mlflow.set_tracking_uri(old_uri)  # type: ignore[arg-type]  # None means "unset", as MLflow keeps it
+            if old_env is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = old_env
 
 
 def _bundle_task(bundle_dir: Path) -> str:

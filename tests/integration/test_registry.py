@@ -8,9 +8,12 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlflow
 import pandas as pd
 import pytest
 import torch
@@ -23,7 +26,7 @@ from medsup.config import load
 from medsup.data.io import write_volume
 from medsup.tracking import RunTracker
 from medsup.tracking.pyfunc_model import parse_input
-from medsup.tracking.registry import list_models, log_bundle_model, promote, register
+from medsup.tracking.registry import _global_tracking_uri, list_models, log_bundle_model, promote, register
 from medsup.tracking.resolve import pull, resolve_bundle
 from medsup.train import run_training
 from tests.conftest import make_volume, write_msd
@@ -294,3 +297,28 @@ def test_pyfunc_in_process_takes_a_list_and_the_env_folder(registered: Registere
     assert list(frame.columns) == ["input", "output", "status", "error"]
     assert frame["status"].tolist() == ["ok"], frame.to_dict("records")
     assert Path(frame["output"][0]).parent == tmp_path / "env-out"
+
+
+def test_global_tracking_uri_is_held_by_one_thread_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two threads logging models to two stores: each sees its own store while inside, and the process-global
+    URI and $MLFLOW_TRACKING_URI are as before once both are out."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    before = mlflow.get_tracking_uri()
+    seen: dict[str, list[str]] = {}
+
+    def work(name: str) -> None:
+        uri = f"sqlite:///{tmp_path / name}.db"
+        seen[name] = []
+        for _ in range(10):
+            with _global_tracking_uri(uri):
+                time.sleep(0.005)  # the other thread runs meanwhile; without the lock it would move the URI
+                seen[name].append(mlflow.get_tracking_uri())
+
+    threads = [threading.Thread(target=work, args=(name,)) for name in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert {name: set(uris) for name, uris in seen.items()} == {
+        name: {f"sqlite:///{tmp_path / name}.db"} for name in ("a", "b")}
+    assert mlflow.get_tracking_uri() == before and "MLFLOW_TRACKING_URI" not in os.environ
