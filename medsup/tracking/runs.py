@@ -76,13 +76,16 @@ class RunTracker:
 
     Raises:
         TrackingUnavailable: the store cannot create or resume the run.
-        ValueError: a file-store URI, an unknown or deleted ``run_id``, a deleted experiment.
+        ValueError: a file-store URI, an unknown or deleted ``run_id``, a deleted experiment, no experiment
+            for a new run.
     """
 
     def __init__(self, uri: str, experiment: str | None, run_name: str, *, run_id: str | None = None,
                  spool_dir: Path, enabled: bool = True, outage_tolerance_s: float = 300.0,
                  flush_interval_s: float = 5.0, flush_points: int = 500, max_backoff_s: float = 60.0,
                  max_buffered: int = 100_000) -> None:
+        if run_id is None and experiment is None:
+            raise ValueError("a new run needs an experiment name")
         self.uri = uri
         self.enabled = enabled
         self.run_id: str | None = None
@@ -95,8 +98,6 @@ class RunTracker:
 
         prepare_store(uri)
         self._client = MlflowClient(tracking_uri=uri)
-        if run_id is None and experiment is None:
-            raise ValueError("a new run needs an experiment name")
         action = "resume run " + run_id if run_id else f"create a run in experiment {experiment!r}"
         try:
             if run_id:

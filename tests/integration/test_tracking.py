@@ -164,6 +164,8 @@ def test_resume_continues_the_same_run(tmp_path: Path, caplog: pytest.LogCapture
         RunTracker(uri, "medsup-other", "ignored", run_id=run_id, spool_dir=tmp_path).finish()
     assert "of experiment 'medsup-test', not 'medsup-other'" in caplog.text
     assert client.get_experiment_by_name("medsup-other") is None
+    with pytest.raises(ValueError, match="a new run needs an experiment name"):
+        RunTracker(uri, None, "nameless", spool_dir=tmp_path)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="medsup.tracking"):
         second = RunTracker(uri, None, "ignored", run_id=run_id, spool_dir=tmp_path)  # None: the run's own
