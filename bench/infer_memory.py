@@ -83,6 +83,7 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=1000)
     parser.add_argument("--spacing", type=float, default=1.6, help="plan spacing of the random model (mm)")
     parser.add_argument("--gz", action="store_true", help="write the CT as .nii.gz (default: .nii)")
+    parser.add_argument("--device", default="cpu", help="medsup infer --device: cpu | cuda (host RSS either way)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     with tempfile.TemporaryDirectory() as tmp:
@@ -97,13 +98,14 @@ def main() -> None:
         t0 = time.perf_counter()
         infer = "from medsup.cli import app; app()"
         peak, proc = run_child(infer, ["-q", "infer", "-i", str(ct), "-o", str(root / "out"), "--model",
-                                       str(bundle), "--device", "cpu", "--json"], root)
+                                       str(bundle), "--device", args.device, "--json"], root)
         seconds = time.perf_counter() - t0
         if proc.returncode:
             raise SystemExit(proc.stdout + proc.stderr)
         case = json.loads(proc.stdout)["cases"][0]
     raw_mb = raw / 2**20
-    print(f"volume 512x512x{args.slices} int16 ({ct.name}): {raw_mb:.0f} MB raw; model planned at {args.spacing} mm")
+    print(f"volume 512x512x{args.slices} int16 ({ct.name}): {raw_mb:.0f} MB raw; model planned at {args.spacing} mm, "
+          f"device {args.device}")
     print(f"peak RSS: imports only {baseline:.0f} MB, medsup infer {peak:.0f} MB ({seconds:.0f} s)")
     print(f"peak above imports / raw volume: {(peak - baseline) / raw_mb:.2f}x   (total / raw: {peak / raw_mb:.2f}x)")
     print("seconds per stage:", case["seconds"])

