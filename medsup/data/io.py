@@ -242,17 +242,14 @@ def _geometry_of(image: sitk.Image) -> Geometry:
 
 
 def read_header(path: Path | str) -> Header:
-    """Read and validate the geometry of ``path`` without reading its pixels (DICOM: the series' files).
+    """Read and validate the geometry of ``path`` without reading its pixels (DICOM: see :func:`_series_header`).
 
     Raises:
         ImageReadError: missing, unreadable, not 3-D scalar, absurd size, bad spacing or direction.
     """
     path = Path(path)
     if check_source(path):
-        files = _dicom_files(path)
-        if not files:
-            raise ImageReadError(f"{path}: folder holds no DICOM series")
-        return Header(path, read_image(path).geometry, "dicom")
+        return _series_header(path)
     if image_suffix(path) in (".nii", ".nii.gz"):
         check_nifti_header(path)
     elif image_suffix(path) in (".mha", ".mhd"):
@@ -270,6 +267,44 @@ def read_header(path: Path | str) -> Header:
     check_data_size(path, image_suffix(path), size, reader.GetPixelID())
     geom = _geometry(size, spacing, reader.GetOrigin(), direction)
     return Header(path, geom, sitk.GetPixelIDValueAsString(reader.GetPixelID()))
+
+
+def _slice_info(path: Path, file: str) -> sitk.ImageFileReader:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(file)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as err:
+        raise ImageReadError(f"{path}: unreadable DICOM header in {file} ({_itk_reason(err)})") from None
+    return reader
+
+
+def _series_header(path: Path) -> Header:
+    """The geometry of the DICOM series in folder ``path`` from the headers of its first and last file.
+
+    Reading every slice's pixels to learn a shape (what ``ImageSeriesReader.Execute`` would do) costs the
+    whole volume; this is what ITK's ``ImageSeriesReader`` derives before it reads pixels, with SimpleITK's
+    default ``ForceOrthogonalDirection``: size, spacing and direction in-plane from the first file, the
+    slice count from the series, the slice spacing from the distance between the first and last slice
+    positions, the origin and direction from the first file.
+    """
+    files = _dicom_files(path)
+    if not files:
+        raise ImageReadError(f"{path}: folder holds no DICOM series")
+    first = _slice_info(path, files[0])
+    size, spacing = list(first.GetSize()), list(first.GetSpacing())
+    if len(size) != 3:
+        raise ImageReadError(f"{path}: {files[0]} is a {len(size)}-D image; expected slices of a 3-D series")
+    origin = first.GetOrigin()
+    if len(files) > 1:
+        size[2] = len(files)
+        step = np.subtract(_slice_info(path, files[-1]).GetOrigin(), origin)
+        distance = float(np.linalg.norm(step))
+        # ITK's rule: coincident first and last positions leave the slice spacing undefined (1)
+        spacing[2] = distance / (len(files) - 1) if distance > 1e-12 else 1.0
+    _check_header(path, tuple(size), tuple(spacing), first.GetDirection(), first.GetNumberOfComponents())
+    geom = _geometry(tuple(size), tuple(spacing), origin, first.GetDirection())
+    return Header(path, geom, sitk.GetPixelIDValueAsString(first.GetPixelID()))
 
 
 def _itk_reason(err: Exception) -> str:

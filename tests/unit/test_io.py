@@ -65,6 +65,25 @@ def test_dicom_series_round_trip(tmp_path: Path) -> None:
     assert read_header(tmp_path / "series").geometry.shape == (16, 14, 6)
 
 
+def test_dicom_series_header_matches_the_read_image(tmp_path: Path) -> None:
+    image, _ = make_volume(4, shape=(16, 14, 6), spacing=(0.7, 0.8, 2.5), angle=20.0)
+    write_dicom_series(image, tmp_path / "series")
+    header = read_header(tmp_path / "series")
+    assert header.geometry.mismatches(read_image(tmp_path / "series").geometry, tol=1e-6) == []
+    assert header.geometry.mismatches(image.geometry, tol=1e-4) == []
+    assert header.pixel_type == "16-bit signed integer"
+
+
+@pytest.mark.parametrize("folder", ["liver_io/dcmqi_ct3slice/dicom", "unlabeled/dicom_series_ts_example"])
+def test_real_dicom_series_header_matches_the_read_image(realdata: Path, folder: str) -> None:
+    path = realdata / folder
+    if not path.is_dir():
+        pytest.skip(f"{path} absent")
+    header, volume = read_header(path), read_image(path)
+    assert header.geometry.mismatches(volume.geometry, tol=1e-9) == []
+    assert header.geometry.shape == volume.array.shape
+
+
 def test_lps_and_ras_copies_give_the_same_voxels(tmp_path: Path) -> None:
     image, _ = make_volume(3)
     # the same scan stored RAS: flip the i and j axes of the array and move the origin accordingly
