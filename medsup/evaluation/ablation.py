@@ -367,9 +367,9 @@ def render(s: Summary, figure: str, commands: Sequence[str]) -> str:
         lines.append(f"| `{sch}` | " + " | ".join(cells) + " |")
     others = sorted({k for a in s.arms for k in a.others})
     if others:
-        lines += ["", "Best validation Dice per case, of the classes the table above leaves out (mean over "
-                  "seeds).", "", "| scheme | " + " | ".join(f"{k.removeprefix(CLASS_PREFIX)}, n_train = {n}"
-                                                                     for k in others for n in sizes) + " |",
+        columns = " | ".join(f"{k.removeprefix(CLASS_PREFIX)}, n_train = {n}" for k in others for n in sizes)
+        lines += ["", f"Best of the other per-class validation metrics (`{CLASS_PREFIX}<class>`: the mean over the "
+                  "validation cases of each case's Dice), mean over seeds.", "", f"| scheme | {columns} |",
                   "|---|" + "---|" * (len(others) * len(sizes))]
         for sch in s.schemes:
             lines.append(f"| `{sch}` | " + " | ".join(fmt(a.others.get(k) for a in s.select(sch, n))

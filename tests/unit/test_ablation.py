@@ -245,4 +245,5 @@ def test_other_classes_are_reported_beside_the_main_metric() -> None:
     report = render(s, "ablation.png", [])
     assert "| scheme | tumour, n_train = 2 | tumour, n_train = 20 |" in report
     assert "| `nnunet` | 0.200 ± 0.000 | 0.200 ± 0.000 |" in report and "| `dsn` | 0.010 ± 0.000 |" in report
-    assert "the table above leaves out" not in render(summarize(_runs(), "e", "liver"), "a.png", [])  # no table
+    assert "Best of the other per-class validation metrics" in report
+    assert "other per-class validation metrics" not in render(summarize(_runs(), "e", "liver"), "a.png", [])  # none
