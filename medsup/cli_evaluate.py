@@ -32,6 +32,11 @@ def _render(summary: dict[str, Any]) -> str:
         lines.append(f"{name:<8} Dice mean {_num(d['mean'])} median {_num(d['median'])} (n={d['n']}, "
                      f"global {_num(d['global'])})  HD95 median {_num(h['median'], 2)} mm "
                      f"(undefined {h['n_undefined']})  NSD@{block['nsd_tolerance_mm']}mm mean {_num(s['mean'])}")
+        if "lesions" in block:
+            les = block["lesions"]
+            lines.append(f"{'':<8} lesions: recall {_num(les['recall'], 3)} ({les['detected']}/{les['reference']}), "
+                         f"precision {_num(les['precision'], 3)} ({les['predicted'] - les['false_positives']}/"
+                         f"{les['predicted']}), F1 {_num(les['f1'], 3)}, {les['fp_per_case']:.2f} FP per case")
     c = summary["counts"]
     lines.append(f"{c['ok']} of {c['cases']} cases evaluated, {c['missing']} missing, {c['error']} failed, "
                  f"{c['unmatched_predictions']} predictions without reference")
@@ -54,7 +59,8 @@ def evaluate_command(
                                "tracking.uri, else ./mlflow.db).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print summary.json on stdout.")] = False,
 ) -> None:
-    """Score predictions against references: Dice, HD95, NSD and volumes per case and class; exit 1 if any failed."""
+    """Score predictions against references: Dice, HD95, NSD and volumes per case and class, lesion-wise detection
+    for lesion classes; exit 1 if any failed."""
     from medsup.config import ConfigError, load
     from medsup.evaluation.evaluate import evaluate_folders
 

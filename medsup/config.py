@@ -184,6 +184,7 @@ class SynthConfig(_Section):
 class EvaluateConfig(_Section):
     nsd_tolerance_mm: dict[str, PositiveFloat] = Field(
         default_factory=lambda: {"liver": 5.0, "tumour": 2.0, "organ": 5.0, "lesion": 2.0})
+    lesion_min_overlap: Annotated[float, Field(gt=0, le=1)] = 0.1
 
 
 class Config(_Section):

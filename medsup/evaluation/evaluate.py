@@ -10,12 +10,15 @@ Per case. Both files are read with their exact geometry and reoriented identical
 axis permutations and flips only). Geometry that still differs (shape, spacing, origin, direction beyond
 ``data.geometry_tolerance``) is an *error* for that case naming the mismatch, never a resample. Then, per
 foreground class of the task, :func:`medsup.evaluation.metrics.class_metrics` (Dice, HD95, NSD, volumes),
-inside the bounding box of everything labelled in either map.
+inside the bounding box of everything labelled in either map; per lesion class of the task (tumours, nodules),
+lesion-wise detection too (:func:`medsup.evaluation.metrics.lesion_detection`: connected components, a hit
+when ``evaluate.lesion_min_overlap`` of a lesion's voxels are covered by the other map).
 
 Aggregates per class, over the cases evaluated without error (missing and failed cases are counted, not
 scored): mean, median, population std (ddof=0) and n over the non-NaN values, and the pooled ("global")
 Dice ``2 sum(TP) / (sum|P| + sum|R|)`` over all evaluated cases, which is a different number from the mean of
-per-case Dice. :data:`CONVENTIONS` states it all; it is written into ``summary.json``.
+per-case Dice; for lesion classes the pooled lesion recall, precision, F1 and false positives per case, and the
+recall by lesion size. :data:`CONVENTIONS` states it all; it is written into ``summary.json``.
 
 Outputs (atomic): ``OUT/metrics.csv`` (one row per case and class) and ``OUT/summary.json``.
 """
@@ -39,7 +42,17 @@ from medsup.config import Config
 from medsup.data.datalist import LABEL_DIRS, case_id_of
 from medsup.data.files import atomic_path, finite_or_none, write_json
 from medsup.data.io import ImageReadError, is_image_path, read_image
-from medsup.evaluation.metrics import HD_PERCENTILE, ClassMetrics, bounding_box, class_metrics, dice_from_counts
+from medsup.evaluation.metrics import (
+    HD_PERCENTILE,
+    ClassMetrics,
+    LesionDetection,
+    bounding_box,
+    class_metrics,
+    dice_from_counts,
+    lesion_detection,
+    size_bin,
+    size_bins,
+)
 from medsup.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -47,7 +60,8 @@ log = logging.getLogger(__name__)
 METRICS = ("dice", "hd95_mm", "nsd", "volume_diff_ml", "volume_abs_diff_ml", "volume_rel_diff")
 CSV_COLUMNS = ("case", "class", "label", "status", "dice", "hd95_mm", "nsd", "nsd_tolerance_mm",
                "volume_pred_ml", "volume_ref_ml", "volume_diff_ml", "volume_abs_diff_ml", "volume_rel_diff",
-               "tp_voxels", "pred_voxels", "ref_voxels", "prediction", "reference", "error")
+               "tp_voxels", "pred_voxels", "ref_voxels", "ref_lesions", "detected_lesions", "pred_lesions",
+               "fp_lesions", "prediction", "reference", "error")
 
 CONVENTIONS: dict[str, str] = {
     "dice": "per case 2|P∩R|/(|P|+|R|); reference and prediction both empty -> NaN (null), excluded from the "
@@ -60,6 +74,12 @@ CONVENTIONS: dict[str, str] = {
            "other surface; exactly one side empty -> 0; both empty -> NaN (null)",
     "volume": "mL; volume_diff_ml = pred - ref (signed), volume_abs_diff_ml = |pred - ref|, "
               "volume_rel_diff = (pred - ref)/ref (NaN when the reference is empty)",
+    "lesions": "lesion classes only: 26-connected components of each map; a reference lesion is detected when "
+               "the prediction covers >= lesion_min_overlap of its voxels, a predicted lesion is a false positive "
+               "when the reference covers < lesion_min_overlap of its voxels; pooled over the ok cases: recall = "
+               "detected / reference lesions, precision = (predicted - false positives) / predicted lesions, "
+               "F1 of the two, fp_per_case; recall by equivalent-sphere diameter (6V/pi)^(1/3); NaN (null) "
+               "where a denominator is 0",
     "aggregates": "per class over cases with status ok: mean, median, std (population, ddof=0) and n over "
                   "non-NaN values; n_nan counts the NaN ones; missing and error cases are counted, not scored",
     "json": "NaN is written as null",
@@ -78,6 +98,7 @@ class CaseResult:
     reference: str | None = None
     error: str | None = None
     classes: dict[str, ClassMetrics] = field(default_factory=dict)
+    lesions: dict[str, LesionDetection] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     spacing: list[float] | None = None
     shape: list[int] | None = None
@@ -90,7 +111,17 @@ class CaseResult:
             "error": self.error, "warnings": self.warnings, "shape": self.shape, "spacing": self.spacing,
             "seconds": round(self.seconds, 4),
             "classes": {name: finite_or_none(m.as_dict()) for name, m in self.classes.items()},
+            "lesions": {name: _lesion_dict(d) for name, d in self.lesions.items()},
         }
+
+
+def _lesion_dict(d: LesionDetection) -> dict[str, Any]:
+    """Counts, the reference lesions one by one, and the false positives' total volume (a noisy prediction may
+    hold thousands of specks: they are counted, not listed)."""
+    return {**d.counts(), "min_overlap": d.min_overlap,
+            "fp_volume_ml": sum(les.volume_ml for les in d.predicted if not les.hit),
+            "reference": [{"volume_ml": les.volume_ml, "diameter_mm": les.diameter_mm, "covered": les.covered,
+                           "detected": les.hit} for les in d.reference]}
 
 
 @dataclass
@@ -116,6 +147,8 @@ class EvaluationResult:
                     continue
                 short = metric.removesuffix("_mm")
                 for stat, value in stats.items():
+                    if stat == "min_overlap":  # a setting (summary.json's settings), not a result
+                        continue
                     if isinstance(value, int | float) and math.isfinite(value):
                         out[f"eval.{short}.{name}.{stat}"] = float(value)
         for key, value in self.summary["counts"].items():
@@ -218,8 +251,10 @@ def evaluate_case(case: CaseResult, cfg: Config) -> CaseResult:
             log.warning("%s: %s", case.case, case.warnings[-1])
     for value in task.foreground:
         name = task.labels[value]
-        case.classes[name] = class_metrics(pred_labels == value, ref_labels == value, spacing,
-                                           cfg.evaluate.nsd_tolerance_mm[name])
+        pred_mask, ref_mask = pred_labels == value, ref_labels == value
+        case.classes[name] = class_metrics(pred_mask, ref_mask, spacing, cfg.evaluate.nsd_tolerance_mm[name])
+        if value in task.lesion_classes:
+            case.lesions[name] = lesion_detection(pred_mask, ref_mask, spacing, cfg.evaluate.lesion_min_overlap)
     case.status = "ok"
     case.seconds = time.perf_counter() - started
     return case
@@ -244,8 +279,37 @@ def aggregate(cases: list[CaseResult], class_names: list[str]) -> dict[str, dict
                                                    sum(r.ref_voxels for r in rows))
         block["hd95_mm"]["n_undefined"] = block["hd95_mm"].pop("n_nan")
         block["nsd_tolerance_mm"] = rows[0].nsd_tolerance_mm if rows else None
+        detections = [c.lesions[name] for c in done if name in c.lesions]
+        if detections:
+            block["lesions"] = _lesion_aggregate(detections)
         out[name] = block
     return out
+
+
+def _ratio(num: int, den: int) -> float:
+    return num / den if den else math.nan
+
+
+def _lesion_aggregate(detections: list[LesionDetection]) -> dict[str, Any]:
+    """Pooled lesion-wise detection over cases (see :data:`CONVENTIONS` ``lesions``)."""
+    reference = sum(len(d.reference) for d in detections)
+    detected = sum(d.detected for d in detections)
+    predicted = sum(len(d.predicted) for d in detections)
+    false_positives = sum(d.false_positives for d in detections)
+    recall, precision = _ratio(detected, reference), _ratio(predicted - false_positives, predicted)
+    if math.isnan(recall) or math.isnan(precision):
+        f1 = math.nan
+    else:
+        f1 = 2 * recall * precision / (recall + precision) if recall + precision > 0 else 0.0
+    by_size: dict[str, dict[str, float | int]] = {}
+    for b in size_bins():
+        lesions = [les for d in detections for les in d.reference if size_bin(les.diameter_mm) == b]
+        hits = sum(les.hit for les in lesions)
+        by_size[b] = {"reference": len(lesions), "detected": hits, "recall": _ratio(hits, len(lesions))}
+    return {"reference": reference, "detected": detected, "predicted": predicted,
+            "false_positives": false_positives, "recall": recall, "precision": precision, "f1": f1,
+            "fp_per_case": false_positives / len(detections), "min_overlap": detections[0].min_overlap,
+            "by_size": by_size}
 
 
 def _fmt(value: float | int | None) -> str:
@@ -268,6 +332,8 @@ def write_csv(path: Path, cases: list[CaseResult], task_labels: dict[str, int]) 
                                        "error": case.error or ""}
                 if name in case.classes:
                     row.update({k: _fmt(v) for k, v in case.classes[name].as_dict().items()})
+                if name in case.lesions:
+                    row.update({k: str(v) for k, v in case.lesions[name].counts().items()})
                 writer.writerow(row)
     return path
 
@@ -311,6 +377,8 @@ def evaluate_folders(pred_dir: Path, ref_dir: Path, cfg: Config, out_dir: Path,
         "reference_dir": str(ref_dir),
         "settings": {"orientation": cfg.data.orientation, "geometry_tolerance": cfg.data.geometry_tolerance,
                      "nsd_tolerance_mm": {n: cfg.evaluate.nsd_tolerance_mm[n] for n in class_labels},
+                     "lesion_min_overlap": cfg.evaluate.lesion_min_overlap,
+                     "lesion_classes": [task.labels[v] for v in task.lesion_classes],
                      "hd_percentile": HD_PERCENTILE},
         "conventions": CONVENTIONS,
         "labels": class_labels,

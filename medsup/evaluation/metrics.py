@@ -229,3 +229,95 @@ def class_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Spacing, tolerance
         volume_abs_diff_ml=abs(vol_pred - vol_ref),
         volume_rel_diff=(vol_pred - vol_ref) / vol_ref if n_ref else math.nan,
     )
+
+
+#: size bins of lesion-wise recall, by equivalent-sphere diameter in mm (upper bounds; the last is open)
+LESION_SIZE_BINS_MM = (5.0, 10.0, 20.0)
+
+
+@dataclass(frozen=True)
+class Lesion:
+    """One connected component: its volume, equivalent-sphere diameter and the fraction of its voxels that the
+    other map labels (``covered``); ``hit`` when that fraction reaches the detection threshold."""
+
+    volume_ml: float
+    diameter_mm: float
+    covered: float
+    hit: bool
+
+
+@dataclass(frozen=True)
+class LesionDetection:
+    """Lesion-wise detection of one class in one case (connected components, 26-connectivity).
+
+    A reference lesion is *detected* when the prediction covers at least ``min_overlap`` of its voxels; a
+    predicted lesion is a *false positive* when the reference covers less than ``min_overlap`` of its voxels.
+    Counting both sides separately keeps one big prediction spanning two reference lesions from counting twice
+    as a true positive, and a reference lesion split into two predicted pieces from costing a false positive.
+    """
+
+    min_overlap: float
+    reference: tuple[Lesion, ...]
+    predicted: tuple[Lesion, ...]
+
+    @property
+    def detected(self) -> int:
+        return sum(les.hit for les in self.reference)
+
+    @property
+    def false_positives(self) -> int:
+        return sum(not les.hit for les in self.predicted)
+
+    def counts(self) -> dict[str, int]:
+        """``{"ref_lesions", "detected_lesions", "pred_lesions", "fp_lesions"}``."""
+        return {"ref_lesions": len(self.reference), "detected_lesions": self.detected,
+                "pred_lesions": len(self.predicted), "fp_lesions": self.false_positives}
+
+
+def _components(mask: np.ndarray, other: np.ndarray, voxel_ml: float, min_overlap: float) -> tuple[Lesion, ...]:
+    """The 26-connected components of ``mask``, each with the fraction of its voxels ``other`` covers."""
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    if n == 0:
+        return ()
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    inside = np.bincount(labels[other], minlength=n + 1)[1:]
+    out = []
+    for size, hit_voxels in zip(sizes.tolist(), inside.tolist(), strict=True):
+        volume = size * voxel_ml
+        covered = hit_voxels / size
+        out.append(Lesion(volume, (6.0 * volume * 1000.0 / math.pi) ** (1.0 / 3.0), covered, covered >= min_overlap))
+    return tuple(out)
+
+
+def lesion_detection(pred: np.ndarray, ref: np.ndarray, spacing: Spacing, min_overlap: float) -> LesionDetection:
+    """Lesion-wise detection of one class (see :class:`LesionDetection`).
+
+    Args:
+        pred, ref: boolean masks ``(I, J, K)`` of one class.
+        spacing: voxel size in mm along ``(I, J, K)`` (volumes and diameters).
+        min_overlap: in ``(0, 1]``; the fraction of a lesion's voxels the other map must label for a hit.
+    """
+    _check(pred, ref, spacing)
+    if not 0.0 < min_overlap <= 1.0:
+        raise ValueError(f"min_overlap must be in (0, 1], got {min_overlap}")
+    box = bounding_box(pred, ref)
+    if box is not None:  # components never cross the union box's empty border
+        pred, ref = pred[box], ref[box]
+    voxel_ml = float(np.prod(np.asarray(spacing, dtype=np.float64))) / 1000.0
+    return LesionDetection(min_overlap, _components(ref, pred, voxel_ml, min_overlap),
+                           _components(pred, ref, voxel_ml, min_overlap))
+
+
+def size_bin(diameter_mm: float) -> str:
+    """The :data:`LESION_SIZE_BINS_MM` bin of a diameter: ``"<5mm"``, ``"5-10mm"``, ``"10-20mm"``, ``">=20mm"``."""
+    low = 0.0
+    for high in LESION_SIZE_BINS_MM:
+        if diameter_mm < high:
+            return f"<{high:g}mm" if low == 0.0 else f"{low:g}-{high:g}mm"
+        low = high
+    return f">={low:g}mm"
+
+
+def size_bins() -> list[str]:
+    """Every :func:`size_bin` name, smallest first."""
+    return [size_bin(0.0)] + [size_bin(edge) for edge in LESION_SIZE_BINS_MM]

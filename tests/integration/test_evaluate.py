@@ -90,17 +90,33 @@ def test_evaluate_cli(folders: tuple[Path, Path], tmp_path: Path) -> None:
     assert organ_block["dice"]["global"] == pytest.approx(2 * tp / size)
     assert "NOT the mean" in summary["conventions"]["dice.global"]
 
+    # lesion-wise detection, for the task's lesion class only: case0 finds its lesion, case1 (merged) misses it
+    assert by_case["case0"]["lesions"]["lesion"]["detected_lesions"] == 1
+    missed = by_case["case1"]["lesions"]["lesion"]
+    assert (missed["ref_lesions"], missed["detected_lesions"], missed["pred_lesions"]) == (1, 0, 0)
+    assert missed["reference"][0]["covered"] == 0.0 and not missed["reference"][0]["detected"]
+    assert missed["reference"][0]["volume_ml"] == pytest.approx(volume_ml(ref1 == 2, spacing))
+    assert "organ" not in by_case["case0"]["lesions"] and "lesions" not in organ_block
+    detection = lesion_block["lesions"]
+    assert (detection["reference"], detection["detected"], detection["recall"]) == (2, 1, 0.5)
+    assert detection["precision"] == 1.0 and detection["fp_per_case"] == 0.0
+    assert sum(b["reference"] for b in detection["by_size"].values()) == 2
+    assert summary["settings"]["lesion_classes"] == ["lesion"]
+
     with (out / "metrics.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 4 * 2  # every case and class, scored or not
     row = next(r for r in rows if r["case"] == "case1" and r["class"] == "lesion")
     assert row["status"] == "ok" and float(row["dice"]) == 0.0 and math.isnan(float(row["hd95_mm"]))
+    assert (row["ref_lesions"], row["detected_lesions"], row["pred_lesions"], row["fp_lesions"]) == ("1", "0", "0", "0")
+    assert next(r for r in rows if r["case"] == "case0" and r["class"] == "organ")["ref_lesions"] == ""
     missing = next(r for r in rows if r["case"] == "case3" and r["class"] == "organ")
     assert missing["status"] == "missing" and missing["dice"] == ""
 
     human = runner.invoke(app, ["evaluate", "-p", str(pred_dir), "-r", str(ref_dir), "-t", "tiny", "-o", str(out)])
     assert human.exit_code == 1
     assert "2 of 4 cases evaluated, 1 missing, 1 failed" in human.stdout
+    assert "lesions: recall 0.500 (1/2), precision 1.000 (1/1)" in human.stdout
     assert "case2" in human.stderr and "origin" in human.stderr
 
 
@@ -149,5 +165,7 @@ def test_log_to_existing_mlflow_run(folders: tuple[Path, Path], tmp_path: Path) 
     assert metrics["eval.hd95.organ.median"] == pytest.approx(summary["classes"]["organ"]["hd95_mm"]["median"])
     assert metrics["eval.cases.missing"] == 1.0
     assert "eval.hd95.lesion.mean" in metrics  # case0 defines it; case1's undefined HD95 is counted instead
+    assert metrics["eval.lesions.lesion.recall"] == 0.5 and metrics["eval.lesions.lesion.false_positives"] == 0
+    assert "eval.lesions.lesion.min_overlap" not in metrics  # a setting, not a result
     artifacts = {a.path for a in client.list_artifacts(run_id, "evaluation")}
     assert artifacts == {"evaluation/metrics.csv", "evaluation/summary.json"}

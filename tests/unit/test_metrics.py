@@ -14,7 +14,9 @@ from medsup.evaluation.metrics import (
     class_metrics,
     dice,
     hd95,
+    lesion_detection,
     normalized_surface_dice,
+    size_bin,
     surface,
     surface_distances,
     volume_ml,
@@ -194,3 +196,55 @@ def test_global_dice_differs_from_the_mean_and_nan_is_excluded() -> None:
     assert block["dice"]["global"] == pytest.approx(2 * 1 / (1 + 1 + 100 + 100))
     assert block["hd95_mm"]["n"] == 2 and block["hd95_mm"]["n_undefined"] == 1
     assert math.isnan(aggregate([], ["organ"])["organ"]["dice"]["global"])
+
+
+def test_lesion_detection_by_hand() -> None:
+    ref, pred = np.zeros((20, 20, 20), bool), np.zeros((20, 20, 20), bool)
+    ref[2:5, 2:5, 2:5] = True           # lesion A: 27 voxels
+    ref[10, 10, 10] = ref[11, 11, 11] = True  # lesion B: two voxels touching at a corner (26-connected: one)
+    ref[15, 2, 2] = True                # lesion C: one voxel, missed
+    pred[2:5, 2:4, 4:6] = True          # 12 voxels, 6 inside A (6/27 = 0.22 of A; 6/12 of itself): a hit both ways
+    pred[10, 10, 10] = True             # covers half of B
+    pred[17:19, 17:19, 17] = True       # 4 voxels far from everything: a false positive
+    spacing = (0.5, 1.0, 2.0)           # 1 mm^3 voxels
+    d = lesion_detection(pred, ref, spacing, min_overlap=0.1)
+    assert [round(les.covered, 4) for les in d.reference] == [round(6 / 27, 4), 0.5, 0.0]
+    assert [les.hit for les in d.reference] == [True, True, False]
+    assert [les.hit for les in d.predicted] == [True, True, False]
+    assert d.counts() == {"ref_lesions": 3, "detected_lesions": 2, "pred_lesions": 3, "fp_lesions": 1}
+    assert d.reference[0].volume_ml == pytest.approx(0.027)
+    assert d.reference[0].diameter_mm == pytest.approx((6 * 27 / math.pi) ** (1 / 3))
+    # at 0.6 neither A (22% covered) nor B (50%) is found; the voxel inside B still lies wholly in the reference
+    # (not a false positive), the piece half inside A now is one
+    strict = lesion_detection(pred, ref, spacing, min_overlap=0.6)
+    assert strict.detected == 0 and [les.hit for les in strict.predicted] == [False, True, False]
+    assert lesion_detection(pred, ref, spacing, min_overlap=0.5).detected == 1  # exactly half counts (>=)
+    empty = lesion_detection(np.zeros_like(ref), np.zeros_like(ref), spacing, 0.1)
+    assert empty.counts() == {"ref_lesions": 0, "detected_lesions": 0, "pred_lesions": 0, "fp_lesions": 0}
+    with pytest.raises(ValueError, match="min_overlap"):
+        lesion_detection(pred, ref, spacing, 0.0)
+    assert [size_bin(v) for v in (0.5, 5.0, 9.99, 10.0, 25.0)] == ["<5mm", "5-10mm", "5-10mm", "10-20mm", ">=20mm"]
+
+
+def test_lesion_aggregate_is_pooled_over_cases() -> None:
+    spacing = (1.0, 1.0, 1.0)
+    ref, pred = np.zeros((30, 12, 12), bool), np.zeros((30, 12, 12), bool)
+    ref[1:9, 1:9, 1:9] = True                                  # 512 mm^3: 9.9 mm equivalent diameter
+    pred[1:9, 1:9, 1:9] = True
+    pred[20, 5, 5] = True                                      # a false positive
+    found = CaseResult("a", "ok", classes={"t": class_metrics(pred, ref, spacing, 1.0)},
+                       lesions={"t": lesion_detection(pred, ref, spacing, 0.1)})
+    none_found = np.zeros_like(ref)
+    missed = CaseResult("b", "ok", classes={"t": class_metrics(none_found, ref, spacing, 1.0)},
+                        lesions={"t": lesion_detection(none_found, ref, spacing, 0.1)})
+    block = aggregate([found, missed], ["t"])["t"]["lesions"]
+    assert (block["reference"], block["detected"], block["predicted"], block["false_positives"]) == (2, 1, 2, 1)
+    assert block["recall"] == 0.5 and block["precision"] == 0.5 and block["f1"] == 0.5
+    assert block["fp_per_case"] == 0.5
+    assert block["by_size"]["5-10mm"] == {"reference": 2, "detected": 1, "recall": 0.5}
+    assert block["by_size"]["<5mm"]["reference"] == 0 and math.isnan(block["by_size"]["<5mm"]["recall"])
+    nothing = CaseResult("c", "ok", classes={"t": class_metrics(none_found, none_found, spacing, 1.0)},
+                         lesions={"t": lesion_detection(none_found, none_found, spacing, 0.1)})
+    empty = aggregate([nothing], ["t"])["t"]["lesions"]
+    assert math.isnan(empty["recall"]) and math.isnan(empty["precision"]) and math.isnan(empty["f1"])
+    assert "lesions" not in aggregate([CaseResult("d", "ok", classes=nothing.classes)], ["t"])["t"]
