@@ -30,7 +30,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from medsup.data.files import atomic_path, write_json
 
@@ -93,6 +93,9 @@ class ExitResult:
     total_s: float | None
     cases: int
     folder: str
+    #: lesion-wise recall and precision per lesion class (``medsup evaluate``'s pooled ``lesions`` block)
+    lesion_recall: dict[str, float | None] = field(default_factory=dict)
+    lesion_precision: dict[str, float | None] = field(default_factory=dict)
 
 
 @dataclass
@@ -191,12 +194,16 @@ def read_early_exit(root: Path, metric: str) -> list[ExitResult]:
         network = [float(c["seconds"]["network"]) for c in ok if "network" in c.get("seconds", {})]
         total = [float(c["seconds_total"]) for c in ok if "seconds_total" in c]
         level = report.get("settings", {}).get("exit_level")
+        classes = _eval_classes(report_path.parent / "evaluation" / "summary.json")
+        lesions = {name: b["lesions"] for name, b in (classes or {}).items() if isinstance(b.get("lesions"), dict)}
         out.append(ExitResult(
             scheme=config["loss"]["scheme"], seed=int(config["seed"]),
             n_train=int(config["data"].get("max_train_cases") or 0), level=0 if level is None else int(level),
-            dice=_eval_dice(report_path.parent / "evaluation" / "summary.json", cls, aggregate),
+            dice=_eval_dice(classes, cls, aggregate),
             network_s=statistics.fmean(network) if network else None,
             total_s=statistics.fmean(total) if total else None, cases=len(ok), folder=str(report_path.parent),
+            lesion_recall={name: b.get("recall") for name, b in lesions.items()},
+            lesion_precision={name: b.get("precision") for name, b in lesions.items()},
         ))
     return out
 
@@ -205,11 +212,18 @@ def _bundle_dir(model: Path) -> Path:
     return model / "model" if (model / "model" / "config.json").is_file() else model
 
 
-def _eval_dice(summary_path: Path, cls: str, aggregate: str = "mean") -> float | None:
+def _eval_classes(summary_path: Path) -> dict[str, dict[str, Any]] | None:
+    """The per-class blocks of a ``medsup evaluate`` summary.json; None (with a warning) when unreadable."""
     try:
         classes = json.loads(summary_path.read_text(encoding="utf-8"))["classes"]
     except (OSError, ValueError, KeyError):
         log.warning("%s: no evaluation summary; Dice left empty", summary_path)
+        return None
+    return cast(dict[str, dict[str, Any]], classes)
+
+
+def _eval_dice(classes: dict[str, dict[str, Any]] | None, cls: str, aggregate: str = "mean") -> float | None:
+    if classes is None:
         return None
     means = [b["dice"].get(aggregate) for name, b in classes.items() if not cls or name == cls]
     means = [m for m in means if m is not None]
@@ -395,10 +409,14 @@ def render(s: Summary, figure: str, commands: Sequence[str]) -> str:
     else:
         cls, aggregate = metric_class(s.metric)
         shown = f"{cls or 'mean over classes'}{', global over the cases' if aggregate == 'global' else ''}"
+        lesion_classes = sorted({k for e in s.early_exit for k in e.lesion_recall})
+        lesion_head = "".join(f" {k} lesion recall | {k} lesion precision |" for k in lesion_classes)
         lines += [f"Test Dice ({shown}) and seconds per case (network / whole case), mean ± std over seeds; "
-                  "level 0 is the full-resolution head.", "",
-                  "| scheme | n_train | exit level | Dice | network s/case | total s/case | speed-up |",
-                  "|---|---|---|---|---|---|---|"]
+                  "level 0 is the full-resolution head."
+                  + (" Lesion recall and precision: `medsup evaluate`'s lesion-wise detection, pooled over the "
+                     "test cases." if lesion_classes else ""), "",
+                  f"| scheme | n_train | exit level | Dice | network s/case | total s/case | speed-up |{lesion_head}",
+                  "|---|---|---|---|---|---|---|" + "---|---|" * len(lesion_classes)]
         for sch in s.schemes:
             for n in sorted({e.n_train for e in s.early_exit if e.scheme == sch}):
                 rows = [e for e in s.early_exit if e.scheme == sch and e.n_train == n]
@@ -407,8 +425,11 @@ def render(s: Summary, figure: str, commands: Sequence[str]) -> str:
                     at = [e for e in rows if e.level == level]
                     total = mean_std(e.total_s for e in at)[0]
                     speed = f"{full / total:.2f}x" if full and total else "–"
+                    lesion_cells = "".join(f" {fmt(e.lesion_recall.get(k) for e in at)} |"
+                                           f" {fmt(e.lesion_precision.get(k) for e in at)} |" for k in lesion_classes)
                     lines.append(f"| `{sch}` | {n} | {level} | {fmt(e.dice for e in at)} | "
-                                 f"{fmt((e.network_s for e in at), 3)} | {fmt((e.total_s for e in at), 3)} | {speed} |")
+                                 f"{fmt((e.network_s for e in at), 3)} | {fmt((e.total_s for e in at), 3)} | {speed} |"
+                                 + lesion_cells)
     if s.skipped:
         lines += ["", "## Runs not counted", ""] + [f"- {x}" for x in s.skipped]
     lines += ["", "## Reproduce", "", "```bash", *commands, "```", ""]

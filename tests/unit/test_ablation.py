@@ -94,9 +94,10 @@ def test_write_report_and_early_exit(tmp_path: Path) -> None:
         case = {"status": "ok", "seconds": {"network": seconds / 2}, "seconds_total": seconds}
         (folder / "report.json").write_text(json.dumps({"model": str(bundle.parent), "settings": {"exit_level": level},
                                                         "cases": [case]}), encoding="utf-8")
+        lesions = {"recall": 0.75 - 0.25 * level, "precision": 0.5}
         (folder / "evaluation" / "summary.json").write_text(json.dumps(
-            {"classes": {"liver": {"dice": {"mean": dice}}, "tumour": {"dice": {"mean": 0.1, "global": 0.3}}}}),
-            encoding="utf-8")
+            {"classes": {"liver": {"dice": {"mean": dice}},
+                         "tumour": {"dice": {"mean": 0.1, "global": 0.3}, "lesions": lesions}}}), encoding="utf-8")
     exits = read_early_exit(tmp_path / "early", "val.dice.liver")
     assert [(e.scheme, e.seed, e.n_train, e.level, e.dice, e.total_s) for e in exits] == [
         ("nnunet", 1, 20, 0, 0.9, 2.0), ("nnunet", 1, 20, 1, 0.8, 0.5)]
@@ -106,7 +107,15 @@ def test_write_report_and_early_exit(tmp_path: Path) -> None:
     s = summarize(_runs(), "medsup-ablation", "liver", early_exit_dir=tmp_path / "early")
     paths = write_report(s, tmp_path / "docs", ["bash pipelines/ablation.sh"])
     text = paths["markdown"].read_text(encoding="utf-8")
-    assert "| `nnunet` | 20 | 1 | 0.800 | 0.250 | 0.500 | 4.00x |" in text
+    assert "| `nnunet` | 20 | 1 | 0.800 | 0.250 | 0.500 | 4.00x | 0.500 | 0.500 |" in text
+    assert "| tumour lesion recall | tumour lesion precision |" in text
+    assert exits[0].lesion_recall == {"tumour": 0.75}
+    # an ablation.json written before lesion-wise detection existed still loads
+    numbers = json.loads(paths["numbers"].read_text(encoding="utf-8"))
+    for e in numbers["early_exit"]:
+        del e["lesion_recall"], e["lesion_precision"]
+    (tmp_path / "old.json").write_text(json.dumps(numbers), encoding="utf-8")
+    assert load_summary(tmp_path / "old.json").early_exit[1].lesion_recall == {}
     assert paths["figure"].read_bytes()[:4] == b"\x89PNG"
     assert json.loads(paths["numbers"].read_text(encoding="utf-8"))["default_scheme"] == "nnunet"
     assert sorted(p.name for p in (tmp_path / "docs").iterdir()) == ["ablation.json", "ablation.md", "ablation.png"]
