@@ -12,7 +12,7 @@ axis permutations and flips only). Geometry that still differs (shape, spacing, 
 foreground class of the task, :func:`medsup.evaluation.metrics.class_metrics` (Dice, HD95, NSD, volumes),
 inside the bounding box of everything labelled in either map; per lesion class of the task (tumours, nodules),
 lesion-wise detection too (:func:`medsup.evaluation.metrics.lesion_detection`: connected components, a hit
-when ``evaluate.lesion_min_overlap`` of a lesion's voxels are covered by the other map).
+when ``evaluate.lesion_min_overlap`` of a lesion's voxels are covered by the other map's lesions).
 
 Aggregates per class, over the cases evaluated without error (missing and failed cases are counted, not
 scored): mean, median, population std (ddof=0) and n over the non-NaN values, and the pooled ("global")
@@ -74,9 +74,10 @@ CONVENTIONS: dict[str, str] = {
            "other surface; exactly one side empty -> 0; both empty -> NaN (null)",
     "volume": "mL; volume_diff_ml = pred - ref (signed), volume_abs_diff_ml = |pred - ref|, "
               "volume_rel_diff = (pred - ref)/ref (NaN when the reference is empty)",
-    "lesions": "lesion classes only: 26-connected components of each map; a reference lesion is detected when "
-               "the prediction covers >= lesion_min_overlap of its voxels, a predicted lesion is a false positive "
-               "when the reference covers < lesion_min_overlap of its voxels; pooled over the ok cases: recall = "
+    "lesions": "lesion classes only: 26-connected components of each map; a predicted lesion is a false positive "
+               "when the reference covers < lesion_min_overlap of its voxels, a reference lesion is detected when "
+               "the predicted lesions that are not false positives cover >= lesion_min_overlap of its voxels; "
+               "pooled over the ok cases: recall = "
                "detected / reference lesions, precision = (predicted - false positives) / predicted lesions, "
                "F1 of the two, fp_per_case; recall by equivalent-sphere diameter (6V/pi)^(1/3); NaN (null) "
                "where a denominator is 0",

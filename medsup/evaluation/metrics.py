@@ -238,7 +238,8 @@ LESION_SIZE_BINS_MM = (5.0, 10.0, 20.0)
 @dataclass(frozen=True)
 class Lesion:
     """One connected component: its volume, equivalent-sphere diameter and the fraction of its voxels that the
-    other map labels (``covered``); ``hit`` when that fraction reaches the detection threshold."""
+    other map labels (``covered``; for a reference lesion, counting only predicted lesions that are not false
+    positives); ``hit`` when that fraction reaches the detection threshold."""
 
     volume_ml: float
     diameter_mm: float
@@ -250,10 +251,11 @@ class Lesion:
 class LesionDetection:
     """Lesion-wise detection of one class in one case (connected components, 26-connectivity).
 
-    A reference lesion is *detected* when the prediction covers at least ``min_overlap`` of its voxels; a
-    predicted lesion is a *false positive* when the reference covers less than ``min_overlap`` of its voxels.
-    Counting both sides separately keeps one big prediction spanning two reference lesions from counting twice
-    as a true positive, and a reference lesion split into two predicted pieces from costing a false positive.
+    A predicted lesion is a *false positive* when the reference covers less than ``min_overlap`` of its voxels.
+    A reference lesion is *detected* when the predicted lesions that are not false positives cover at least
+    ``min_overlap`` of its voxels: a prediction that floods the organ is one false positive and finds nothing
+    (it would otherwise "find" every lesion it spills over). One prediction spanning two lesions finds both but
+    is one predicted lesion; a lesion predicted in two pieces is found once and costs no false positive.
     """
 
     min_overlap: float
@@ -274,17 +276,19 @@ class LesionDetection:
                 "pred_lesions": len(self.predicted), "fp_lesions": self.false_positives}
 
 
-def _components(mask: np.ndarray, other: np.ndarray, voxel_ml: float, min_overlap: float) -> tuple[Lesion, ...]:
-    """The 26-connected components of ``mask``, each with the fraction of its voxels ``other`` covers."""
+def _components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """26-connected component labels of ``mask`` and each component's voxel count (index 0: component 1)."""
     labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
-    if n == 0:
-        return ()
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-    inside = np.bincount(labels[other], minlength=n + 1)[1:]
+    return labels, np.bincount(labels.ravel(), minlength=n + 1)[1:]
+
+
+def _lesions(labels: np.ndarray, sizes: np.ndarray, other: np.ndarray, voxel_ml: float,
+             min_overlap: float) -> tuple[Lesion, ...]:
+    """Each component of ``labels`` with the fraction of its voxels that the boolean map ``other`` covers."""
+    inside = np.bincount(labels[other], minlength=sizes.size + 1)[1:]
     out = []
     for size, hit_voxels in zip(sizes.tolist(), inside.tolist(), strict=True):
-        volume = size * voxel_ml
-        covered = hit_voxels / size
+        volume, covered = size * voxel_ml, hit_voxels / size
         out.append(Lesion(volume, (6.0 * volume * 1000.0 / math.pi) ** (1.0 / 3.0), covered, covered >= min_overlap))
     return tuple(out)
 
@@ -304,8 +308,12 @@ def lesion_detection(pred: np.ndarray, ref: np.ndarray, spacing: Spacing, min_ov
     if box is not None:  # components never cross the union box's empty border
         pred, ref = pred[box], ref[box]
     voxel_ml = float(np.prod(np.asarray(spacing, dtype=np.float64))) / 1000.0
-    return LesionDetection(min_overlap, _components(ref, pred, voxel_ml, min_overlap),
-                           _components(pred, ref, voxel_ml, min_overlap))
+    pred_labels, pred_sizes = _components(pred)
+    predicted = _lesions(pred_labels, pred_sizes, ref, voxel_ml, min_overlap)
+    # only predicted lesions that are not false positives can find a reference lesion
+    kept = np.asarray([False] + [les.hit for les in predicted])[pred_labels]
+    ref_labels, ref_sizes = _components(ref)
+    return LesionDetection(min_overlap, _lesions(ref_labels, ref_sizes, kept, voxel_ml, min_overlap), predicted)
 
 
 def size_bin(diameter_mm: float) -> str:

@@ -219,6 +219,13 @@ def test_lesion_detection_by_hand() -> None:
     strict = lesion_detection(pred, ref, spacing, min_overlap=0.6)
     assert strict.detected == 0 and [les.hit for les in strict.predicted] == [False, True, False]
     assert lesion_detection(pred, ref, spacing, min_overlap=0.5).detected == 1  # exactly half counts (>=)
+    # a prediction flooding the region around A: A is wholly covered, but by one false positive (27 of its 343
+    # voxels are lesion, < 0.1): nothing is found
+    flood = np.zeros_like(ref)
+    flood[0:7, 0:7, 0:7] = True
+    flooded = lesion_detection(flood, ref, spacing, min_overlap=0.1)
+    assert flooded.counts() == {"ref_lesions": 3, "detected_lesions": 0, "pred_lesions": 1, "fp_lesions": 1}
+    assert flooded.reference[0].covered == 0.0
     empty = lesion_detection(np.zeros_like(ref), np.zeros_like(ref), spacing, 0.1)
     assert empty.counts() == {"ref_lesions": 0, "detected_lesions": 0, "pred_lesions": 0, "fp_lesions": 0}
     with pytest.raises(ValueError, match="min_overlap"):
