@@ -154,21 +154,27 @@ def render_overview(summaries: Sequence[Summary], reports: Sequence[Path], out: 
             ratio = f" (x{mine / base:.2f})" if mine is not None and base else ""
             row.append(fmt(values, 4) + ratio if values else "not logged")
         lines.append(f"| `{x}` | " + " | ".join(row) + " |")
+    # per task: Dice, seconds, and the lesion recall of each lesion class its evaluations hold
+    lesion_classes = [sorted({k for e in s.early_exit for k in e.lesion_recall}) for s in summaries]
+    columns = [[f"{s.task} Dice", f"{s.task} s/case"] + [f"{s.task} {k} lesion recall" for k in classes]
+               for s, classes in zip(summaries, lesion_classes, strict=True)]
     lines += ["", "## Early exit", "",
               "Test Dice and seconds per case when inference stops at decoder head K (0 = the full-resolution "
-              "head), models of each task's largest n_train, mean over seeds.", "",
-              "| scheme | exit level | " + " | ".join(f"{s.task} Dice | {s.task} s/case" for s in summaries) + " |",
-              "|---|---|" + "---|---|" * len(summaries)]
+              "head), models of each task's largest n_train, mean over seeds; lesion recall from `medsup "
+              "evaluate`'s lesion-wise detection (see each report for precision).", "",
+              "| scheme | exit level | " + " | ".join(c for cols in columns for c in cols) + " |",
+              "|---|---|" + "---|" * sum(len(cols) for cols in columns)]
     levels = sorted({e.level for s in summaries for e in s.early_exit})
     for x in schemes:
         for level in levels:
             row = []
-            for s in summaries:
+            for s, classes in zip(summaries, lesion_classes, strict=True):
                 at = [e for e in s.early_exit if e.scheme == x and e.level == level]
                 row += [fmt(e.dice for e in at), fmt((e.total_s for e in at), 2)] if at else ["–", "–"]
+                row += [fmt(e.lesion_recall.get(k) for e in at) for k in classes]
             lines.append(f"| `{x}` | {level} | " + " | ".join(row) + " |")
     if not levels:
-        lines.append("| – | – | " + " | ".join("– | –" for _ in summaries) + " |")
+        lines.append("| – | – | " + " | ".join("–" for cols in columns for _ in cols) + " |")
     lines += ["", "## Reproduce", "", "```bash", *commands, "```", ""]
     return "\n".join(lines)
 

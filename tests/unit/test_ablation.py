@@ -12,6 +12,7 @@ import pytest
 from medsup.config import load
 from medsup.data.splits import fold_split, limit_training
 from medsup.evaluation.ablation import (
+    ExitResult,
     load_summary,
     metric_class,
     read_early_exit,
@@ -199,7 +200,10 @@ def test_overview_ranks_pairs_and_verdict() -> None:
 def test_write_overview_from_the_reports(tmp_path: Path) -> None:
     docs = tmp_path / "docs" / "ablation"
     for task, runs in (("liver", _runs()), ("lung", _lung_runs())):
-        write_report(summarize(runs, "medsup-ablation", task), docs / task, ["bash pipelines/ablation.sh"])
+        summary = summarize(runs, "medsup-ablation", task)
+        if task == "lung":  # one early exit, evaluated with lesion-wise detection
+            summary.early_exit = [ExitResult("dsn", 0, 20, 0, 0.5, 1.0, 2.0, 3, "x", {"tumour": 0.75}, {"tumour": 1.0})]
+        write_report(summary, docs / task, ["bash pipelines/ablation.sh"])
     again = load_summary(docs / "liver" / "ablation.json")  # the JSON round trip keeps the numbers
     original = summarize(_runs(), "medsup-ablation", "liver")
     assert [(a.scheme, a.seed, a.n_train, a.best, a.curve, a.grad) for a in again.arms] == [
@@ -214,6 +218,9 @@ def test_write_overview_from_the_reports(tmp_path: Path) -> None:
     assert "| scheme | liver, n = 2 | liver, n = 20 | lung, n = 2 | lung, n = 20 |" in text
     assert "| `dsn` | 0.700 ± 0.000 | 0.930 ± 0.000 | 0.455 ± 0.007 | 0.555 ± 0.007 |" in text
     assert "(x1.00)" in text and "agrees with this" in text
+    assert "| scheme | exit level | liver Dice | liver s/case | lung Dice | lung s/case | lung tumour lesion recall |" \
+        in text
+    assert "| `dsn` | 0 | – | – | 0.500 | 2.00 | 0.750 |" in text
     assert "![ablation overview](ablation.png)" in text
     assert paths["figure"] == tmp_path / "docs" / "ablation.png"
     assert paths["figure"].read_bytes()[:4] == b"\x89PNG"
