@@ -212,9 +212,8 @@ def test_ddp_two_gloo_ranks(tiny_data: Path, tmp_path: Path) -> None:
     """torchrun with 2 CPU processes: one MLflow run (rank 0), metrics reduced, one checkpoint writer."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     torchrun = Path(sys.executable).with_name("torchrun")
-    port = 29500 + os.getpid() % 1000
-    proc = subprocess.run(
-        [str(torchrun), "--nproc_per_node=2", f"--master_port={port}", "-m", "medsup", "-q", "train",
+    proc = subprocess.run(  # --standalone: a local rendezvous on a port the OS picks (a fixed one can be taken)
+        [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "medsup", "-q", "train",
          "--task", "tiny", "--data", str(tiny_data), "--preset", "smoke", "--output", str(tmp_path / "run"),
          "--tracking-uri", uri, "--json"],
         cwd=REPO, capture_output=True, encoding="utf-8", errors="replace", timeout=300,
