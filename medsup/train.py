@@ -213,6 +213,7 @@ def _fit(cfg: Config, plan: Plan, labels: dict[int, str], cases: dict[str, Any],
         return sliding_window_logits(image, model, window)
     fg_names = [labels[c] for c in sorted(labels) if c != 0]
     fg_classes = [c for c in sorted(labels) if c != 0]
+    lesion_classes = get_task(cfg.task).lesion_classes
     ckpt_dir = output / "checkpoints"
     case_files = {str(c.image): c for c in cases.values()}
     last_validation: list[dict[str, Any]] = []  # per case, for validation.json and the case figures
@@ -236,7 +237,8 @@ def _fit(cfg: Config, plan: Plan, labels: dict[int, str], cases: dict[str, Any],
             metrics.update(grad_norms.compute())
         if epoch % cfg.train.val_every == 0 or epoch == cfg.train.epochs:
             started = time.perf_counter()
-            results = validate(net, val_items, inferer, dev, fg_classes, cfg.train.amp)
+            results = validate(net, val_items, inferer, dev, fg_classes, cfg.train.amp, lesion_classes,
+                               plan.target_spacing, cfg.evaluate.lesion_min_overlap)
             if idist.get_world_size() > 1:  # every rank validated its shard of cases
                 gathered = cast(list[list[dict[str, Any]]], idist.all_gather(results))
                 results = [r for part in gathered for r in part]
@@ -312,7 +314,9 @@ def _validation_rows(results: list[dict[str, Any]], cases_by_image: dict[str, An
         rows.append({"case": case.case_id if case else r["case"], "image": r["case"],
                      "label": str(case.label) if case else "", "dice": dict(zip(names, r["dice"], strict=True)),
                      "voxels": {n: dict(zip(("tp", "predicted", "reference"), c, strict=True))
-                                for n, c in zip(names, r["counts"], strict=True)}})
+                                for n, c in zip(names, r["counts"], strict=True)},
+                     "lesions": {n: c for n, c in zip(names, r.get("lesions") or [None] * len(names), strict=True)
+                                 if c is not None}})
     return rows
 
 

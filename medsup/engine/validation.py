@@ -8,6 +8,10 @@ Two summaries of the same cases, both logged every validation:
   (nnU-Net's "pseudo Dice" during training, here on whole volumes). Small lesions make the per-case mean
   a step function: a 3-voxel nodule scores 0 or close to 1, and a case whose only nodule is that small moves
   the mean by 1/n whatever the rest does; the global Dice weights each lesion by its voxels.
+- ``val.lesion_recall.<class>``, ``val.lesion_precision.<class>`` (lesion classes only): ``medsup evaluate``'s
+  lesion-wise detection (:func:`medsup.evaluation.metrics.lesion_detection`) on the validation grid, pooled
+  over the cases: of the reference lesions, how many were found; of the predicted lesions, how many are real.
+  Each is left out while its denominator is 0 (no reference lesion, or nothing predicted).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from torch import nn
 
 from medsup.device import autocast, autocast_dtype
 from medsup.engine.steps import prepare
-from medsup.evaluation.metrics import dice_from_counts
+from medsup.evaluation.metrics import dice_from_counts, lesion_detection
 
 
 def overlap_counts(pred: torch.Tensor, label: torch.Tensor, classes: Sequence[int]) -> list[tuple[int, int, int]]:
@@ -46,14 +50,35 @@ def dice_per_class(pred: torch.Tensor, label: torch.Tensor, classes: Sequence[in
     return [dice_from_counts(*counts) for counts in overlap_counts(pred, label, classes)]
 
 
+def lesion_counts(pred: torch.Tensor, label: torch.Tensor, classes: Sequence[int], lesion_classes: Sequence[int],
+                  spacing: Sequence[float], min_overlap: float) -> list[dict[str, int] | None]:
+    """Lesion-wise detection counts (``ref_lesions``, ``detected_lesions``, ``pred_lesions``, ``fp_lesions``) of
+    each class of ``classes`` that is a lesion class, None for the others.
+
+    Args:
+        pred, label: integer class maps of the same shape ``(..., X, Y, Z)`` (leading dims of size 1).
+        spacing: voxel size in mm of that grid.
+    """
+    out: list[dict[str, int] | None] = []
+    if not lesion_classes:
+        return [None] * len(classes)
+    p, g = pred.reshape(pred.shape[-3:]).cpu().numpy(), label.reshape(label.shape[-3:]).cpu().numpy()
+    for c in classes:
+        out.append(lesion_detection(p == c, g == c, spacing, min_overlap).counts() if c in lesion_classes else None)
+    return out
+
+
 @torch.inference_mode()
 def validate(model: nn.Module, cases: Iterable[dict[str, Any]],
              inferer: Callable[[torch.Tensor, nn.Module], torch.Tensor],
-             device: torch.device, classes: Sequence[int], amp: bool = True) -> list[dict[str, Any]]:
+             device: torch.device, classes: Sequence[int], amp: bool = True,
+             lesion_classes: Sequence[int] = (), spacing: Sequence[float] = (1.0, 1.0, 1.0),
+             min_overlap: float = 0.1) -> list[dict[str, Any]]:
     """Run whole-volume inference on each case and return ``[{"case", "dice": [per class], "counts": [per class
-    (TP, predicted, reference) voxels]}]``.
+    (TP, predicted, reference) voxels], "lesions": [per class: :func:`lesion_counts` or None]}]``.
 
-    ``inferer(image, model)`` maps ``(1, 1, X, Y, Z)`` to logits ``(1, C, X, Y, Z)`` (a sliding window).
+    ``inferer(image, model)`` maps ``(1, 1, X, Y, Z)`` to logits ``(1, C, X, Y, Z)`` (a sliding window). The
+    classes of ``lesion_classes`` also get lesion-wise detection on this grid, whose voxel size is ``spacing``.
     """
     model.eval()
     dtype = autocast_dtype(device, amp)
@@ -66,14 +91,16 @@ def validate(model: nn.Module, cases: Iterable[dict[str, Any]],
         name = batch["image"].meta.get("filename_or_obj", "?") if hasattr(batch["image"], "meta") else "?"
         name = name[0] if isinstance(name, list) else name
         counts = overlap_counts(pred, label, classes)
-        results.append({"case": str(name), "dice": [dice_from_counts(*c) for c in counts], "counts": counts})
+        results.append({"case": str(name), "dice": [dice_from_counts(*c) for c in counts], "counts": counts,
+                        "lesions": lesion_counts(pred, label, classes, lesion_classes, spacing, min_overlap)})
     return results
 
 
 def summarise(results: list[dict[str, Any]], class_names: Sequence[str]) -> dict[str, float]:
     """Per-class mean Dice over cases (NaN cases skipped) and their mean: ``val.dice.<name>``, ``val.dice``;
     where the results hold ``counts``, also the global Dice over all cases' voxels: ``val.dice_global.<name>``,
-    ``val.dice_global`` (the mean over the classes that have one)."""
+    ``val.dice_global`` (the mean over the classes that have one); where they hold ``lesions``, the pooled
+    lesion recall and precision: ``val.lesion_recall.<name>``, ``val.lesion_precision.<name>``."""
     out: dict[str, float] = {}
     means, globals_ = [], []
     for i, name in enumerate(class_names):
@@ -90,4 +117,14 @@ def summarise(results: list[dict[str, Any]], class_names: Sequence[str]) -> dict
     out["val.dice"] = sum(means) / len(means) if means else float("nan")
     if globals_:
         out["val.dice_global"] = sum(globals_) / len(globals_)
+    for i, name in enumerate(class_names):
+        pooled = [r["lesions"][i] for r in results if r.get("lesions") and r["lesions"][i] is not None]
+        if not pooled:
+            continue
+        reference, detected = sum(c["ref_lesions"] for c in pooled), sum(c["detected_lesions"] for c in pooled)
+        predicted, false_positives = sum(c["pred_lesions"] for c in pooled), sum(c["fp_lesions"] for c in pooled)
+        if reference:
+            out[f"val.lesion_recall.{name}"] = detected / reference
+        if predicted:
+            out[f"val.lesion_precision.{name}"] = (predicted - false_positives) / predicted
     return out

@@ -75,6 +75,12 @@ def test_train_two_epochs_to_sqlite(tiny_data: Path, tmp_path: Path) -> None:
     counts = [v["voxels"]["organ"] for v in validation]
     global_dice = 2 * sum(c["tp"] for c in counts) / sum(c["predicted"] + c["reference"] for c in counts)
     assert metrics["val.dice_global.organ"] == pytest.approx(global_dice)
+    # lesion-wise detection for the lesion class only, and the logged recall is the one the rows give
+    assert all(set(v["lesions"]) == {"lesion"} for v in validation)
+    lesions = [v["lesions"]["lesion"] for v in validation]
+    assert sum(c["ref_lesions"] for c in lesions) >= 2  # every tiny case holds a lesion
+    recall = sum(c["detected_lesions"] for c in lesions) / sum(c["ref_lesions"] for c in lesions)
+    assert metrics["val.lesion_recall.lesion"] == pytest.approx(recall)
     redrawn = CliRunner().invoke(app, ["figures", "--run", str(result.output_dir), "--cases", "--out",
                                        str(tmp_path / "redrawn"), "--device", "cpu"])
     assert redrawn.exit_code == 0, redrawn.output
