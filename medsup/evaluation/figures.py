@@ -141,7 +141,11 @@ def training_curves(history: Sequence[dict[str, float]], path: Path) -> Path:
         if not mean and f"val.dice_global.{cls}" in keys:  # same class, same colour
             ax.plot(*_series(history, f"val.dice_global.{cls}"), ls="--", lw=1, color=line.get_color(),
                     label=f"{cls} (global)")
-    ax.set(title="validation Dice (per-case mean; dashed: global)", xlabel="epoch", ylabel="Dice", ylim=(0, 1))
+        if not mean and f"val.lesion_recall.{cls}" in keys:
+            ax.plot(*_series(history, f"val.lesion_recall.{cls}"), ls=":", lw=1.5, color=line.get_color(),
+                    label=f"{cls} (lesions found)")
+    ax.set(title="validation Dice (per-case mean; dashed: global)\ndotted: lesion-wise recall", xlabel="epoch",
+           ylabel="Dice / recall", ylim=(0, 1))
     _legend(ax, loc="lower right")
 
     ax = axes[1, 0]
