@@ -25,7 +25,7 @@ from torch import nn
 
 from medsup.device import autocast, autocast_dtype
 from medsup.engine.steps import prepare
-from medsup.evaluation.metrics import dice_from_counts, lesion_detection
+from medsup.evaluation.metrics import dice_from_counts, lesion_detection, pooled_detection
 
 
 def overlap_counts(pred: torch.Tensor, label: torch.Tensor, classes: Sequence[int]) -> list[tuple[int, int, int]]:
@@ -121,10 +121,8 @@ def summarise(results: list[dict[str, Any]], class_names: Sequence[str]) -> dict
         pooled = [r["lesions"][i] for r in results if r.get("lesions") and r["lesions"][i] is not None]
         if not pooled:
             continue
-        reference, detected = sum(c["ref_lesions"] for c in pooled), sum(c["detected_lesions"] for c in pooled)
-        predicted, false_positives = sum(c["pred_lesions"] for c in pooled), sum(c["fp_lesions"] for c in pooled)
-        if reference:
-            out[f"val.lesion_recall.{name}"] = detected / reference
-        if predicted:
-            out[f"val.lesion_precision.{name}"] = (predicted - false_positives) / predicted
+        rates = pooled_detection(pooled)
+        for key in ("recall", "precision"):
+            if not math.isnan(rates[key]):
+                out[f"val.lesion_{key}.{name}"] = float(rates[key])
     return out

@@ -50,6 +50,7 @@ from medsup.evaluation.metrics import (
     class_metrics,
     dice_from_counts,
     lesion_detection,
+    pooled_detection,
     size_bin,
     size_bins,
 )
@@ -287,30 +288,17 @@ def aggregate(cases: list[CaseResult], class_names: list[str]) -> dict[str, dict
     return out
 
 
-def _ratio(num: int, den: int) -> float:
-    return num / den if den else math.nan
-
-
 def _lesion_aggregate(detections: list[LesionDetection]) -> dict[str, Any]:
     """Pooled lesion-wise detection over cases (see :data:`CONVENTIONS` ``lesions``)."""
-    reference = sum(len(d.reference) for d in detections)
-    detected = sum(d.detected for d in detections)
-    predicted = sum(len(d.predicted) for d in detections)
-    false_positives = sum(d.false_positives for d in detections)
-    recall, precision = _ratio(detected, reference), _ratio(predicted - false_positives, predicted)
-    if math.isnan(recall) or math.isnan(precision):
-        f1 = math.nan
-    else:
-        f1 = 2 * recall * precision / (recall + precision) if recall + precision > 0 else 0.0
     by_size: dict[str, dict[str, float | int]] = {}
     for b in size_bins():
         lesions = [les for d in detections for les in d.reference if size_bin(les.diameter_mm) == b]
         hits = sum(les.hit for les in lesions)
-        by_size[b] = {"reference": len(lesions), "detected": hits, "recall": _ratio(hits, len(lesions))}
-    return {"reference": reference, "detected": detected, "predicted": predicted,
-            "false_positives": false_positives, "recall": recall, "precision": precision, "f1": f1,
-            "fp_per_case": false_positives / len(detections), "min_overlap": detections[0].min_overlap,
-            "by_size": by_size}
+        by_size[b] = {"reference": len(lesions), "detected": hits,
+                      "recall": hits / len(lesions) if lesions else math.nan}
+    pooled = pooled_detection(d.counts() for d in detections)
+    return {**pooled, "fp_per_case": pooled["false_positives"] / len(detections),
+            "min_overlap": detections[0].min_overlap, "by_size": by_size}
 
 
 def _fmt(value: float | int | None) -> str:

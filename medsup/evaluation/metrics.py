@@ -21,7 +21,7 @@ Empty masks, following nnU-Net and MONAI:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -314,6 +314,23 @@ def lesion_detection(pred: np.ndarray, ref: np.ndarray, spacing: Spacing, min_ov
     kept = np.asarray([False] + [les.hit for les in predicted])[pred_labels]
     ref_labels, ref_sizes = _components(ref)
     return LesionDetection(min_overlap, _lesions(ref_labels, ref_sizes, kept, voxel_ml, min_overlap), predicted)
+
+
+def pooled_detection(counts: Iterable[dict[str, int]]) -> dict[str, float | int]:
+    """Lesion-wise detection pooled over cases, from their :meth:`LesionDetection.counts`: the totals
+    (``reference``, ``detected``, ``predicted``, ``false_positives``), ``recall`` = detected / reference,
+    ``precision`` = (predicted - false positives) / predicted and their ``f1``; NaN where a denominator is 0."""
+    rows = list(counts)
+    reference, detected = sum(c["ref_lesions"] for c in rows), sum(c["detected_lesions"] for c in rows)
+    predicted, false_positives = sum(c["pred_lesions"] for c in rows), sum(c["fp_lesions"] for c in rows)
+    recall = detected / reference if reference else math.nan
+    precision = (predicted - false_positives) / predicted if predicted else math.nan
+    if math.isnan(recall) or math.isnan(precision):
+        f1 = math.nan
+    else:
+        f1 = 2 * recall * precision / (recall + precision) if recall + precision > 0 else 0.0
+    return {"reference": reference, "detected": detected, "predicted": predicted, "false_positives": false_positives,
+            "recall": recall, "precision": precision, "f1": f1}
 
 
 def size_bin(diameter_mm: float) -> str:
