@@ -179,7 +179,8 @@ def training_curves(history: Sequence[dict[str, float]], path: Path) -> Path:
     twin.plot(*_series(history, "train.samples_per_s"), color="tab:green", label="training samples/s")
     twin.set_ylabel("training samples / s", color="tab:green")
     _mark_points(twin, [h["epoch"] for h in history])
-    ax.legend(handles=[*ax.lines, *twin.lines], fontsize=7, loc="best")
+    # on the twin: the axes drawn last, so no line of it runs over the legend box
+    twin.legend(handles=[*ax.lines, *twin.lines], fontsize=7, loc="best", framealpha=0.9)
 
     for ax in axes.flat:
         _epoch_axis(ax, [h["epoch"] for h in history])
