@@ -37,6 +37,8 @@ from medsup.data.files import atomic_path, write_json
 log = logging.getLogger(__name__)
 
 GRAD_KEY = "train.grad_norm.encoder0"
+#: below this test-set lesion recall (every arm's full-resolution model) the report says the lesions are missed
+LOW_LESION_RECALL = 0.2
 CLASS_PREFIX = "val.dice."  # per-class validation Dice: val.dice.liver, val.dice.tumour, ...
 #: per task: the validation metric the convergence and low-data tables use, and the convergence threshold
 TASK_METRICS: dict[str, tuple[str, float]] = {
@@ -337,6 +339,7 @@ def conclude(s: Summary, current_default: str | None) -> tuple[str | None, list[
                      f"{fastest[0][0]:.1f} epochs on average ({fastest[0][1]} of {fastest[0][2]} seeds reached it).")
     else:
         lines.append(f"No run reached {s.metric} >= {s.threshold:g} at n_train = {largest}.")
+    lines += _lesion_caveats(s)
     if len(seeds) < 2:
         lines.append("Only one seed was run: treat these differences as anecdotal.")
     if current_default:
@@ -344,6 +347,22 @@ def conclude(s: Summary, current_default: str | None) -> tuple[str | None, list[
                      + ("agrees with this." if current_default == winner else
                         f"differs: these numbers favour `{winner}`."))
     return winner, lines
+
+
+def _lesion_caveats(s: Summary) -> list[str]:
+    """A sentence per lesion class that the full-resolution models of every arm mostly miss on the test images:
+    a Dice ranking of such models says little about that class."""
+    full = [e for e in s.early_exit if e.level == 0]
+    cls = metric_class(s.metric)[0]
+    out = []
+    for name in sorted({k for e in full for k in e.lesion_recall}):
+        recalls = [r for e in full if (r := e.lesion_recall.get(name)) is not None]
+        if recalls and max(recalls) < LOW_LESION_RECALL:
+            about = (f"the Dice above is that of models that miss most {name} lesions" if name == cls else
+                     f"this ranking is about {cls or 'the mean over classes'}, not {name}")
+            out.append(f"On the test images the full-resolution models find few {name} lesions (lesion recall at "
+                       f"most {max(recalls):.2f} over every scheme and seed): {about}.")
+    return out
 
 
 # ----------------------------------------------------------------------------------------- report

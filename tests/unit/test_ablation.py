@@ -13,6 +13,7 @@ from medsup.config import load
 from medsup.data.splits import fold_split, limit_training
 from medsup.evaluation.ablation import (
     ExitResult,
+    conclude,
     load_summary,
     metric_class,
     read_early_exit,
@@ -111,6 +112,11 @@ def test_write_report_and_early_exit(tmp_path: Path) -> None:
     assert "| `nnunet` | 20 | 1 | 0.800 | 0.250 | 0.500 | 4.00x | 0.500 | 0.500 |" in text
     assert "| tumour lesion recall | tumour lesion precision |" in text
     assert exits[0].lesion_recall == {"tumour": 0.75}
+    assert "find few" not in text  # 0.75 of the tumours found at level 0
+    for e in s.early_exit:  # the same models, had they missed nearly every tumour
+        e.lesion_recall = {"tumour": 0.1}
+    caveat = " ".join(conclude(s, "nnunet")[1])
+    assert "find few tumour lesions (lesion recall at most 0.10" in caveat and "about liver, not tumour" in caveat
     # an ablation.json written before lesion-wise detection existed still loads
     numbers = json.loads(paths["numbers"].read_text(encoding="utf-8"))
     for e in numbers["early_exit"]:
