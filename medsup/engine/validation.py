@@ -60,11 +60,14 @@ def lesion_counts(pred: torch.Tensor, label: torch.Tensor, classes: Sequence[int
         spacing: voxel size in mm of that grid.
     """
     out: list[dict[str, int] | None] = []
-    if not lesion_classes:
-        return [None] * len(classes)
-    p, g = pred.reshape(pred.shape[-3:]).cpu().numpy(), label.reshape(label.shape[-3:]).cpu().numpy()
+    shape = pred.shape[-3:]
     for c in classes:
-        out.append(lesion_detection(p == c, g == c, spacing, min_overlap).counts() if c in lesion_classes else None)
+        if c not in lesion_classes:
+            out.append(None)
+            continue
+        # compare on the device, copy one byte per voxel (not the int64 class map) to the host
+        p, g = ((m == c).reshape(shape).cpu().numpy() for m in (pred, label))
+        out.append(lesion_detection(p, g, spacing, min_overlap).counts())
     return out
 
 

@@ -142,9 +142,14 @@ def normalized_surface_dice(pred: np.ndarray, ref: np.ndarray, spacing: Spacing,
     return _nsd(*surface_distances(pred, ref, spacing), tolerance_mm)
 
 
+def voxel_ml(spacing: Spacing) -> float:
+    """Volume of one voxel in mL (mm^3 / 1000)."""
+    return float(np.prod(np.asarray(spacing, dtype=np.float64))) / 1000.0
+
+
 def volume_ml(mask: np.ndarray, spacing: Spacing) -> float:
-    """Volume of a boolean mask in mL (voxels times the voxel volume in mm^3, / 1000)."""
-    return int(np.count_nonzero(mask)) * float(np.prod(np.asarray(spacing, dtype=np.float64))) / 1000.0
+    """Volume of a boolean mask in mL (voxels times the voxel volume)."""
+    return int(np.count_nonzero(mask)) * voxel_ml(spacing)
 
 
 def _hd(pred_to_ref: np.ndarray, ref_to_pred: np.ndarray) -> float:
@@ -207,14 +212,14 @@ def class_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Spacing, tolerance
         pred, ref = pred[box], ref[box]
     n_pred, n_ref = int(np.count_nonzero(pred)), int(np.count_nonzero(ref))
     tp = int(np.count_nonzero(pred & ref))
-    voxel_ml = float(np.prod(np.asarray(spacing, dtype=np.float64))) / 1000.0
+    voxel = voxel_ml(spacing)
     if n_pred and n_ref:
         pred_to_ref, ref_to_pred = surface_distances(pred, ref, spacing)
         hd, nsd = _hd(pred_to_ref, ref_to_pred), _nsd(pred_to_ref, ref_to_pred, tolerance_mm)
     else:
         hd = math.nan
         nsd = math.nan if not n_pred and not n_ref else 0.0
-    vol_pred, vol_ref = n_pred * voxel_ml, n_ref * voxel_ml
+    vol_pred, vol_ref = n_pred * voxel, n_ref * voxel
     return ClassMetrics(
         tp_voxels=tp,
         pred_voxels=n_pred,
@@ -282,13 +287,13 @@ def _components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return labels, np.bincount(labels.ravel(), minlength=n + 1)[1:]
 
 
-def _lesions(labels: np.ndarray, sizes: np.ndarray, other: np.ndarray, voxel_ml: float,
+def _lesions(labels: np.ndarray, sizes: np.ndarray, other: np.ndarray, voxel: float,
              min_overlap: float) -> tuple[Lesion, ...]:
     """Each component of ``labels`` with the fraction of its voxels that the boolean map ``other`` covers."""
     inside = np.bincount(labels[other], minlength=sizes.size + 1)[1:]
     out = []
     for size, hit_voxels in zip(sizes.tolist(), inside.tolist(), strict=True):
-        volume, covered = size * voxel_ml, hit_voxels / size
+        volume, covered = size * voxel, hit_voxels / size
         out.append(Lesion(volume, (6.0 * volume * 1000.0 / math.pi) ** (1.0 / 3.0), covered, covered >= min_overlap))
     return tuple(out)
 
@@ -307,13 +312,13 @@ def lesion_detection(pred: np.ndarray, ref: np.ndarray, spacing: Spacing, min_ov
     box = bounding_box(pred, ref)
     if box is not None:  # components never cross the union box's empty border
         pred, ref = pred[box], ref[box]
-    voxel_ml = float(np.prod(np.asarray(spacing, dtype=np.float64))) / 1000.0
+    voxel = voxel_ml(spacing)
     pred_labels, pred_sizes = _components(pred)
-    predicted = _lesions(pred_labels, pred_sizes, ref, voxel_ml, min_overlap)
+    predicted = _lesions(pred_labels, pred_sizes, ref, voxel, min_overlap)
     # only predicted lesions that are not false positives can find a reference lesion
     kept = np.asarray([False] + [les.hit for les in predicted])[pred_labels]
     ref_labels, ref_sizes = _components(ref)
-    return LesionDetection(min_overlap, _lesions(ref_labels, ref_sizes, kept, voxel_ml, min_overlap), predicted)
+    return LesionDetection(min_overlap, _lesions(ref_labels, ref_sizes, kept, voxel, min_overlap), predicted)
 
 
 def pooled_detection(counts: Iterable[dict[str, int]]) -> dict[str, float | int]:
