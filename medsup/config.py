@@ -169,6 +169,11 @@ class InferConfig(_Section):
     postprocess: bool = True
 
 
+class PostprocessConfig(_Section):
+    fit: bool = True
+    min_lesion_diameters_mm: list[PositiveFloat] = Field(default_factory=lambda: [3.0, 4.0, 5.0, 6.0, 8.0, 10.0])
+
+
 class TrackingConfig(_Section):
     uri: str | None = None
     experiment: str | None = None
@@ -199,6 +204,7 @@ class Config(_Section):
     train: TrainConfig = TrainConfig()
     augment: AugmentConfig = AugmentConfig()
     infer: InferConfig = InferConfig()
+    postprocess: PostprocessConfig = PostprocessConfig()
     tracking: TrackingConfig = TrackingConfig()
     synth: SynthConfig = SynthConfig()
     evaluate: EvaluateConfig = EvaluateConfig()

@@ -15,8 +15,9 @@ class Task:
 
     ``labels`` maps every label value that may appear in a label map to its name; 0 is background.
     ``lesion_classes`` are the classes foreground oversampling must not miss (tumours, nodules).
-    ``organ_classes`` drive postprocessing: the organ (with its lesions) keeps its largest connected
-    component, and lesions must lie inside or touch it. Empty: no postprocessing.
+    ``organ_classes`` drive the task's postprocessing rule: the organ (with its lesions) keeps its largest
+    connected component, and lesions must lie inside or touch it. Empty: no such rule (the rules a training
+    fits on its validation cases, :mod:`medsup.inference.postprocess_fit`, still apply).
     """
 
     name: str

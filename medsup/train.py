@@ -296,6 +296,10 @@ def _fit(cfg: Config, plan: Plan, labels: dict[int, str], cases: dict[str, Any],
     if rank0:
         best_path = ckpt_dir / "best.pt" if (ckpt_dir / "best.pt").is_file() else ckpt_dir / "last.pt"
         write_bundle(bundle, load_checkpoint(best_path)["model"], cfg, plan, labels)
+        val_ids = split["val"][: cfg.train.val_max_cases] if cfg.train.val_max_cases else split["val"]
+        if cfg.postprocess.fit and val_ids:  # before registering: the registered bundle carries the rules
+            _fit_postprocessing(bundle, [(cases[c].image, cases[c].label) for c in val_ids], cfg, dev, tracker,
+                                trainer.state.epoch)
         if cfg.tracking.register_best and tracker.run_id:
             model_version = _register(tracker, bundle, cfg.task, best.best)
         if cfg.train.figures:
@@ -341,6 +345,26 @@ def _attach_progress(trainer: Engine, history: list[dict[str, float]]) -> None:
         return {"loss": output["loss"], **dice}
 
     ProgressBar(persist=False).attach(trainer, output_transform=shown)
+
+
+def _fit_postprocessing(bundle: Path, cases: list[tuple[Path, Path]], cfg: Config, dev: torch.device,
+                        tracker: RunTracker, epoch: int) -> None:
+    """Fit the postprocessing rules on the validation cases into the bundle (``postprocessing.json``) and log
+    them: tag ``postprocess.rules``, metrics ``postprocess.dice_before.<class>`` / ``dice_after.<class>``
+    (mean per-case Dice on the cases' own grids). A fit that fails costs the training nothing: the bundle
+    keeps the task rule and the error is logged."""
+    from medsup.inference.postprocess_fit import fit_bundle
+
+    try:
+        rules = fit_bundle(bundle, cases, dev, cfg.postprocess.min_lesion_diameters_mm)
+    except Exception as err:  # the model is trained; a failed fit must not lose it
+        log.error("postprocessing not fitted (%s); the bundle %s keeps the task rule", err, bundle)
+        return
+    tracker.set_tags({"postprocess.rules": rules.describe(get_task(cfg.task).labels)})
+    metrics = {f"postprocess.{when}.{name}": value for when in ("dice_before", "dice_after")
+               for name, value in rules.fit.get(when, {}).items() if math.isfinite(value)}
+    if metrics:
+        tracker.log_metrics(metrics, step=epoch)
 
 
 def _register(tracker: RunTracker, bundle: Path, task: str, score: float) -> int | None:

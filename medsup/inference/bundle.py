@@ -17,6 +17,7 @@ import torch
 from medsup.checkpoint import CheckpointError, load_checkpoint
 from medsup.config import Config, ConfigError, from_json
 from medsup.data.planning import Plan
+from medsup.inference.postprocess import RULES_FILE, PostprocessRules
 from medsup.models.unet import DeepSupervisedUNet, build_model
 
 
@@ -34,6 +35,8 @@ class Bundle:
     labels: dict[int, str]
     weights: dict[str, torch.Tensor]
     versions: dict[str, str] = field(default_factory=dict)
+    #: rules fitted on the validation cases at the end of training (``postprocessing.json``); None: the task rule
+    postprocessing: PostprocessRules | None = None
 
     def network(self, device: torch.device) -> DeepSupervisedUNet:
         """The U-Net with the bundle's weights, in eval mode on ``device``."""
@@ -85,7 +88,13 @@ def _from_folder(folder: Path) -> Bundle:
         raise BundleError(f"{folder}: not a usable model bundle ({err})") from None
     labels = {int(k): str(v) for k, v in _read_json(folder / "labels.json").items()}
     versions = _read_json(folder / "versions.json") if (folder / "versions.json").is_file() else {}
-    return Bundle(str(folder), cfg, plan, labels, weights, versions)
+    rules = None
+    if (folder / RULES_FILE).is_file():  # bundles of trainings that fitted no rules have none
+        try:
+            rules = PostprocessRules.from_json(_read_json(folder / RULES_FILE), labels)
+        except ValueError as err:
+            raise BundleError(f"{folder / RULES_FILE}: {err}") from None
+    return Bundle(str(folder), cfg, plan, labels, weights, versions, rules)
 
 
 def _from_checkpoint(path: Path) -> Bundle:

@@ -1,4 +1,6 @@
-"""Task postprocessing: the organ keeps its largest connected component; lesions must touch it.
+"""Postprocessing of predicted label maps: the task rule (the organ keeps its largest connected component;
+lesions must touch it) and the rules a training fits on its validation cases (:class:`PostprocessRules`,
+chosen by :mod:`medsup.inference.postprocess_fit`; a model bundle carries them as ``postprocessing.json``).
 
 Written for full-size CT on the host: work happens inside the bounding box of the region, component ids are
 uint16 when they fit, and everything else goes slab by slab, so the peak is the label map, one boolean map
@@ -8,9 +10,13 @@ and one component map (``np.bincount`` or ``==`` on whole arrays would add int64
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 from scipy import ndimage
+
+from medsup.evaluation.metrics import voxel_ml
 
 
 def bincount_slabs(array: np.ndarray, length: int, chunk: int = 16) -> np.ndarray:
@@ -78,4 +84,121 @@ def postprocess(labels: np.ndarray, organ_classes: Sequence[int], lesion_classes
     for k in range(0, ids.shape[2], chunk):
         part = ids[..., k:k + chunk]
         inside[..., k:k + chunk][(part != 0) & (part != keep)] = 0
+    return labels
+
+
+#: the file a model bundle carries its fitted rules in
+RULES_FILE = "postprocessing.json"
+
+KeepRule = Literal["all", "largest", "min_volume"]
+
+
+@dataclass(frozen=True)
+class LesionRule:
+    """Which connected components of one lesion class survive: every one (``all``), the largest
+    (``largest``, nnU-Net's per-class rule), or those of at least ``min_ml`` mL (``min_volume``; the floor
+    is chosen as the volume of a sphere of ``min_diameter_mm``)."""
+
+    keep: KeepRule = "all"
+    min_ml: float = 0.0
+    min_diameter_mm: float = 0.0
+
+    def describe(self) -> str:
+        """A short phrase for logs and reports."""
+        if self.keep == "largest":
+            return "largest component only"
+        if self.keep == "min_volume":
+            return f"components >= {self.min_ml:.3g} mL ({self.min_diameter_mm:g} mm sphere)"
+        return "every component"
+
+
+@dataclass(frozen=True)
+class PostprocessRules:
+    """What postprocessing does to one model's predictions.
+
+    ``organ_component``: the task rule (organ-or-lesion keeps its largest component, see :func:`postprocess`).
+    ``lesions``: a :class:`LesionRule` per lesion class value, applied after it; removed voxels become
+    background. ``fit`` holds what the rules were chosen from (cases, Dice before and after) for reports.
+    """
+
+    organ_component: bool
+    lesions: dict[int, LesionRule] = field(default_factory=dict)
+    fit: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self, names: dict[int, str]) -> str:
+        """One line: ``organ component: yes; tumour: components >= 0.065 mL (5 mm sphere)``."""
+        parts = [f"organ component: {'yes' if self.organ_component else 'no'}"]
+        parts += [f"{names.get(c, c)}: {rule.describe()}" for c, rule in sorted(self.lesions.items())]
+        return "; ".join(parts)
+
+    def to_json(self, names: dict[int, str]) -> dict[str, Any]:
+        """JSON form, lesion rules keyed by class name (``postprocessing.json``)."""
+        return {"organ_component": self.organ_component,
+                "lesions": {names[c]: {"keep": r.keep, "min_ml": r.min_ml, "min_diameter_mm": r.min_diameter_mm}
+                            for c, r in sorted(self.lesions.items())},
+                "fit": self.fit}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], names: dict[int, str]) -> PostprocessRules:
+        """Inverse of :meth:`to_json`.
+
+        Raises:
+            ValueError: an unknown class name or rule, a negative floor, a missing key.
+        """
+        values = {name: value for value, name in names.items()}
+        lesions = {}
+        try:
+            for name, rule in dict(data.get("lesions", {})).items():
+                if name not in values:
+                    raise ValueError(f"unknown class {name!r} (classes: {', '.join(values)})")
+                keep, min_ml = str(rule["keep"]), float(rule.get("min_ml", 0.0))
+                if keep not in ("all", "largest", "min_volume") or min_ml < 0:
+                    raise ValueError(f"class {name!r}: unknown rule {keep!r} or negative min_ml {min_ml}")
+                lesions[values[name]] = LesionRule(keep, min_ml, float(rule.get("min_diameter_mm", 0.0)))  # type: ignore[arg-type]
+            return cls(bool(data["organ_component"]), lesions, dict(data.get("fit", {})))
+        except (KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"malformed postprocessing rules ({type(err).__name__}: {err})") from None
+
+
+def task_rules(organ_classes: Sequence[int]) -> PostprocessRules:
+    """The rules of a model without fitted ones: the task rule when the task has an organ class."""
+    return PostprocessRules(organ_component=bool(organ_classes))
+
+
+def keep_components(labels: np.ndarray, value: int, rule: LesionRule, voxel: float,
+                    chunk: int = 16) -> np.ndarray:
+    """Apply one :class:`LesionRule` to class ``value`` of a uint8 ``(X, Y, Z)`` label map with ``voxel`` mL
+    per voxel: the components it does not keep become background. Modifies and returns ``labels``."""
+    if rule.keep == "all":
+        return labels
+    mask = labels == value
+    if not mask.any():
+        return labels
+    box = bounding_box(mask)
+    ids, n = label_components(mask[box])
+    del mask
+    sizes = bincount_slabs(ids, n + 1, chunk)[1:]
+    kept = np.zeros(n, dtype=bool)
+    if rule.keep == "largest":
+        kept[int(sizes.argmax())] = True
+    else:
+        kept = sizes * voxel >= rule.min_ml
+    if kept.all():
+        return labels
+    drop = np.concatenate([[False], ~kept])  # indexed by component id; id 0 is not this class
+    inside = labels[box]  # a view: assignments land in ``labels``
+    for k in range(0, ids.shape[2], chunk):
+        inside[..., k:k + chunk][drop[ids[..., k:k + chunk]]] = 0
+    return labels
+
+
+def apply_rules(labels: np.ndarray, rules: PostprocessRules, organ_classes: Sequence[int],
+                lesion_classes: Sequence[int], spacing: Sequence[float], chunk: int = 16) -> np.ndarray:
+    """``rules`` on a uint8 ``(X, Y, Z)`` label map of voxel size ``spacing`` (mm): the organ rule first,
+    then each lesion class's rule. Modifies and returns ``labels``."""
+    if rules.organ_component:
+        labels = postprocess(labels, organ_classes, lesion_classes, chunk)
+    voxel = voxel_ml(spacing)
+    for value, rule in sorted(rules.lesions.items()):
+        labels = keep_components(labels, value, rule, voxel, chunk)
     return labels

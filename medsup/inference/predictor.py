@@ -20,7 +20,7 @@ from medsup.data.resample import SlabResampler, argmax_reduce, push_array
 from medsup.data.transforms import background_value, preprocess_volume
 from medsup.device import autocast, autocast_dtype
 from medsup.inference.bundle import Bundle
-from medsup.inference.postprocess import bincount_slabs, postprocess
+from medsup.inference.postprocess import PostprocessRules, apply_rules, bincount_slabs, task_rules
 from medsup.inference.window import SlidingWindow, TileHook
 from medsup.tasks import get_task
 
@@ -88,6 +88,15 @@ class Predictor:
         self.task = get_task(bundle.cfg.task)
         self.window = SlidingWindow(bundle.plan.patch_size, options.overlap, options.sw_batch_size, options.blend,
                                     background_value(bundle.plan.normalization), options.tta)
+        # rules fitted at the end of training were chosen on the full-resolution head's output; an early exit
+        # gets the task rule
+        fitted = bundle.postprocessing is not None and not options.exit_level
+        self.rules: PostprocessRules | None = None
+        if options.postprocess:
+            rules = bundle.postprocessing if fitted and bundle.postprocessing else task_rules(self.task.organ_classes)
+            log.info("postprocessing (%s): %s", "fitted on the validation cases" if fitted else "the task rule",
+                     rules.describe(bundle.labels))
+            self.rules = rules
 
     @classmethod
     def options_from(cls, bundle: Bundle, **overrides: Any) -> PredictOptions:
@@ -140,8 +149,9 @@ class Predictor:
             torch.cuda.empty_cache()
             labels, export, logits = self._stream(prepared, network, torch.device("cpu"), on_tiles)
         t1 = time.perf_counter()
-        if opts.postprocess:
-            labels = postprocess(labels, self.task.organ_classes, self.task.lesion_classes)
+        if self.rules is not None:
+            labels = apply_rules(labels, self.rules, self.task.organ_classes, self.task.lesion_classes,
+                                 prepared.geometry.spacing)
         volumes = label_volumes_ml(labels, prepared.geometry.spacing, self.bundle.labels)
         t2 = time.perf_counter()
         probability = None

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from medsup.cli import app
@@ -16,6 +17,9 @@ from medsup.config import load
 from medsup.data.io import Geometry, read_header, read_image, write_image
 from medsup.engine.validation import dice_per_class
 from medsup.inference.api import InferRequest, infer
+from medsup.inference.bundle import BundleError, load_bundle
+from medsup.inference.postprocess import task_rules
+from medsup.inference.predictor import PredictOptions, Predictor
 from medsup.train import run_training
 from tests.conftest import make_volume, write_msd
 from tests.unit.test_io import write_dicom_series
@@ -169,6 +173,32 @@ def test_early_exit_probabilities_and_format(trained: tuple[Path, Path], tmp_pat
     np.testing.assert_allclose(sum(probs.values()), 1.0, atol=1e-4)
     with pytest.raises(ValueError, match="exit-level must be in"):
         infer(_request(bundle, [str(src)], tmp_path / "bad", exit_level=9))
+
+
+def test_fitted_postprocessing_travels_with_the_bundle(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    bundle, _ = trained
+    fitted = load_bundle(bundle).postprocessing
+    assert fitted is not None and fitted.fit["cases"] >= 1
+    validation = json.loads((bundle.parent / "validation.json").read_text(encoding="utf-8"))
+    images = [v["image"] for v in validation]
+    # the fit's Dice "before" is plain inference of the validation cases without postprocessing
+    raw = infer(_request(bundle, images, tmp_path / "raw", postprocess=False))
+    dices = [dice_per_class(read_image(c["output"]).array, read_image(v["label"]).array, [1])[0]
+             for c, v in zip(raw.cases, validation, strict=True)]
+    assert fitted.fit["dice_before"]["organ"] == pytest.approx(np.nanmean(dices))
+    # rules that drop every lesion: applied at full resolution; an early exit gets the task rule
+    strict = tmp_path / "strict"
+    shutil.copytree(bundle, strict)
+    (strict / "postprocessing.json").write_text(json.dumps(
+        {"organ_component": True, "lesions": {"lesion": {"keep": "min_volume", "min_ml": 1e6}}}), encoding="utf-8")
+    out = infer(_request(strict, images, tmp_path / "strict_out"))
+    assert all(read_image(c["output"]).array.max() <= 1 for c in out.cases)
+    early = Predictor(load_bundle(strict), torch.device("cpu"), PredictOptions(exit_level=1))
+    assert early.rules == task_rules([1])
+    (strict / "postprocessing.json").write_text('{"organ_component": true, "lesions": {"nodule": {}}}',
+                                                encoding="utf-8")
+    with pytest.raises(BundleError, match=r"postprocessing\.json: unknown class 'nodule'"):
+        load_bundle(strict)
 
 
 def test_output_never_overwrites_an_input(trained: tuple[Path, Path], tmp_path: Path) -> None:

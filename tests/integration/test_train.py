@@ -88,6 +88,11 @@ def test_train_two_epochs_to_sqlite(tiny_data: Path, tmp_path: Path) -> None:
     bundle = result.bundle_dir
     assert {p.name for p in bundle.iterdir()} >= {"weights.pt", "config.json", "plan.json", "labels.json"}
     assert json.loads((bundle / "labels.json").read_text(encoding="utf-8"))["2"] == "lesion"
+    # postprocessing fitted on the validation cases: in the bundle (so in the registered model) and on the run
+    rules = json.loads((bundle / "postprocessing.json").read_text(encoding="utf-8"))
+    assert rules["fit"]["cases"] == 2 and set(rules["fit"]["dice_before"]) == {"organ", "lesion"}
+    assert tags["postprocess.rules"].startswith("organ component: ")
+    assert metrics["postprocess.dice_before.organ"] == pytest.approx(rules["fit"]["dice_before"]["organ"])
 
 
 def test_none_scheme_logs_a_single_supervised_head(tiny_data: Path, tmp_path: Path) -> None:

@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
-import numpy as np
+import json
+import math
 
-from medsup.inference.postprocess import bincount_slabs, bounding_box, label_components, postprocess
+import numpy as np
+import pytest
+
+from medsup.inference.postprocess import (
+    LesionRule,
+    PostprocessRules,
+    apply_rules,
+    bincount_slabs,
+    bounding_box,
+    label_components,
+    postprocess,
+)
+from medsup.inference.postprocess_fit import case_stats, fit_rules
+from medsup.tasks import get_task
 
 
 def test_keeps_the_largest_organ_and_the_lesions_that_touch_it() -> None:
@@ -50,3 +64,112 @@ def test_bounding_box() -> None:
     mask = np.zeros((10, 11, 12), bool)
     mask[2, 3, 4] = mask[5, 9, 6] = True
     assert bounding_box(mask) == (slice(2, 6), slice(3, 10), slice(4, 7))
+
+
+# --- rules fitted on validation cases ----------------------------------------------------------------------
+
+
+def _blob(labels: np.ndarray, corner: tuple[int, int, int], size: int, value: int) -> None:
+    x, y, z = corner
+    labels[x:x + size, y:y + size, z:z + size] = value
+
+
+def test_keep_components_by_volume_with_anisotropic_spacing() -> None:
+    labels = np.zeros((20, 20, 20), np.uint8)
+    labels[0:10, 0:10, 0:10] = 1  # the organ: never touched by a lesion rule
+    _blob(labels, (2, 2, 2), 3, 2)  # 27 voxels inside the organ
+    _blob(labels, (14, 14, 14), 2, 2)  # 8 voxels
+    labels[18, 2, 18] = 2  # 1 voxel
+    spacing = (1.0, 1.0, 2.0)  # 2 uL per voxel: 54, 16 and 2 uL
+    rule = LesionRule("min_volume", min_ml=0.010)
+    out = apply_rules(labels.copy(), PostprocessRules(False, {2: rule}), [1], [2], spacing)
+    assert np.count_nonzero(out == 2) == 27 + 8 and out[18, 2, 18] == 0
+    np.testing.assert_array_equal(out == 1, labels == 1)
+    out = apply_rules(labels.copy(), PostprocessRules(False, {2: LesionRule("min_volume", 0.020)}), [1], [2],
+                      spacing)
+    assert np.count_nonzero(out == 2) == 27
+    out = apply_rules(labels.copy(), PostprocessRules(False, {2: LesionRule("largest")}), [1], [2], spacing)
+    assert np.count_nonzero(out == 2) == 27
+    np.testing.assert_array_equal(
+        apply_rules(labels.copy(), PostprocessRules(False, {2: LesionRule("all")}), [1], [2], spacing), labels)
+
+
+def test_organ_rule_then_lesion_rule() -> None:
+    labels = np.zeros((20, 20, 20), np.uint8)
+    labels[0:10, 0:10, 0:10] = 1
+    _blob(labels, (2, 2, 2), 3, 2)  # a lesion inside the organ
+    labels[4, 4, 4] = 1
+    labels[8, 8, 8] = 2  # a one-voxel lesion inside the organ
+    _blob(labels, (15, 15, 15), 4, 2)  # a large lesion far from the organ: the organ rule drops it
+    rules = PostprocessRules(True, {2: LesionRule("min_volume", 0.005)})  # 5 voxels at 1 mm
+    out = apply_rules(labels.copy(), rules, [1], [2], (1.0, 1.0, 1.0))
+    assert np.count_nonzero(out == 2) == 26  # the blob less the organ voxel at its centre
+    assert out[8, 8, 8] == 0 and out[15:19, 15:19, 15:19].max() == 0
+
+
+def test_rules_json_round_trip_and_errors() -> None:
+    names = {0: "background", 1: "liver", 2: "tumour"}
+    rules = PostprocessRules(True, {2: LesionRule("min_volume", 0.0654, 5.0)}, {"cases": 3})
+    data = json.loads(json.dumps(rules.to_json(names)))
+    assert data["lesions"] == {"tumour": {"keep": "min_volume", "min_ml": 0.0654, "min_diameter_mm": 5.0}}
+    assert PostprocessRules.from_json(data, names) == rules
+    assert "tumour: components >= 0.0654 mL (5 mm sphere)" in rules.describe(names)
+    with pytest.raises(ValueError, match="unknown class 'nodule'"):
+        PostprocessRules.from_json({"organ_component": True, "lesions": {"nodule": {"keep": "all"}}}, names)
+    with pytest.raises(ValueError, match="unknown rule 'smallest'"):
+        PostprocessRules.from_json({"organ_component": True, "lesions": {"tumour": {"keep": "smallest"}}}, names)
+    with pytest.raises(ValueError, match="malformed"):
+        PostprocessRules.from_json({"lesions": {}}, names)
+
+
+def _lung_case(seed: int, nodule: int) -> tuple[np.ndarray, np.ndarray]:
+    """A reference nodule (``nodule``^3 voxels) found by the prediction, plus one-voxel false positives."""
+    ref = np.zeros((24, 24, 24), np.uint8)
+    _blob(ref, (4, 4, 4), nodule, 1)
+    pred = ref.copy()
+    rng = np.random.default_rng(seed)
+    for x, y, z in rng.integers(12, 24, size=(4, 3)):
+        pred[x, y, z] = 1
+    return pred, ref
+
+
+def test_fit_chooses_a_size_floor_that_removes_false_positive_specks() -> None:
+    task = get_task("lung")
+    cases = [_lung_case(s, 5) for s in range(3)]
+    stats = [case_stats(f"c{i}", p, r, (1.0, 1.0, 1.0), task) for i, (p, r) in enumerate(cases)]
+    rules = fit_rules(stats, task, [3.0, 5.0])
+    # a 3 mm sphere is 14 uL (14 voxels at 1 mm), a 5 mm one 65: the 125-voxel nodules stay, the specks go
+    assert rules.lesions == {1: LesionRule("min_volume", math.pi * 27 / 6 / 1000, 3.0)}
+    before = np.mean([2 * 125 / (125 + np.count_nonzero(p)) for p, _ in cases])
+    assert rules.fit["dice_before"]["tumour"] == pytest.approx(before)
+    assert rules.fit["dice_after"]["tumour"] == pytest.approx(1.0)
+    assert rules.fit["candidates"]["tumour"]["min 5 mm"] == pytest.approx(1.0)  # a tie: the gentler floor wins
+    assert not rules.organ_component
+
+
+def test_fit_keeps_everything_when_a_floor_would_cost_real_lesions() -> None:
+    task = get_task("lung")
+    # the one real nodule is a single voxel: every floor removes it; nothing else is predicted
+    ref = np.zeros((16, 16, 16), np.uint8)
+    ref[3, 3, 3] = 1
+    stats = [case_stats("c", ref.copy(), ref, (1.0, 1.0, 1.0), task)]
+    rules = fit_rules(stats, task, [3.0])
+    assert rules.lesions == {} and rules.fit["dice_after"]["tumour"] == 1.0
+
+
+def test_fit_takes_the_organ_rule_only_when_no_class_loses() -> None:
+    task = get_task("tiny")
+    ref = np.zeros((24, 24, 24), np.uint8)
+    ref[0:10, 0:10, 0:10] = 1
+    _blob(ref, (3, 3, 3), 3, 2)
+    stray = ref.copy()
+    stray[18:21, 18:21, 18:21] = 1  # an organ island: the task rule removes it
+    stats = [case_stats("c", stray, ref, (1.0, 1.0, 1.0), task)]
+    assert fit_rules(stats, task, []).organ_component
+    # a real lesion outside the organ: the rule would remove it, so it is not taken
+    ref2 = ref.copy()
+    _blob(ref2, (18, 18, 18), 3, 2)
+    stats = [case_stats("c", ref2.copy(), ref2, (1.0, 1.0, 1.0), task)]
+    rules = fit_rules(stats, task, [])
+    assert not rules.organ_component
+    assert rules.fit["candidates"]["organ component"]["lesion"] < 1.0
