@@ -7,7 +7,9 @@ import math
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
+from medsup.evaluation.metrics import lesion_detection
 from medsup.inference.postprocess import (
     LesionRule,
     PostprocessRules,
@@ -143,7 +145,9 @@ def test_fit_chooses_a_size_floor_that_removes_false_positive_specks() -> None:
     before = np.mean([2 * 125 / (125 + np.count_nonzero(p)) for p, _ in cases])
     assert rules.fit["dice_before"]["tumour"] == pytest.approx(before)
     assert rules.fit["dice_after"]["tumour"] == pytest.approx(1.0)
-    assert rules.fit["candidates"]["tumour"]["min 5 mm"] == pytest.approx(1.0)  # a tie: the gentler floor wins
+    assert rules.fit["candidates"]["tumour"]["min 5 mm"]["dice"] == pytest.approx(1.0)  # a tie: the gentler wins
+    assert rules.fit["candidates"]["tumour"]["every component"]["fp_per_case"] == 4
+    assert rules.fit["candidates"]["tumour"]["min 3 mm"]["fp_per_case"] == 0
     assert not rules.organ_component
 
 
@@ -173,3 +177,53 @@ def test_fit_takes_the_organ_rule_only_when_no_class_loses() -> None:
     rules = fit_rules(stats, task, [])
     assert not rules.organ_component
     assert rules.fit["candidates"]["organ component"]["lesion"] < 1.0
+    assert rules.fit["candidates"]["organ component"]["lesions lost in"] == ["lesion"]
+
+
+def test_fit_never_takes_a_rule_that_loses_a_found_lesion() -> None:
+    task = get_task("lung")
+    ref = np.zeros((32, 32, 32), np.uint8)
+    _blob(ref, (2, 2, 2), 5, 1)  # 125 voxels
+    _blob(ref, (20, 2, 2), 3, 1)  # 27 voxels: a small second nodule
+    pred = ref.copy()
+    pred[2:6, 17:32, 20] = 1  # a 60-voxel false positive
+    for z in range(0, 32, 4):
+        pred[30, 30, z] = 1  # 8 one-voxel false positives
+    stats = [case_stats("c", pred, ref, (1.0, 1.0, 1.0), task)]
+    rules = fit_rules(stats, task, [3.0, 4.0])
+    scores = rules.fit["candidates"]["tumour"]
+    # "largest" has the best Dice but drops the small nodule; a 4 mm floor (34 voxels) drops it too
+    assert scores["largest"]["dice"] > scores["min 3 mm"]["dice"] > scores["every component"]["dice"]
+    assert scores["largest"]["recall"] == 0.5 and scores["min 4 mm"]["recall"] == 0.5
+    assert rules.lesions == {1: LesionRule("min_volume", math.pi * 27 / 6 / 1000, 3.0)}
+    assert scores["min 3 mm"] == {"dice": pytest.approx(2 * 152 / (212 + 152)), "detected": 2, "recall": 1.0,
+                                  "precision": 2 / 3, "fp_per_case": 1}
+
+
+def test_component_detection_matches_evaluate() -> None:
+    rng = np.random.default_rng(3)
+    for seed in range(5):
+        ref = (ndimage.gaussian_filter(rng.random((24, 24, 24)), 1.5) > 0.56).astype(np.uint8)
+        pred = (ndimage.gaussian_filter(rng.random((24, 24, 24)), 1.5) > 0.55).astype(np.uint8) | np.roll(ref, 1, 0)
+        comp = case_stats("c", pred, ref, (1.0, 1.0, 2.0), get_task("lung")).components["raw"][1]
+        for min_overlap in (0.1, 0.5):
+            expected = lesion_detection(pred == 1, ref == 1, (1.0, 1.0, 2.0), min_overlap).counts()
+            assert comp.detection(np.ones(comp.sizes.size, bool), min_overlap) == expected, (seed, min_overlap)
+        assert comp.counts(np.ones(comp.sizes.size, bool)) == (int(np.sum(pred & ref)), int(pred.sum()), int(ref.sum()))
+
+
+def test_a_floor_must_not_exceed_the_smallest_reference_lesion_even_a_missed_one() -> None:
+    task = get_task("lung")
+    ref = np.zeros((32, 32, 32), np.uint8)
+    _blob(ref, (2, 2, 2), 5, 1)  # 125 voxels, found
+    _blob(ref, (20, 2, 2), 3, 1)  # 27 voxels, missed
+    pred = np.zeros_like(ref)
+    _blob(pred, (2, 2, 2), 5, 1)
+    pred[2:5, 20:30, 20] = 1  # a 30-voxel false positive: a 4 mm floor (34 voxels) removes it
+    pred[20:22, 20:25, 28] = 1  # a 10-voxel false positive: a 3 mm floor (14 voxels) removes it
+    rules = fit_rules([case_stats("c", pred, ref, (1.0, 1.0, 1.0), task)], task, [3.0, 4.0])
+    scores = rules.fit["candidates"]["tumour"]
+    assert scores["min 4 mm"]["dice"] > scores["min 3 mm"]["dice"] > scores["every component"]["dice"]
+    assert scores["min 4 mm"]["detected"] == scores["every component"]["detected"] == 1
+    assert rules.lesions[1].min_diameter_mm == 3.0  # 4 mm would remove a 27-voxel nodule like the missed one
+    assert rules.fit["reference_lesions"]["tumour"] == {"smallest_ml": 0.027, "most_per_case": 2}
