@@ -51,6 +51,7 @@ class Bundle:
         """JSON-ready summary for reports."""
         return {"source": self.source, "task": self.cfg.task, "labels": {str(k): v for k, v in self.labels.items()},
                 "target_spacing": list(self.plan.target_spacing), "patch_size": list(self.plan.patch_size),
+                "postprocessing": self.postprocessing.describe(self.labels) if self.postprocessing else "task rule",
                 "versions": self.versions}
 
 

@@ -108,7 +108,8 @@ class LesionRule:
         if self.keep == "largest":
             return "largest component only"
         if self.keep == "min_volume":
-            return f"components >= {self.min_ml:.3g} mL ({self.min_diameter_mm:g} mm sphere)"
+            sphere = f" ({self.min_diameter_mm:g} mm sphere)" if self.min_diameter_mm else ""
+            return f"components >= {self.min_ml:.3g} mL{sphere}"
         return "every component"
 
 

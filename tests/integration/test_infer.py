@@ -193,6 +193,8 @@ def test_fitted_postprocessing_travels_with_the_bundle(trained: tuple[Path, Path
         {"organ_component": True, "lesions": {"lesion": {"keep": "min_volume", "min_ml": 1e6}}}), encoding="utf-8")
     out = infer(_request(strict, images, tmp_path / "strict_out"))
     assert all(read_image(c["output"]).array.max() <= 1 for c in out.cases)
+    saved = json.loads((tmp_path / "strict_out" / "report.json").read_text(encoding="utf-8"))
+    assert saved["bundle"]["postprocessing"] == "organ component: yes; lesion: components >= 1e+06 mL"
     early = Predictor(load_bundle(strict), torch.device("cpu"), PredictOptions(exit_level=1))
     assert early.rules == task_rules([1])
     (strict / "postprocessing.json").write_text('{"organ_component": true, "lesions": {"nodule": {}}}',
