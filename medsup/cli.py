@@ -286,7 +286,8 @@ def infer(
     sw_batch_size: Annotated[int | None, typer.Option(help="Windows per forward pass.")] = None,
     tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help="Mirror TTA (all 8 flips).")] = None,
     postprocess: Annotated[bool | None, typer.Option("--postprocess/--no-postprocess",
-                                                     help="Task postprocessing.")] = None,
+                                                     help="Postprocessing: the bundle's fitted rules, else the "
+                                                     "task rule.")] = None,
     exit_level: Annotated[int | None, typer.Option(help="Early-exit preview from head K (faster, coarser).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Skip cases whose output is complete.")] = False,
     fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first failed case.")] = False,
@@ -326,6 +327,32 @@ def infer(
             typer.secho(f"  failed: {case['input']}: {case['error']}", fg=typer.colors.RED, err=True)
     if result.failed:
         raise typer.Exit(1)
+
+
+@app.command("postprocess")
+def postprocess_command(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Bundle folder (a run's model/) or run folder.")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="The dataset the model was trained on.")],
+    fold: Annotated[int | None, typer.Option(help="Fold whose validation cases to fit on (default: the "
+                                             "model's).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Fit a model's postprocessing on its fold's validation cases, as training does at its end, and write it
+    into the bundle (postprocessing.json): for bundles trained without it, or to refit on the whole fold."""
+    from medsup.inference.bundle import BundleError
+    from medsup.inference.postprocess_fit import fit_model
+
+    try:
+        rules, labels = fit_model(model, data, fold, device)
+    except (BundleError, OSError, ValueError) as err:
+        _fail(str(err))
+    if as_json:
+        _emit(rules.fit | {"rules": rules.describe(labels)})
+        return
+    typer.echo(f"fitted on {rules.fit.get('cases', 0)} validation case(s): {rules.describe(labels)}")
+    for name, before in rules.fit.get("dice_before", {}).items():
+        typer.echo(f"  {name:<10} mean Dice {before:.4f} -> {rules.fit['dice_after'][name]:.4f}")
 
 
 from medsup.cli_evaluate import evaluate_command  # noqa: E402  (light: numpy/ITK/MLflow load inside it)

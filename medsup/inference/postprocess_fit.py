@@ -291,3 +291,39 @@ def fit_bundle(bundle_dir: Path, cases: Sequence[tuple[Path, Path]], device: Any
         tmp.write_text(json.dumps(rules.to_json(bundle.labels), indent=2) + "\n", encoding="utf-8")
     log.info("postprocessing fitted on %d validation case(s): %s", len(stats), rules.describe(bundle.labels))
     return rules
+
+
+def fit_model(model: Path, data: Path, fold: int | None = None,
+              device: str = "auto") -> tuple[PostprocessRules, dict[int, str]]:
+    """``medsup postprocess``: fit the rules of the bundle folder ``model`` on the validation cases of its fold
+    (``fold`` overrides the bundle's ``data.fold``) of the dataset ``data``, the split ``medsup train`` made
+    with the bundle's config, and write them into it. For bundles trained without the fit
+    (``postprocess.fit=false``, or before it existed), or to refit on the whole fold when training validated
+    on ``train.val_max_cases`` of it.
+
+    Returns:
+        The rules and the bundle's label map (class value -> name).
+
+    Raises:
+        BundleError: ``model`` is not a bundle folder (a registry model is refused: fit the run's folder).
+        FileNotFoundError, ValueError: no dataset at ``data``, no labelled case, an unknown device or fold.
+    """
+    from medsup.data.splits import fold_cases
+    from medsup.device import resolve_device
+    from medsup.inference.bundle import BundleError, load_bundle
+
+    bundle = load_bundle(model)
+    folder = Path(bundle.source)
+    if not (folder.is_dir() and (folder / "weights.pt").is_file()):
+        raise BundleError(f"{model}: postprocessing is fitted into a bundle folder (a run's model/), "
+                          "not a checkpoint file")
+    cfg = bundle.cfg
+    if fold is not None:
+        if not 0 <= fold < cfg.data.num_folds:
+            raise ValueError(f"--fold {fold}: the model was trained with {cfg.data.num_folds} folds")
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"fold": fold})})
+    val = fold_cases(data, cfg)["val"]
+    if not val:
+        raise ValueError(f"{data}: fold {cfg.data.fold} has no validation cases")
+    cases = [(Path(c["image"]), Path(c["label"])) for c in val]
+    return fit_bundle(folder, cases, resolve_device(device), cfg.postprocess.min_lesion_diameters_mm), bundle.labels

@@ -203,6 +203,25 @@ def test_fitted_postprocessing_travels_with_the_bundle(trained: tuple[Path, Path
         load_bundle(strict)
 
 
+def test_postprocess_command_refits_a_bundle(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    bundle, data = trained
+    copy = tmp_path / "model"
+    shutil.copytree(bundle, copy)
+    (copy / "postprocessing.json").unlink()
+    result = runner.invoke(app, ["postprocess", "--model", str(copy), "--data", str(data), "--device", "cpu",
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    # the same cases and weights as the fit at the end of training: the same choice, to the last digit
+    assert json.loads((copy / "postprocessing.json").read_text(encoding="utf-8")) == \
+        json.loads((bundle / "postprocessing.json").read_text(encoding="utf-8"))
+    assert json.loads(result.stdout)["rules"].startswith("organ component: ")
+    bad = runner.invoke(app, ["postprocess", "--model", str(bundle.parent / "checkpoints" / "last.pt"),
+                              "--data", str(data), "--device", "cpu"])
+    assert bad.exit_code == 2 and "not a checkpoint file" in bad.output
+    bad = runner.invoke(app, ["postprocess", "--model", str(copy), "--data", str(data), "--fold", "7"])
+    assert bad.exit_code == 2 and "--fold 7: the model was trained with 2 folds" in bad.output
+
+
 def test_output_never_overwrites_an_input(trained: tuple[Path, Path], tmp_path: Path) -> None:
     bundle, data = trained
     inp = tmp_path / "in"
