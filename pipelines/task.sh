@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # A cross-validated model for one task, end to end (entry points `liver` and `lung`):
 #   [synthesise data] -> check -> plan (once, shared by every fold)
-#   -> per fold: train (registers its best model as a new version of medsup-<task>, alias candidate)
-#                -> infer the fold's validation cases (`medsup data split`: the split training used)
+#   -> per fold: train (fits the postprocessing on the fold's validation cases into the bundle, then
+#                registers its best model as a new version of medsup-<task>, alias candidate)
+#                -> infer the fold's validation cases (`medsup data split`: the split training used; with the
+#                   rules fitted on them, so their Dice is optimistic by what the rules gained, as nnU-Net's)
 #                -> evaluate them against their labels, logged onto the fold's MLflow run
 #   -> promote the version with the best validation Dice (among this pipeline's experiment) to champion
 #   -> batch inference of the test images (DATA/imagesTs) through models:/medsup-<task>@champion.
