@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from medsup.evaluation.metrics import bounding_box as union_box
 from medsup.evaluation.metrics import dice_from_counts, pooled_detection, voxel_ml
 from medsup.inference.postprocess import (
     RULES_FILE,
@@ -126,6 +127,11 @@ def case_stats(case: str, pred: np.ndarray, ref: np.ndarray, spacing: Sequence[f
         spacing: voxel size in mm.
     """
     stats = CaseStats(case, voxel_ml(spacing))
+    # everything happens inside the box holding every labelled voxel of either map (plus 1): on a full-size CT
+    # the comparisons below then cost the size of the body part, not of the scan
+    box = union_box(pred != 0, ref != 0)
+    if box is not None:
+        pred, ref = pred[box], ref[box]
     variants = {"raw": pred}
     if task.organ_classes:
         variants["organ"] = postprocess(pred.copy(), task.organ_classes, task.lesion_classes)
