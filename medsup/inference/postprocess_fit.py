@@ -332,4 +332,7 @@ def fit_model(model: Path, data: Path, fold: int | None = None,
     if not val:
         raise ValueError(f"{data}: fold {cfg.data.fold} has no validation cases")
     cases = [(Path(c["image"]), Path(c["label"])) for c in val]
+    if not cfg.infer.postprocess:
+        log.warning("%s was trained with infer.postprocess=false: `medsup infer` applies the fitted rules only "
+                    "with --postprocess", folder)
     return fit_bundle(folder, cases, resolve_device(device), cfg.postprocess.min_lesion_diameters_mm), bundle.labels
