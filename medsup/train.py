@@ -351,10 +351,11 @@ def _fit_postprocessing(bundle: Path, cases: list[tuple[Path, Path]], cfg: Confi
                         tracker: RunTracker, epoch: int) -> None:
     """Fit the postprocessing rules on the validation cases into the bundle (``postprocessing.json``) and log
     them: tag ``postprocess.rules``, metrics ``postprocess.dice_before.<class>`` / ``dice_after.<class>``
-    (mean per-case Dice on the cases' own grids). A fit that fails costs the training nothing: the bundle
-    keeps the task rule and the error is logged."""
+    (mean per-case Dice on the cases' own grids) and ``postprocess.seconds``. A fit that fails costs the
+    training nothing: the bundle keeps the task rule and the error is logged."""
     from medsup.inference.postprocess_fit import fit_bundle
 
+    started = time.perf_counter()
     try:
         rules = fit_bundle(bundle, cases, dev, cfg.postprocess.min_lesion_diameters_mm)
     except Exception as err:  # the model is trained; a failed fit must not lose it
@@ -363,8 +364,7 @@ def _fit_postprocessing(bundle: Path, cases: list[tuple[Path, Path]], cfg: Confi
     tracker.set_tags({"postprocess.rules": rules.describe(get_task(cfg.task).labels)})
     metrics = {f"postprocess.{when}.{name}": value for when in ("dice_before", "dice_after")
                for name, value in rules.fit.get(when, {}).items() if math.isfinite(value)}
-    if metrics:
-        tracker.log_metrics(metrics, step=epoch)
+    tracker.log_metrics({**metrics, "postprocess.seconds": time.perf_counter() - started}, step=epoch)
 
 
 def _register(tracker: RunTracker, bundle: Path, task: str, score: float) -> int | None:

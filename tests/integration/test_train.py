@@ -93,6 +93,7 @@ def test_train_two_epochs_to_sqlite(tiny_data: Path, tmp_path: Path) -> None:
     assert rules["fit"]["cases"] == 2 and set(rules["fit"]["dice_before"]) == {"organ", "lesion"}
     assert tags["postprocess.rules"].startswith("organ component: ")
     assert metrics["postprocess.dice_before.organ"] == pytest.approx(rules["fit"]["dice_before"]["organ"])
+    assert metrics["postprocess.seconds"] > 0
 
 
 def test_none_scheme_logs_a_single_supervised_head(tiny_data: Path, tmp_path: Path) -> None:
