@@ -43,7 +43,6 @@ from medsup.inference.postprocess import (
     LesionRule,
     PostprocessRules,
     bincount_slabs,
-    bounding_box,
     label_components,
     postprocess,
 )
@@ -95,12 +94,10 @@ class CaseStats:
 
 def _components(pred: np.ndarray, ref: np.ndarray, value: int) -> Components:
     p, g = pred == value, ref == value
-    union = p | g
-    if not union.any():
+    box = union_box(p, g)  # components never cross the union box's empty border
+    if box is None:
         empty = np.zeros(0, np.int64)
         return Components(empty, empty, 0, empty, np.zeros((0, 3), np.int64))
-    box = bounding_box(union)  # components never cross the union box's empty border
-    del union
     pid, n = label_components(p[box])
     rid, m = label_components(g[box])
     sizes, ref_sizes = bincount_slabs(pid, n + 1)[1:], bincount_slabs(rid, m + 1)[1:]
