@@ -25,20 +25,9 @@ from torch import nn
 
 from medsup.device import autocast, autocast_dtype
 from medsup.engine.steps import prepare
-from medsup.evaluation.metrics import dice_from_counts, lesion_detection, pooled_detection
+from medsup.evaluation.metrics import dice_from_counts, lesion_detection, overlap_counts, pooled_detection
 
-
-def overlap_counts(pred: torch.Tensor, label: torch.Tensor, classes: Sequence[int]) -> list[tuple[int, int, int]]:
-    """``(true positives, predicted, reference)`` voxels of each class for one case.
-
-    Args:
-        pred, label: integer class maps of the same shape.
-    """
-    out = []
-    for c in classes:
-        p, g = pred == c, label == c
-        out.append((int((p & g).sum()), int(p.sum()), int(g.sum())))
-    return out
+__all__ = ["dice_per_class", "lesion_counts", "overlap_counts", "summarise", "validate"]
 
 
 def dice_per_class(pred: torch.Tensor, label: torch.Tensor, classes: Sequence[int]) -> list[float]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -105,6 +106,20 @@ def dice_from_counts(tp: int, predicted: int, reference: int) -> float:
     Summed counts of several cases give the global (pooled) Dice."""
     total = predicted + reference
     return math.nan if total == 0 else 2.0 * tp / total
+
+
+def overlap_counts(pred: Any, label: Any, classes: Sequence[int]) -> list[tuple[int, int, int]]:
+    """``(true positives, predicted, reference)`` voxels of each class for one case.
+
+    Args:
+        pred, label: integer class maps of the same shape, both numpy arrays or both torch tensors (validation
+            counts on the device, the postprocessing fit on the host).
+    """
+    out = []
+    for c in classes:
+        p, g = pred == c, label == c
+        out.append((int((p & g).sum()), int(p.sum()), int(g.sum())))
+    return out
 
 
 def dice(pred: np.ndarray, ref: np.ndarray) -> float:

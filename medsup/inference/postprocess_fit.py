@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from medsup.evaluation.metrics import bounding_box as union_box
-from medsup.evaluation.metrics import dice_from_counts, pooled_detection, voxel_ml
+from medsup.evaluation.metrics import dice_from_counts, overlap_counts, pooled_detection, voxel_ml
 from medsup.inference.postprocess import (
     RULES_FILE,
     LesionRule,
@@ -108,14 +108,6 @@ def _components(pred: np.ndarray, ref: np.ndarray, value: int) -> Components:
     return Components(sizes, overlaps, int(ref_sizes.sum()), ref_sizes, pairs)
 
 
-def _counts(pred: np.ndarray, ref: np.ndarray, classes: Sequence[int]) -> list[tuple[int, int, int]]:
-    out = []
-    for c in classes:
-        p, g = pred == c, ref == c
-        out.append((int(np.count_nonzero(p & g)), int(np.count_nonzero(p)), int(np.count_nonzero(g))))
-    return out
-
-
 def case_stats(case: str, pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], task: Task) -> CaseStats:
     """Reduce one case to the counts the fit scores candidates with.
 
@@ -133,7 +125,7 @@ def case_stats(case: str, pred: np.ndarray, ref: np.ndarray, spacing: Sequence[f
     if task.organ_classes:
         variants["organ"] = postprocess(pred.copy(), task.organ_classes, task.lesion_classes)
     for name, labels in variants.items():
-        stats.counts[name] = _counts(labels, ref, task.foreground)
+        stats.counts[name] = overlap_counts(labels, ref, task.foreground)
         stats.components[name] = {c: _components(labels, ref, c) for c in task.lesion_classes}
     return stats
 

@@ -19,6 +19,7 @@ from medsup.data.io import Geometry, ImageReadError, Volume, read_image
 from medsup.data.resample import SlabResampler, argmax_reduce, push_array
 from medsup.data.transforms import background_value, preprocess_volume
 from medsup.device import autocast, autocast_dtype
+from medsup.evaluation.metrics import voxel_ml
 from medsup.inference.bundle import Bundle
 from medsup.inference.postprocess import PostprocessRules, apply_rules, bincount_slabs, task_rules
 from medsup.inference.window import SlidingWindow, TileHook
@@ -90,13 +91,12 @@ class Predictor:
                                     background_value(bundle.plan.normalization), options.tta)
         # rules fitted at the end of training were chosen on the full-resolution head's output; an early exit
         # gets the task rule
-        fitted = bundle.postprocessing is not None and not options.exit_level
+        fitted = bundle.postprocessing if not options.exit_level else None
         self.rules: PostprocessRules | None = None
         if options.postprocess:
-            rules = bundle.postprocessing if fitted and bundle.postprocessing else task_rules(self.task.organ_classes)
+            self.rules = fitted or task_rules(self.task.organ_classes)
             log.info("postprocessing (%s): %s", "fitted on the validation cases" if fitted else "the task rule",
-                     rules.describe(bundle.labels))
-            self.rules = rules
+                     self.rules.describe(bundle.labels))
 
     @classmethod
     def options_from(cls, bundle: Bundle, **overrides: Any) -> PredictOptions:
@@ -219,5 +219,5 @@ def label_volumes_ml(labels: np.ndarray, spacing: tuple[float, float, float], na
                      ) -> dict[str, float]:
     """Volume in mL of each named foreground class of an ``(I, J, K)`` label map."""
     counts = bincount_slabs(labels, max(names) + 1)
-    voxel_ml = float(np.prod(spacing)) / 1000.0
-    return {name: float(counts[c]) * voxel_ml for c, name in names.items() if c != 0}
+    voxel = voxel_ml(spacing)
+    return {name: float(counts[c]) * voxel for c, name in names.items() if c != 0}
