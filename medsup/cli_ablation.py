@@ -38,15 +38,19 @@ def summarize(
         help="Convergence threshold on the metric (default per task: 0.9 for liver, 0.5 for lung).")] = None,
     reproduce: Annotated[list[str] | None, typer.Option(
         help="Command line that reproduced the runs, shown in the report (repeatable).")] = None,
+    records: Annotated[Path | None, typer.Option(
+        help="Folder of arm records (`medsup ablation record`): arms whose runs the store does not hold count "
+             "too.")] = None,
     tracking_uri: Annotated[str | None, typer.Option(
         "--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else ./mlflow.db).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the numbers (ablation.json) on stdout.")] = False,
 ) -> None:
     """Tables (convergence, low data, gradient flow, early exit), a figure and a generated default-scheme
-    paragraph from the ablation's MLflow runs, written atomically to OUT/ablation.md."""
+    paragraph from the ablation's MLflow runs (and arm records), written atomically to OUT/ablation.md."""
     from medsup.config import ConfigError, load
     from medsup.evaluation.ablation import CLASS_PREFIX, GRAD_KEY, task_metric, write_report
     from medsup.evaluation.ablation import summarize as summarize_runs
+    from medsup.evaluation.ablation_records import read_records
     from medsup.tracking import TrackingUnavailable, resolve_tracking_uri
     from medsup.tracking.experiments import experiment_runs
 
@@ -56,12 +60,24 @@ def summarize(
         current = load(task).loss.scheme
         uri = resolve_tracking_uri(tracking_uri, None, Path.cwd())[0]
         key, _ = task_metric(task, metric, threshold)
-        runs = experiment_runs(uri, experiment, history_prefixes=(key, CLASS_PREFIX, GRAD_KEY))
-        summary = summarize_runs(runs, experiment, task, metric, threshold, early_exit, current)
+        recorded, recorded_exits = read_records(records) if records is not None else ([], [])
+        try:
+            runs = experiment_runs(uri, experiment, history_prefixes=(key, CLASS_PREFIX, GRAD_KEY))
+        except ValueError as err:  # no such store or experiment: the records may hold every arm
+            if not recorded:
+                raise
+            typer.secho(f"warning: {err}; the report is made from the {len(recorded)} arm records in {records}",
+                        fg=typer.colors.YELLOW, err=True)
+            runs = []
+        # a run the store holds counts from the store; its record (same run id) is the same run, read later
+        in_store = {r.run_id for r in runs}
+        runs += [r for r in recorded if r.run_id not in in_store]
+        summary = summarize_runs(runs, experiment, task, metric, threshold, early_exit, current, recorded_exits)
     except (ConfigError, ValueError, TrackingUnavailable) as err:
         _fail(str(err))
     args = ["medsup", "ablation", "summarize", "--experiment", experiment, "--task", task, "--out", str(out)]
     args += ["--early-exit", str(early_exit)] if early_exit is not None else []
+    args += ["--records", str(records)] if records is not None else []
     args += ["--metric", metric] if metric else []
     args += ["--threshold", str(threshold)] if threshold is not None else []
     commands = [*(reproduce or []), f"MLFLOW_TRACKING_URI={shlex.quote(uri)} {shlex.join(args)}"]
@@ -71,6 +87,42 @@ def summarize(
     else:
         typer.echo("\n".join(summary.conclusion))
         typer.echo(f"wrote {paths['markdown']} and {paths['figure']}")
+
+
+@ablation_app.command()
+def record(
+    run_name: Annotated[str, typer.Option("--run-name", help="The arm's MLflow run name (ablation-TASK-SCHEME-"
+                                                             "seedS-nN); its latest finished run is recorded.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Records folder; the record is OUT/RUN_NAME.json.")],
+    experiment: Annotated[str, typer.Option(help="MLflow experiment holding the run.")] = "medsup-ablation",
+    early_exit: Annotated[Path | None, typer.Option(
+        help="This arm's `medsup infer --exit-level K` outputs (report.json + evaluation/summary.json), "
+             "recorded with it.")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(
+        "--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else ./mlflow.db).")] = None,
+) -> None:
+    """Record one finished arm (its run's params, tags and validation/gradient histories, and its early exits)
+    as OUT/RUN_NAME.json, atomically: what `summarize --records OUT` reads when the store is gone."""
+    from medsup.evaluation.ablation import exit_sources
+    from medsup.evaluation.ablation_records import HISTORY_PREFIXES, write_record
+    from medsup.tracking import TrackingUnavailable, resolve_tracking_uri
+    from medsup.tracking.experiments import experiment_runs
+
+    if early_exit is not None and not early_exit.is_dir():
+        _fail(f"--early-exit {early_exit}: no such folder")
+    try:
+        uri = resolve_tracking_uri(tracking_uri, None, Path.cwd())[0]
+        runs = experiment_runs(uri, experiment, history_prefixes=HISTORY_PREFIXES, run_name=run_name)
+        finished = [r for r in runs if r.status == "FINISHED"]
+        if not finished:
+            found = ", ".join(f"{r.run_id} {r.status}" for r in runs) or "none"
+            raise ValueError(f"no finished run named {run_name!r} in experiment {experiment!r} at {uri} "
+                             f"(runs of that name: {found})")
+        sources = exit_sources(early_exit) if early_exit is not None else []
+        path = write_record(out, finished[-1], sources, experiment, uri)
+    except (ValueError, TrackingUnavailable) as err:
+        _fail(str(err))
+    typer.echo(f"wrote {path} ({len(sources)} early exits)")
 
 
 @ablation_app.command()

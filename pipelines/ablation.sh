@@ -1,21 +1,23 @@
 #!/usr/bin/env bash
 # The deep-supervision ablation (entry point `ablation`): does supervising every decoder scale help?
 #   synthesise a labelled pool and a separate labelled test set -> plan once
-#   -> train every arm: scheme x seed x training-set size, the same budget, into ONE MLflow experiment
-#   -> early exit: infer the test set from each exit level K (models of the largest size) and evaluate
+#   -> train every arm: scheme x seed x training-set size, the same budget, into ONE MLflow experiment;
+#      early exit: infer the test set from each exit level K (models of the largest size) and evaluate;
+#      record the finished arm in DOCS/arms/<arm>.json (what the report needs, committed with it)
 #   -> `medsup ablation summarize`: DOCS/ablation.md (tables, a generated default-scheme paragraph, the
 #      commands that reproduce it) + ablation.png + ablation.json.
 #   -> `medsup ablation overview`: every task's report side by side, with a verdict on the default scheme
 #      (docs/ablation.md from docs/ablation/*/ with the default DOCS; else DOCS/overview.md)
 #
 # Lung. The preset's 4 mm grid erases the nodules (median 9 mm, a quarter under 5 mm): lung plans at 2 mm.
-# Six validation cases hold 8 nodules (three held two), and a 2 mm validation pass over them costs ~55 s
-# on 2 cores, as much as ten epochs of training: lung validates every 10 epochs, and "epochs to threshold"
-# is then known to within 10 epochs. Nodules are learnt slowly (a 2 mm pilot, 18 training cases: validation
-# nodule Dice 0.02 after 60 epochs of 20 iterations, 0.07 after 100, 0.12 after 160): lung arms get 100
-# epochs, ~19 minutes each on 2 cores (~9 hours for the 27 arms; it resumes where it stopped). Five of the six
-# validation cases hold a single 3-6 mm nodule (2-11 voxels) or none, which pins their Dice near 0 or 1: the
-# lung report ranks the arms by the global validation Dice (val.dice_global.tumour) instead of the per-case mean.
+# Six validation cases hold 8 nodules (three held two), and a 2 mm validation pass over them costs ~46 s
+# on 2 cores, as much as ten epochs of training: lung validates every 20 epochs (5 passes), and "epochs to
+# threshold" is then known to within 20 epochs. Nodules are learnt slowly (a 2 mm pilot, 18 training cases:
+# validation nodule Dice 0.02 after 60 epochs of 20 iterations, 0.07 after 100, 0.12 after 160): lung arms get 100
+# epochs, ~12 minutes each on 2 cores (~6 hours for the 27 arms and their early exits: more than one session,
+# hence the arm records below). Five of the six validation cases hold a single 3-6 mm nodule (2-11 voxels) or
+# none, which pins their Dice near 0 or 1: the lung report ranks the arms by the global validation Dice
+# (val.dice_global.tumour) instead of the per-case mean.
 #
 # Fair arms. Every arm trains on the same plan (patch, spacing, network) for EPOCHS x ITERATIONS optimiser
 # steps of the same batch size, whatever its training-set size (patches are drawn with replacement). The
@@ -34,7 +36,7 @@
 #   EPOCHS       epochs per arm                     30              (lung: 100; smoke: 1)
 #   ITERATIONS   iterations per epoch               20              (smoke: 3)
 #   EXIT_LEVELS  heads to exit from (0 = full)      "0 1 2"         (smoke: "0 1")
-#   VAL_EVERY    validate every N epochs            1               (lung: 10)
+#   VAL_EVERY    validate every N epochs            1               (lung: 20)
 #   PRESET       config preset                      ablation        (smoke: smoke)
 #   PLAN_SET     overrides for the plan all arms share  none        (lung: plan.target_spacing=[2.0,2.0,2.0])
 #   SET          extra config overrides, space-separated a.b=c, applied to every arm
@@ -45,7 +47,10 @@
 #   SMOKE=1      the whole chain in minutes, with meaningless numbers
 # An arm whose run folder already holds a model is not trained again, an arm stopped part way resumes from
 # its last checkpoint (same MLflow run), and an evaluated early exit is not redone: a stopped ablation goes
-# on where it was (delete OUT to start over with other settings).
+# on where it was (delete OUT to start over with other settings). Every finished arm is also recorded in
+# DOCS/arms/<arm>.json (its run's params and curves, its early-exit results; `medsup ablation record`), and a
+# recorded arm is never redone: commit the records and a fresh checkout goes on where the last one stopped,
+# with the report counting every recorded arm (delete DOCS/arms too to start over).
 set -euo pipefail
 # shellcheck source=pipelines/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -54,7 +59,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 if [ "${SMOKE:-0}" = 1 ]; then
     d=(tiny "0" "1 2" 2 1 1 3 "0 1" smoke "-smoke" 1 "")
 elif [ "${TASK:-}" = lung ]; then
-    d=(lung "0 1 2" "2 5 20" 6 5 100 20 "0 1 2" ablation "" 10 "plan.target_spacing=[2.0,2.0,2.0]")
+    d=(lung "0 1 2" "2 5 20" 6 5 100 20 "0 1 2" ablation "" 20 "plan.target_spacing=[2.0,2.0,2.0]")
 else
     d=(liver "0 1 2" "2 5 20" 3 5 30 20 "0 1 2" ablation "" 1 "")
 fi
@@ -78,6 +83,9 @@ OUT="$(cd "$OUT" && pwd)"
 if [ "${SMOKE:-0}" = 1 ]; then DOCS="${DOCS:-$OUT/docs}"; else DOCS="${DOCS:-$ROOT/docs/ablation/$TASK}"; fi
 mkdir -p "$DOCS"
 DOCS="$(cd "$DOCS" && pwd)"
+RECORDS="$DOCS/arms"
+# a path inside the repository relative to its root (the reports and records are committed), others as they are
+rel() { case "$1" in "$ROOT"/*) printf '%s' "${1#"$ROOT"/}" ;; *) printf '%s' "$1" ;; esac; }
 export MLFLOW_TRACKING_URI="${MLFLOW_TRACKING_URI:-sqlite:///$OUT/mlflow.db}"
 
 largest=0
@@ -103,41 +111,47 @@ common=(--set data.num_folds="$folds" --set data.fold=0 --set data.split_seed=0
     --set train.early_stop_patience=0 --set tracking.register_best=false)
 for kv in ${SET:-}; do common+=(--set "$kv"); done
 
-# seed, then size, then scheme: a stopped ablation has every scheme of the (seed, size) pairs it finished
+# seed, then size, then scheme: a stopped ablation has every scheme of the (seed, size) pairs it finished.
+# Each arm is recorded as soon as it is finished (trained and, at the largest size, early-exited): RECORDS holds
+# one JSON per arm beside the report, committed with it, so a fresh checkout (no OUT, no MLflow store) skips the
+# recorded arms and the report still counts them (`medsup ablation summarize --records`).
 for seed in $SEEDS; do
     for n in $SIZES; do
         for scheme in $SCHEMES; do
             name="ablation-$TASK-$scheme-seed$seed-n$n"
-            if [ -f "$OUT/runs/$name/model/weights.pt" ]; then
-                step "$name: trained already, kept"
+            if [ -f "$RECORDS/$name.json" ]; then
+                step "$name: recorded already ($(rel "$RECORDS/$name.json")), kept"
                 continue
             fi
-            if [ -f "$OUT/runs/$name/checkpoints/last.pt" ]; then
+            if [ -f "$OUT/runs/$name/model/weights.pt" ]; then
+                step "$name: trained already, kept"
+            elif [ -f "$OUT/runs/$name/checkpoints/last.pt" ]; then
                 # an arm stopped part way (a killed session): go on from its last epoch, in the same MLflow run
                 step "$name: resume from its last checkpoint"
                 medsup -q train --task "$TASK" --data "$OUT/data" --resume "$OUT/runs/$name"
-                continue
+            else
+                step "$name: train ($EPOCHS x $ITERATIONS iterations on $n cases)"
+                medsup -q train --task "$TASK" --data "$OUT/data" --preset "$PRESET" --plan "$OUT/plan.json" \
+                    --output "$OUT/runs/$name" --experiment "$EXPERIMENT" --run-name "$name" "${common[@]}" \
+                    --set loss.scheme="$scheme" --set seed="$seed" --set data.max_train_cases="$n"
             fi
-            step "$name: train ($EPOCHS x $ITERATIONS iterations on $n cases)"
-            medsup -q train --task "$TASK" --data "$OUT/data" --preset "$PRESET" --plan "$OUT/plan.json" \
-                --output "$OUT/runs/$name" --experiment "$EXPERIMENT" --run-name "$name" "${common[@]}" \
-                --set loss.scheme="$scheme" --set seed="$seed" --set data.max_train_cases="$n"
-        done
-    done
-done
-
-for scheme in $SCHEMES; do
-    for seed in $SEEDS; do
-        name="ablation-$TASK-$scheme-seed$seed-n$largest"
-        for level in $EXIT_LEVELS; do
-            dir="$OUT/early_exit/$name/exit$level"
-            if [ -f "$dir/evaluation/summary.json" ]; then
-                step "$name: early exit from head $level evaluated already, kept"
-                continue
+            record=(--run-name "$name" --experiment "$EXPERIMENT" --out "$(rel "$RECORDS")")
+            if [ "$n" = "$largest" ]; then
+                # early exit now, while the model is at hand: the record keeps the results, not the model
+                for level in $EXIT_LEVELS; do
+                    dir="$OUT/early_exit/$name/exit$level"
+                    if [ -f "$dir/evaluation/summary.json" ]; then
+                        step "$name: early exit from head $level evaluated already, kept"
+                        continue
+                    fi
+                    step "$name: early exit from head $level on the test set"
+                    medsup -q infer -i "$OUT/test/imagesTr" -o "$dir" --model "$OUT/runs/$name/model" \
+                        --exit-level "$level"
+                    medsup -q evaluate --pred "$dir" --ref "$OUT/test" --task "$TASK" --out "$dir/evaluation"
+                done
+                record+=(--early-exit "$(rel "$OUT/early_exit/$name")")
             fi
-            step "$name: early exit from head $level on the test set"
-            medsup -q infer -i "$OUT/test/imagesTr" -o "$dir" --model "$OUT/runs/$name/model" --exit-level "$level"
-            medsup -q evaluate --pred "$dir" --ref "$OUT/test" --task "$TASK" --out "$dir/evaluation"
+            (cd "$ROOT" && medsup -q ablation record "${record[@]}")  # paths in the record relative to the root
         done
     done
 done
@@ -153,12 +167,12 @@ for var in TASK SCHEMES SEEDS SIZES EPOCHS ITERATIONS EXIT_LEVELS VAL_EVERY PLAN
 done
 # the reports are committed: they name paths inside the repository relative to its root, and are written from it
 cd "$ROOT"
-rel() { case "$1" in "$ROOT"/*) printf '%s' "${1#"$ROOT"/}" ;; *) printf '%s' "$1" ;; esac; }
 uri="$MLFLOW_TRACKING_URI"
 case "$uri" in "sqlite:///$ROOT/"*) uri="sqlite:///$(rel "${uri#sqlite:///}")" ;; esac
+mkdir -p "$OUT/early_exit"  # none in this checkout when every arm was recorded by an earlier one
 step "summarise experiment $EXPERIMENT into $(rel "$DOCS")"
 MLFLOW_TRACKING_URI="$uri" medsup ablation summarize --experiment "$EXPERIMENT" --task "$TASK" --out "$(rel "$DOCS")" \
-    --early-exit "$(rel "$OUT/early_exit")" \
+    --early-exit "$(rel "$OUT/early_exit")" --records "$(rel "$RECORDS")" \
     --reproduce "${settings}SMOKE=${SMOKE:-0} bash pipelines/ablation.sh" \
     --reproduce "# or: mlflow run pipelines -e ablation ${params}-P smoke=${SMOKE:-0} --env-manager local"
 

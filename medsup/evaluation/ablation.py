@@ -49,6 +49,8 @@ TASK_METRICS: dict[str, tuple[str, float]] = {
     "tiny": ("val.dice.organ", 0.8),
 }
 MARKDOWN, FIGURE, NUMBERS = "ablation.md", "ablation.png", "ablation.json"
+#: a run read back from an arm record carries this tag: the record's path (medsup.evaluation.ablation_records)
+RECORD_TAG = "medsup.ablation.record"
 
 
 class RunLike(Protocol):
@@ -80,6 +82,8 @@ class Arm:
     final: float | None
     #: best of every other per-class validation metric (``val.dice.<class>``): what the main metric hides
     others: dict[str, float] = field(default_factory=dict)
+    #: the arm record it was read from (``arms/<run name>.json``), "" when read from the MLflow store
+    record: str = ""
 
 
 @dataclass
@@ -176,38 +180,70 @@ def collect_arms(runs: Iterable[RunLike], task: str, metric: str, threshold: flo
                   if key.startswith(CLASS_PREFIX) and key != metric
                   and (finite := [v for _, v in points if math.isfinite(v)])}
         arms.append(Arm(scheme, seed, n_train, run.run_id, run.name, budget, curve, run.history.get(GRAD_KEY),
-                        reached, max(values) if values else None, values[-1] if values else None, others))
+                        reached, max(values) if values else None, values[-1] if values else None, others,
+                        run.tags.get(RECORD_TAG, "")))
     return arms, skipped
 
 
-def read_early_exit(root: Path, metric: str) -> list[ExitResult]:
+@dataclass
+class ExitSource:
+    """What one early-exit result is computed from, trimmed to what :func:`exit_result` reads: the inference
+    ``report.json`` (settings.exit_level, model, per-case status and seconds), the model bundle's config (scheme,
+    seed, max_train_cases) and the per-class blocks of ``evaluation/summary.json`` (None when unreadable). Arm
+    records (:mod:`medsup.evaluation.ablation_records`) store these, so a result outlives the folder it came from."""
+
+    folder: str
+    report: dict[str, Any]
+    config: dict[str, Any]
+    classes: dict[str, dict[str, Any]] | None
+
+
+def exit_sources(root: Path) -> list[ExitSource]:
     """Every ``report.json`` under ``root`` with its ``evaluation/summary.json``; the model's own bundle
     ``config.json`` says which arm it is. Reports whose bundle cannot be read are skipped with a warning."""
-    cls, aggregate = metric_class(metric)
     out = []
     for report_path in sorted(Path(root).rglob("report.json")):
         try:
             report = json.loads(report_path.read_text(encoding="utf-8"))
             config = json.loads((_bundle_dir(Path(report["model"])) / "config.json").read_text(encoding="utf-8"))
+            trimmed_config = {"loss": {"scheme": config["loss"]["scheme"]}, "seed": config["seed"],
+                              "data": {"max_train_cases": config["data"].get("max_train_cases")}}
         except (OSError, ValueError, KeyError, TypeError) as err:
             log.warning("%s: skipped, its model's config cannot be read (%s)", report_path, err)
             continue
-        ok = [c for c in report.get("cases", []) if c.get("status") == "ok"]
-        network = [float(c["seconds"]["network"]) for c in ok if "network" in c.get("seconds", {})]
-        total = [float(c["seconds_total"]) for c in ok if "seconds_total" in c]
-        level = report.get("settings", {}).get("exit_level")
-        classes = _eval_classes(report_path.parent / "evaluation" / "summary.json")
-        lesions = {name: b["lesions"] for name, b in (classes or {}).items() if isinstance(b.get("lesions"), dict)}
-        out.append(ExitResult(
-            scheme=config["loss"]["scheme"], seed=int(config["seed"]),
-            n_train=int(config["data"].get("max_train_cases") or 0), level=0 if level is None else int(level),
-            dice=_eval_dice(classes, cls, aggregate),
-            network_s=statistics.fmean(network) if network else None,
-            total_s=statistics.fmean(total) if total else None, cases=len(ok), folder=str(report_path.parent),
-            lesion_recall={name: b.get("recall") for name, b in lesions.items()},
-            lesion_precision={name: b.get("precision") for name, b in lesions.items()},
-        ))
+        cases = [{k: c[k] for k in ("case", "status", "seconds", "seconds_total") if k in c}
+                 for c in report.get("cases", [])]
+        trimmed_report = {"model": report["model"], "cases": cases,
+                          "settings": {"exit_level": report.get("settings", {}).get("exit_level")}}
+        out.append(ExitSource(str(report_path.parent), trimmed_report, trimmed_config,
+                              _eval_classes(report_path.parent / "evaluation" / "summary.json")))
     return out
+
+
+def exit_result(source: ExitSource, metric: str) -> ExitResult:
+    """One early-exit result: mean seconds per ok case, and the evaluation's Dice of ``metric``'s class and
+    aggregate (``val.dice.liver`` -> the per-case mean liver Dice; ``val.dice_global.tumour`` -> the global)."""
+    cls, aggregate = metric_class(metric)
+    ok = [c for c in source.report.get("cases", []) if c.get("status") == "ok"]
+    network = [float(c["seconds"]["network"]) for c in ok if "network" in c.get("seconds", {})]
+    total = [float(c["seconds_total"]) for c in ok if "seconds_total" in c]
+    level = source.report.get("settings", {}).get("exit_level")
+    config, classes = source.config, source.classes
+    lesions = {name: b["lesions"] for name, b in (classes or {}).items() if isinstance(b.get("lesions"), dict)}
+    return ExitResult(
+        scheme=config["loss"]["scheme"], seed=int(config["seed"]),
+        n_train=int(config["data"].get("max_train_cases") or 0), level=0 if level is None else int(level),
+        dice=_eval_dice(classes, cls, aggregate),
+        network_s=statistics.fmean(network) if network else None,
+        total_s=statistics.fmean(total) if total else None, cases=len(ok), folder=source.folder,
+        lesion_recall={name: b.get("recall") for name, b in lesions.items()},
+        lesion_precision={name: b.get("precision") for name, b in lesions.items()},
+    )
+
+
+def read_early_exit(root: Path, metric: str) -> list[ExitResult]:
+    """The early-exit results of every inference under ``root`` (:func:`exit_sources`, :func:`exit_result`)."""
+    return [exit_result(source, metric) for source in exit_sources(root)]
 
 
 def _bundle_dir(model: Path) -> Path:
@@ -234,8 +270,11 @@ def _eval_dice(classes: dict[str, dict[str, Any]] | None, cls: str, aggregate: s
 
 def summarize(runs: Iterable[RunLike], experiment: str, task: str, metric: str | None = None,
               threshold: float | None = None, early_exit_dir: Path | None = None,
-              current_default: str | None = None) -> Summary:
+              current_default: str | None = None, recorded_exits: Sequence[ExitSource] = ()) -> Summary:
     """Reduce the experiment's runs (and early-exit folder) to a :class:`Summary` with its conclusion.
+
+    ``recorded_exits`` (from arm records) add the early exits of models whose folders are gone; where the
+    folder and a record hold the same arm and level, the folder's counts.
 
     Raises:
         ValueError: no finished run of ``task`` carries the ablation's params.
@@ -246,6 +285,11 @@ def summarize(runs: Iterable[RunLike], experiment: str, task: str, metric: str |
         raise ValueError(f"experiment {experiment!r} has no finished {task} runs with loss.scheme, seed and n_train"
                          + (f" ({len(skipped)} skipped: {'; '.join(skipped[:3])})" if skipped else ""))
     exits = read_early_exit(early_exit_dir, metric) if early_exit_dir is not None else []
+    seen = {(e.scheme, e.seed, e.n_train, e.level) for e in exits}
+    for result in (exit_result(source, metric) for source in recorded_exits):
+        if (key := (result.scheme, result.seed, result.n_train, result.level)) not in seen:
+            seen.add(key)
+            exits.append(result)
     summary = Summary(experiment, task, metric, threshold, arms, skipped, exits)
     summary.default_scheme, summary.conclusion = conclude(summary, current_default)
     return summary
@@ -373,11 +417,14 @@ def render(s: Summary, figure: str, commands: Sequence[str]) -> str:
     sizes = s.sizes
     budgets = sorted({a.budget for a in s.arms})
     seeds = sorted({a.seed for a in s.arms})
+    recorded = sum(1 for a in s.arms if a.record)
     head = "| scheme | " + " | ".join(f"n_train = {n}" for n in sizes) + " |\n|---|" + "---|" * len(sizes)
     lines = [
         "# Deep-supervision ablation", "",
         f"Generated by `medsup ablation summarize` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from MLflow "
-        f"experiment `{s.experiment}` (task `{s.task}`): {len(s.arms)} finished runs, schemes "
+        f"experiment `{s.experiment}` (task `{s.task}`): {len(s.arms)} finished runs"
+        + (f" ({recorded} of them read from their arm records, `arms/<run>.json` beside this report: runs of "
+           "earlier sessions whose MLflow store is not at hand)" if recorded else "") + ", schemes "
         f"{', '.join(f'`{x}`' for x in s.schemes)}, seeds {', '.join(map(str, seeds))}, n_train "
         f"{', '.join(map(str, sizes))}. Training budget: {'; '.join(budgets)}"
         + (" (**the arms do not share one budget**)." if len(budgets) > 1 else ", the same for every arm."),

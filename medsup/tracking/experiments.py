@@ -38,9 +38,10 @@ class RunRecord:
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
 
 
-def experiment_runs(uri: str, experiment: str, history_prefixes: Sequence[str] = ()) -> list[RunRecord]:
-    """Every active run of ``experiment`` at ``uri``, oldest first, with the metric histories of every
-    metric whose key starts with one of ``history_prefixes``.
+def experiment_runs(uri: str, experiment: str, history_prefixes: Sequence[str] = (),
+                    run_name: str | None = None) -> list[RunRecord]:
+    """Every active run of ``experiment`` at ``uri`` (only those named ``run_name`` when given), oldest first,
+    with the metric histories of every metric whose key starts with one of ``history_prefixes``.
 
     Raises:
         ValueError: no such store (a SQLite file that does not exist) or experiment.
@@ -51,13 +52,15 @@ def experiment_runs(uri: str, experiment: str, history_prefixes: Sequence[str] =
     if exp is None:
         raise ValueError(f"no experiment {experiment!r} at {uri}")
     records = call_store(uri, f"read experiment {experiment!r}",
-                         lambda: _records(client, exp.experiment_id, history_prefixes))
+                         lambda: _records(client, exp.experiment_id, history_prefixes, run_name))
     log.info("read %d runs of experiment %r from %s", len(records), experiment, uri)
     return records
 
 
-def _records(client: MlflowClient, experiment_id: str, history_prefixes: Sequence[str]) -> list[RunRecord]:
-    """Every active run of the experiment, oldest first, page by page, with the histories asked for."""
+def _records(client: MlflowClient, experiment_id: str, history_prefixes: Sequence[str],
+             run_name: str | None) -> list[RunRecord]:
+    """Every active run of the experiment (named ``run_name``, if given), oldest first, page by page, with the
+    histories asked for."""
     runs: list[Run] = []
     token: str | None = None
     while True:
@@ -69,6 +72,8 @@ def _records(client: MlflowClient, experiment_id: str, history_prefixes: Sequenc
             break
     records = []
     for run in runs:
+        if run_name is not None and run.info.run_name != run_name:
+            continue  # filtered here, not in a search filter string: any name works, quotes included
         record = RunRecord(run.info.run_id, run.info.run_name or "", run.info.status, run.info.start_time or 0,
                            dict(run.data.params), dict(run.data.tags), dict(run.data.metrics))
         for key in sorted(run.data.metrics):

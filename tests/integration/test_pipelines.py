@@ -3,7 +3,9 @@ runs end to end in smoke mode, as plain shell and through ``mlflow run``, agains
 
 The end-to-end run trains 4 arms (schemes none and dsn x n_train 1 and 2, the tiny task, 1 epoch of 3
 iterations) and early-exits from heads 0 and 1: a few minutes on 2 busy cores, hence ``slow``. ``mlflow run``
-then reuses the same output folder, where every arm and early exit is kept, so it costs only the summary.
+then reuses the same output folder, where every arm and early exit is kept, so it costs only the summary; a
+fresh output folder and store beside the same report folder (a new checkout) train nothing: the arm records
+stand in.
 """
 
 from __future__ import annotations
@@ -195,3 +197,32 @@ def test_mlflow_run_entry_point_reuses_the_arms(smoke: Smoke) -> None:
     assert {r.info.status for r in runs} == {"FINISHED"}
     project_runs = client.search_runs(["0"], filter_string="tags.`mlflow.project.entryPoint` = 'ablation'")
     assert [r.info.status for r in project_runs] == ["FINISHED"]
+
+
+@pytest.mark.slow
+def test_a_fresh_checkout_goes_on_from_the_arm_records(smoke: Smoke) -> None:
+    records = sorted(p.name for p in (smoke.docs / "arms").iterdir())
+    assert records == sorted(f"{_arm(s, n)}.json" for s in SCHEMES for n in SIZES)
+    before = json.loads((smoke.docs / "ablation.json").read_text(encoding="utf-8"))
+    fresh = smoke.tmp / "fresh"  # no runs, no early exits, no MLflow store: what a new checkout has
+    fresh.mkdir()
+    done = subprocess.run(["bash", str(PIPELINES / "ablation.sh")], cwd=fresh, capture_output=True,
+                          encoding="utf-8", timeout=TIMEOUT_S,
+                          env=_env(fresh, SMOKE="1", SCHEMES=" ".join(SCHEMES), OUT=str(fresh / "out"),
+                                   DOCS=str(smoke.docs), PLAN_SET=PLAN_SET))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    log = done.stdout + done.stderr
+    assert log.count("recorded already") == len(SCHEMES) * len(SIZES)
+    assert "train (" not in log and "early exit from head" not in log and not (fresh / "out" / "runs").exists()
+    # the fresh store does not exist (nothing was trained): said, and the records serve
+    assert "warning: no MLflow store at" in log and f"made from the {len(records)} arm records" in log
+    after = json.loads((smoke.docs / "ablation.json").read_text(encoding="utf-8"))
+    key = ("scheme", "seed", "n_train", "run_id", "best", "final", "curve", "grad")
+    assert [[a[k] for k in key] for a in after["arms"]] == [[a[k] for k in key] for a in before["arms"]]
+    assert all(a["record"].endswith(f"arms/{a['name']}.json") for a in after["arms"])
+    exit_key = ("scheme", "level", "dice", "total_s", "lesion_recall")
+    assert [[e[k] for k in exit_key] for e in after["early_exit"]] == [[e[k] for k in exit_key]
+                                                                       for e in before["early_exit"]]
+    assert after["default_scheme"] == before["default_scheme"]
+    assert f"({len(records)} of them read from their arm records" in (smoke.docs / "ablation.md").read_text(
+        encoding="utf-8")

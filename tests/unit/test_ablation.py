@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,11 @@ import pytest
 from medsup.config import load
 from medsup.data.splits import fold_split, limit_training
 from medsup.evaluation.ablation import (
+    RECORD_TAG,
     ExitResult,
     conclude,
+    exit_result,
+    exit_sources,
     load_summary,
     metric_class,
     read_early_exit,
@@ -22,6 +26,7 @@ from medsup.evaluation.ablation import (
     write_report,
 )
 from medsup.evaluation.ablation_overview import find_reports, mean_ranks, paired_gaps, verdict, write_overview
+from medsup.evaluation.ablation_records import read_record, read_records, record_path, write_record
 from medsup.tracking.experiments import RunRecord
 
 
@@ -85,7 +90,9 @@ def test_no_arms_is_an_error() -> None:
         summarize([_run("none", 0, 2, [0.5], task="lung")], "e", "liver")
 
 
-def test_write_report_and_early_exit(tmp_path: Path) -> None:
+def _early_exits(tmp_path: Path) -> Path:
+    """Two early exits (levels 0 and 1) of the arm nnunet / seed 1 / n_train 20, as pipelines/ablation.sh
+    leaves them: report.json, evaluation/summary.json, the model bundle's config.json; returns their root."""
     bundle = tmp_path / "runs" / "arm" / "model"
     bundle.mkdir(parents=True)
     cfg = load("liver", ["loss.scheme=nnunet", "seed=1", "data.max_train_cases=20"])
@@ -100,6 +107,11 @@ def test_write_report_and_early_exit(tmp_path: Path) -> None:
         (folder / "evaluation" / "summary.json").write_text(json.dumps(
             {"classes": {"liver": {"dice": {"mean": dice}},
                          "tumour": {"dice": {"mean": 0.1, "global": 0.3}, "lesions": lesions}}}), encoding="utf-8")
+    return tmp_path / "early"
+
+
+def test_write_report_and_early_exit(tmp_path: Path) -> None:
+    _early_exits(tmp_path)
     exits = read_early_exit(tmp_path / "early", "val.dice.liver")
     assert [(e.scheme, e.seed, e.n_train, e.level, e.dice, e.total_s) for e in exits] == [
         ("nnunet", 1, 20, 0, 0.9, 2.0), ("nnunet", 1, 20, 1, 0.8, 0.5)]
@@ -126,6 +138,46 @@ def test_write_report_and_early_exit(tmp_path: Path) -> None:
     assert paths["figure"].read_bytes()[:4] == b"\x89PNG"
     assert json.loads(paths["numbers"].read_text(encoding="utf-8"))["default_scheme"] == "nnunet"
     assert sorted(p.name for p in (tmp_path / "docs").iterdir()) == ["ablation.json", "ablation.md", "ablation.png"]
+
+
+def test_arm_records_round_trip_and_stand_in_for_the_store(tmp_path: Path) -> None:
+    early = _early_exits(tmp_path)
+    runs = _runs()
+    arm = _run("nnunet", 1, 20, [0.7, float("nan"), 0.94])
+    arm.params["data.max_train_cases"] = "20"
+    arm.history["val.loss"] = [(1, 0.5)]
+    arm.history["train.loss"] = [(1, 0.7)]  # not a summary curve: not recorded
+    path = write_record(tmp_path / "arms", arm, exit_sources(early), "medsup-ablation", "sqlite:///x.db")
+    assert path == tmp_path / "arms" / f"{arm.name}.json"
+    back, exits = read_record(path)
+    assert back.tags[RECORD_TAG] == str(path) and back.params == arm.params
+    assert back.history == {"val.dice.liver": [(1, 0.7), (3, 0.94)],  # NaN (null in JSON) dropped, as summarize does
+                            "train.grad_norm.encoder0": arm.history["train.grad_norm.encoder0"], "val.loss": [(1, 0.5)]}
+    assert [exit_result(e, "val.dice.liver") for e in exits] == read_early_exit(early, "val.dice.liver")
+
+    # the store lost this arm's run (a fresh checkout): its record stands in, early exits included
+    shutil.rmtree(early)
+    recorded, recorded_exits = read_records(tmp_path / "arms")
+    others = [r for r in runs if r.name != arm.name]
+    s = summarize([*others, *recorded], "medsup-ablation", "liver", early_exit_dir=None, recorded_exits=recorded_exits)
+    from_record = s.select("nnunet", 20)
+    assert [(a.seed, a.best, a.record) for a in from_record] == [(0, 0.95, ""), (1, 0.94, str(path))]
+    assert [(e.level, e.dice, e.total_s) for e in s.early_exit] == [(0, 0.9, 2.0), (1, 0.8, 0.5)]
+    assert "(1 of them read from their arm records" in render(s, "ablation.png", [])
+    assert read_records(tmp_path / "none") == ([], [])  # no folder, no records
+
+    # only finished arms are recorded, with their own early exits; a bad record names its file
+    with pytest.raises(ValueError, match="is FAILED, not FINISHED"):
+        write_record(tmp_path / "arms", _run("none", 0, 2, [0.1], status="FAILED"), [], "e", "u")
+    other_arm = _run("dsn", 1, 20, [0.5])
+    other_arm.params["data.max_train_cases"] = "20"
+    with pytest.raises(ValueError, match=r"an early exit of arm .*'nnunet'.* not of run dsn-s1-n20"):
+        write_record(tmp_path / "arms", other_arm, exits, "e", "u")
+    with pytest.raises(ValueError, match="cannot name an arm record"):
+        record_path(tmp_path, "../x")
+    (tmp_path / "arms" / "broken.json").write_text('{"format": "something else"}', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"broken.json: not an ablation arm record \(format 'something else'"):
+        read_records(tmp_path / "arms")
 
 
 def test_training_subsets_are_nested_and_keep_the_validation_set() -> None:
