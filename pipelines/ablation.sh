@@ -87,6 +87,9 @@ RECORDS="$DOCS/arms"
 # a path inside the repository relative to its root (the reports and records are committed), others as they are
 rel() { case "$1" in "$ROOT"/*) printf '%s' "${1#"$ROOT"/}" ;; *) printf '%s' "$1" ;; esac; }
 export MLFLOW_TRACKING_URI="${MLFLOW_TRACKING_URI:-sqlite:///$OUT/mlflow.db}"
+# the store as the committed report and records name it: relative to the root, from which they are written
+uri="$MLFLOW_TRACKING_URI"
+case "$uri" in "sqlite:///$ROOT/"*) uri="sqlite:///$(rel "${uri#sqlite:///}")" ;; esac
 
 largest=0
 for n in $SIZES; do
@@ -151,7 +154,8 @@ for seed in $SEEDS; do
                 done
                 record+=(--early-exit "$(rel "$OUT/early_exit/$name")")
             fi
-            (cd "$ROOT" && medsup -q ablation record "${record[@]}")  # paths in the record relative to the root
+            # paths in the record relative to the root
+            (cd "$ROOT" && MLFLOW_TRACKING_URI="$uri" medsup -q ablation record "${record[@]}")
         done
     done
 done
@@ -167,8 +171,6 @@ for var in TASK SCHEMES SEEDS SIZES EPOCHS ITERATIONS EXIT_LEVELS VAL_EVERY PLAN
 done
 # the reports are committed: they name paths inside the repository relative to its root, and are written from it
 cd "$ROOT"
-uri="$MLFLOW_TRACKING_URI"
-case "$uri" in "sqlite:///$ROOT/"*) uri="sqlite:///$(rel "${uri#sqlite:///}")" ;; esac
 mkdir -p "$OUT/early_exit"  # none in this checkout when every arm was recorded by an earlier one
 step "summarise experiment $EXPERIMENT into $(rel "$DOCS")"
 MLFLOW_TRACKING_URI="$uri" medsup ablation summarize --experiment "$EXPERIMENT" --task "$TASK" --out "$(rel "$DOCS")" \
