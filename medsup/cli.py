@@ -11,9 +11,11 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
+
+from medsup.cli_common import emit, fail
 
 app = typer.Typer(
     name="medsup",
@@ -65,23 +67,13 @@ def _main(
                         stream=sys.stderr)
 
 
-def _fail(message: str, code: int = 2) -> NoReturn:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
-
-
-def _emit(payload: Any) -> None:
-    """JSON to stdout (the only thing --json prints there)."""
-    typer.echo(json.dumps(payload, indent=2, sort_keys=False, default=str))
-
-
 def _config(task: str | None, overrides: list[str] | None, presets: list[str] | None = None) -> Any:
     from medsup.config import ConfigError, load
 
     try:
         return load(task, overrides or [], presets or [])
     except ConfigError as err:
-        _fail(str(err))
+        fail(str(err))
 
 
 @app.command()
@@ -90,7 +82,7 @@ def tasks(as_json: JsonOpt = False) -> None:
     from medsup.tasks import TASKS
 
     if as_json:
-        _emit([t.as_dict() for t in TASKS.values()])
+        emit([t.as_dict() for t in TASKS.values()])
         return
     for t in TASKS.values():
         labels = ", ".join(f"{k}={v}" for k, v in sorted(t.labels.items()))
@@ -142,9 +134,9 @@ def data_check(
     try:
         report = check_dataset(data, cfg)
     except (FileNotFoundError, ValueError) as err:
-        _fail(str(err))
+        fail(str(err))
     if as_json:
-        _emit(report.as_dict())
+        emit(report.as_dict())
     else:
         typer.echo(report.render())
     if not report.ok:
@@ -167,14 +159,14 @@ def data_split(
     from medsup.data.splits import fold_cases
 
     if subset not in ("val", "train"):
-        _fail(f"--subset must be val or train, not {subset!r}")
+        fail(f"--subset must be val or train, not {subset!r}")
     cfg = _config(task, list(overrides or []) + ([f"data.fold={fold}"] if fold is not None else []), preset)
     try:
         result = fold_cases(data, cfg)
     except (FileNotFoundError, ValueError) as err:
-        _fail(str(err))
+        fail(str(err))
     if as_json:
-        _emit(result)
+        emit(result)
         return
     for case in result[subset]:
         typer.echo(case["label" if labels else "image"])
@@ -196,9 +188,9 @@ def plan(
     try:
         result = plan_dataset(data, cfg, out)
     except (FileNotFoundError, ValueError) as err:
-        _fail(str(err))
+        fail(str(err))
     if as_json:
-        _emit(result.model_dump(mode="json"))
+        emit(result.model_dump(mode="json"))
     else:
         p = result
         typer.echo(f"plan for {p.task}: {p.num_cases} cases, spacing {list(p.target_spacing)} mm, "
@@ -228,9 +220,9 @@ def model(
         the_plan = Plan.load(plan_file) if plan_file else default_plan(cfg)
         summary = describe(cfg, the_plan)
     except ValueError as err:
-        _fail(str(err))
+        fail(str(err))
     if as_json:
-        _emit(summary)
+        emit(summary)
     else:
         typer.echo(render(summary))
 
@@ -260,14 +252,14 @@ def train(
         result = run_training(cfg, data, output=output, tracking_uri=tracking_uri, experiment=experiment,
                               run_name=run_name, resume=resume, device=device, plan_path=plan_file)
     except TrainingError as err:
-        _fail(str(err), code=1)
+        fail(str(err), code=1)
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun only rank 0 reports
     summary = {"output_dir": str(result.output_dir), "run_id": result.run_id, "tracking_uri": result.tracking_uri,
                "best_val_dice": result.best_dice, "best_epoch": result.best_epoch, "epochs": result.epochs_done,
                "bundle": str(result.bundle_dir)}
     if as_json:
-        _emit(summary)
+        emit(summary)
     else:
         typer.echo(f"trained {result.epochs_done} epochs: best val Dice {result.best_dice:.4f} at epoch "
                    f"{result.best_epoch}; run {result.run_id} in {result.tracking_uri}; model in {result.bundle_dir}")
@@ -314,10 +306,10 @@ def infer(
         with RichBatchProgress(disable=as_json or not sys.stderr.isatty()) as progress:
             result = run_infer(request, progress=progress)
     except (BundleError, OSError, ValueError) as err:  # OSError: unreadable input folder, full disk
-        _fail(str(err))
+        fail(str(err))
     summary = result.as_dict()
     if as_json:
-        _emit(summary)
+        emit(summary)
     elif int(os.environ.get("RANK", "0")) == 0:
         counts = summary["summary"]
         not_run = f", {counts['not_run']} not attempted" if counts["not_run"] else ""
@@ -346,9 +338,9 @@ def postprocess_command(
     try:
         rules, labels = fit_model(model, data, fold, device)
     except (BundleError, OSError, ValueError) as err:
-        _fail(str(err))
+        fail(str(err))
     if as_json:
-        _emit(rules.fit | {"rules": rules.describe(labels)})
+        emit(rules.fit | {"rules": rules.describe(labels)})
         return
     typer.echo(f"fitted on {rules.fit.get('cases', 0)} validation case(s): {rules.describe(labels)}")
     for name, before in rules.fit.get("dice_before", {}).items():

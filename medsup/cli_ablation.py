@@ -8,18 +8,14 @@ from __future__ import annotations
 
 import shlex
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 
+from medsup.cli_common import fail
+
 ablation_app = typer.Typer(help="The deep-supervision ablation: per-task reports from its runs, and an overview.",
                            no_args_is_help=True)
-
-
-def _fail(message: str, code: int = 2) -> NoReturn:
-    # duplicated from medsup.cli on purpose: cli.py imports this module, importing back would be a cycle
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
 
 
 @ablation_app.command()
@@ -55,7 +51,7 @@ def summarize(
     from medsup.tracking.experiments import experiment_runs
 
     if early_exit is not None and not early_exit.is_dir():
-        _fail(f"--early-exit {early_exit}: no such folder")
+        fail(f"--early-exit {early_exit}: no such folder")
     try:
         current = load(task).loss.scheme
         uri = resolve_tracking_uri(tracking_uri, None, Path.cwd())[0]
@@ -74,7 +70,7 @@ def summarize(
         runs += [r for r in recorded if r.run_id not in in_store]
         summary = summarize_runs(runs, experiment, task, metric, threshold, early_exit, current, recorded_exits)
     except (ConfigError, ValueError, TrackingUnavailable) as err:
-        _fail(str(err))
+        fail(str(err))
     args = ["medsup", "ablation", "summarize", "--experiment", experiment, "--task", task, "--out", str(out)]
     args += ["--early-exit", str(early_exit)] if early_exit is not None else []
     args += ["--records", str(records)] if records is not None else []
@@ -109,7 +105,7 @@ def record(
     from medsup.tracking.experiments import experiment_runs
 
     if early_exit is not None and not early_exit.is_dir():
-        _fail(f"--early-exit {early_exit}: no such folder")
+        fail(f"--early-exit {early_exit}: no such folder")
     try:
         uri = resolve_tracking_uri(tracking_uri, None, Path.cwd())[0]
         runs = experiment_runs(uri, experiment, history_prefixes=HISTORY_PREFIXES, run_name=run_name)
@@ -121,7 +117,7 @@ def record(
         sources = exit_sources(early_exit) if early_exit is not None else []
         path = write_record(out, finished[-1], sources, experiment, uri)
     except (ValueError, TrackingUnavailable) as err:
-        _fail(str(err))
+        fail(str(err))
     typer.echo(f"wrote {path} ({len(sources)} early exits)")
 
 
@@ -142,12 +138,12 @@ def overview(
 
     missing = [str(p) for p in reports if not p.exists()]
     if missing:
-        _fail(f"no such report folder or file: {', '.join(missing)}")
+        fail(f"no such report folder or file: {', '.join(missing)}")
     found = find_reports(reports)
     try:
         current = load(load_summary(found[0] / NUMBERS).task).loss.scheme if found else None
         args = ["medsup", "ablation", "overview", *map(str, reports), "--out", str(out)]
         paths = write_overview(found, out, [*(reproduce or []), shlex.join(args)], current)
     except (ConfigError, ValueError) as err:
-        _fail(str(err))
+        fail(str(err))
     typer.echo(f"wrote {paths['markdown']}, {paths['figure']} and {paths['numbers']}")

@@ -6,18 +6,13 @@ MLflow are imported inside the command, so ``medsup --help`` stays instant.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
 
-
-def _fail(message: str, code: int = 2) -> NoReturn:
-    # duplicated from medsup.cli on purpose: cli.py imports this module, importing back would be a cycle
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
+from medsup.cli_common import emit, fail
 
 
 def _num(value: float | None, digits: int = 4) -> str:
@@ -67,7 +62,7 @@ def evaluate_command(
     try:
         cfg = load(task, overrides or [])
     except ConfigError as err:
-        _fail(str(err))
+        fail(str(err))
     uri = None
     if log_to:  # fail before the work, not after it
         from medsup.tracking.evaluation import require_run
@@ -77,11 +72,11 @@ def evaluate_command(
             uri = resolve_tracking_uri(tracking_uri, cfg.tracking.uri, Path.cwd())[0]
             require_run(uri, log_to)
         except (ValueError, TrackingUnavailable) as err:
-            _fail(str(err))
+            fail(str(err))
     try:
         result = evaluate_folders(pred, ref, cfg, out if out is not None else Path(pred) / "evaluation")
     except (FileNotFoundError, ValueError) as err:
-        _fail(str(err))
+        fail(str(err))
     if log_to and uri is not None:
         from medsup.tracking.evaluation import log_evaluation
         from medsup.tracking.uri import TrackingUnavailable
@@ -89,9 +84,9 @@ def evaluate_command(
         try:
             log_evaluation(uri, log_to, result.flat_metrics(), [result.metrics_csv, result.summary_json])
         except (ValueError, TrackingUnavailable) as err:
-            _fail(f"{err} (the results are in {result.summary_json.parent})")
+            fail(f"{err} (the results are in {result.summary_json.parent})")
     if as_json:
-        typer.echo(json.dumps(result.summary, indent=2, allow_nan=False))
+        emit(result.summary)
     else:
         typer.echo(_render(result.summary))
         typer.echo(f"wrote {result.metrics_csv} and {result.summary_json}")

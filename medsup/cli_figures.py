@@ -8,18 +8,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from medsup.cli_common import fail
+
 if TYPE_CHECKING:
     import torch
-
-
-def _fail(message: str, code: int = 2) -> NoReturn:
-    # duplicated from medsup.cli on purpose: cli.py imports this module, importing back would be a cycle
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
 
 
 def figures_command(
@@ -41,13 +37,13 @@ def figures_command(
     """Figures as PNG: training curves and gradient norms of a run (--run), CT overlays with reference and
     prediction of one case (--image --ref --pred --task), every decoder head of a model (--model --image)."""
     if run is None and image is None:
-        _fail("give --run RUN_DIR, or --image with --ref/--pred (overlay) or --model (deep-supervision panel)")
+        fail("give --run RUN_DIR, or --image with --ref/--pred (overlay) or --model (deep-supervision panel)")
     if image is not None and pred is None and model is None:
-        _fail("--image needs --pred (with --ref and --task) for an overlay, or --model for the deep-supervision panel")
+        fail("--image needs --pred (with --ref and --task) for an overlay, or --model for the deep-supervision panel")
     if pred is not None and (ref is None or task is None or image is None):
-        _fail("an overlay needs --image, --ref, --pred and --task")
+        fail("an overlay needs --image, --ref, --pred and --task")
     if cases and run is None:
-        _fail("--cases goes with --run")
+        fail("--cases goes with --run")
     out_dir = out or (run / "figures" if run is not None else Path("figures"))
     written: list[Path] = []
     try:
@@ -58,14 +54,14 @@ def figures_command(
         if image is not None and model is not None:
             written.append(_ds_panel(model, image, ref, out_dir, device))
     except (FileNotFoundError, ValueError) as err:  # ImageReadError and BundleError are ValueErrors
-        _fail(str(err), code=1)
+        fail(str(err), code=1)
     if as_json:
         typer.echo(json.dumps({"written": [str(p) for p in written]}, indent=2))
     else:
         for path in written:
             typer.echo(f"wrote {path}")
     if not written:
-        _fail("no figure was drawn (see the warnings above)", code=1)
+        fail("no figure was drawn (see the warnings above)", code=1)
 
 
 def _device(name: str) -> torch.device:

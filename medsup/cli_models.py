@@ -6,11 +6,12 @@ the commands (through :mod:`medsup.tracking.registry`), so ``medsup --help`` sta
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated
 
 import typer
+
+from medsup.cli_common import emit, fail
 
 models_app = typer.Typer(help="The MLflow model registry: list, promote and pull medsup models.",
                          no_args_is_help=True)
@@ -22,24 +23,13 @@ UriOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
 
 
-def _fail(message: str, code: int = 2) -> NoReturn:
-    # duplicated from medsup.cli on purpose: cli.py imports this module, importing back would be a cycle
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
-
-
-def _emit(payload: Any) -> None:
-    """JSON to stdout (the only thing --json prints there)."""
-    typer.echo(json.dumps(payload, indent=2, sort_keys=False, default=str))
-
-
 def _uri(cli_uri: str | None) -> str:
     from medsup.tracking import resolve_tracking_uri
 
     try:
         return resolve_tracking_uri(cli_uri, None, Path.cwd())[0]
     except ValueError as err:
-        _fail(str(err))
+        fail(str(err))
 
 
 @models_app.command("list")
@@ -56,9 +46,9 @@ def list_cmd(
     try:
         rows = list_models(uri, task)
     except (ValueError, TrackingUnavailable) as err:
-        _fail(str(err))
+        fail(str(err))
     if as_json:
-        _emit(rows)
+        emit(rows)
         return
     if not rows:
         typer.echo(f"no registered medsup models{f' for task {task}' if task else ''} at {uri}")
@@ -92,9 +82,9 @@ def promote(
     from medsup.tracking.registry import promote as promote_version
 
     if sum((version is not None, from_alias is not None, best)) != 1:
-        _fail("give exactly one of --version N, --from-alias ALIAS and --best")
+        fail("give exactly one of --version N, --from-alias ALIAS and --best")
     if (metric != "val_dice" or experiment is not None) and not best:
-        _fail("--metric and --experiment go with --best")
+        fail("--metric and --experiment go with --best")
     uri = _uri(tracking_uri)
     value = None
     try:
@@ -105,9 +95,9 @@ def promote(
             version = resolve_version(uri, task, from_alias)
         promote_version(uri, task, version, alias)
     except (ValueError, TrackingUnavailable) as err:
-        _fail(str(err))
+        fail(str(err))
     if as_json:
-        _emit({"name": model_name(task), "alias": alias, "version": version, "metric": metric if best else None,
+        emit({"name": model_name(task), "alias": alias, "version": version, "metric": metric if best else None,
                "value": value})
         return
     typer.echo(f"{model_name(task)}@{alias} -> version {version}"
@@ -129,5 +119,5 @@ def pull(
     try:
         folder = pull_bundle(uri, model_uri, out)
     except (ValueError, TrackingUnavailable) as err:
-        _fail(str(err))
+        fail(str(err))
     typer.echo(f"pulled {model_uri} into {folder}")

@@ -256,11 +256,10 @@ def fit_bundle(bundle_dir: Path, cases: Sequence[tuple[Path, Path]], device: Any
     Returns:
         The fitted rules (also when no case could be used: the task rule, ``fit["cases"] == 0``).
     """
-    import json
 
     import torch
 
-    from medsup.data.files import atomic_path
+    from medsup.data.files import write_json
     from medsup.data.io import ImageReadError, read_image
     from medsup.inference.bundle import load_bundle
     from medsup.inference.predictor import CaseError, Predictor
@@ -282,8 +281,7 @@ def fit_bundle(bundle_dir: Path, cases: Sequence[tuple[Path, Path]], device: Any
             continue
         stats.append(case_stats(str(image), prediction.labels, np.asarray(ref.array), ref.geometry.spacing, task))
     rules = fit_rules(stats, task, diameters_mm, bundle.cfg.evaluate.lesion_min_overlap)
-    with atomic_path(Path(bundle_dir) / RULES_FILE) as tmp:
-        tmp.write_text(json.dumps(rules.to_json(bundle.labels), indent=2) + "\n", encoding="utf-8")
+    write_json(Path(bundle_dir) / RULES_FILE, rules.to_json(bundle.labels))  # NaN Dice (nothing to score) -> null
     log.info("postprocessing fitted on %d validation case(s): %s", len(stats), rules.describe(bundle.labels))
     return rules
 

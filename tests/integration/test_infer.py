@@ -212,9 +212,12 @@ def test_postprocess_command_refits_a_bundle(trained: tuple[Path, Path], tmp_pat
                                  "--json"])
     assert result.exit_code == 0, result.output
     # the same cases and weights as the fit at the end of training: the same choice, to the last digit
-    assert json.loads((copy / "postprocessing.json").read_text(encoding="utf-8")) == \
-        json.loads((bundle / "postprocessing.json").read_text(encoding="utf-8"))
-    assert json.loads(result.stdout)["rules"].startswith("organ component: ")
+    def strict(text: str) -> object:  # every JSON reader's JSON: no NaN or Infinity
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+
+    assert strict((copy / "postprocessing.json").read_text(encoding="utf-8")) == \
+        strict((bundle / "postprocessing.json").read_text(encoding="utf-8"))
+    assert strict(result.stdout)["rules"].startswith("organ component: ")  # type: ignore[index]
     bad = runner.invoke(app, ["postprocess", "--model", str(bundle.parent / "checkpoints" / "last.pt"),
                               "--data", str(data), "--device", "cpu"])
     assert bad.exit_code == 2 and "not a checkpoint file" in bad.output

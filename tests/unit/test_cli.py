@@ -5,9 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from medsup.cli import app
+from medsup.cli_common import emit
 
 runner = CliRunner()
 
@@ -48,3 +50,11 @@ def test_check_and_plan_commands(msd_dataset: Path, tmp_path: Path) -> None:
     assert json.loads(result.stdout)["num_cases"] == 2 and out.is_file()
     missing = runner.invoke(app, ["plan", "--task", "tiny", "--data", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "does not exist" in missing.output
+
+
+def test_json_output_is_strict_json(capsys: pytest.CaptureFixture[str]) -> None:
+    # the Dice of a class absent from prediction and reference is NaN: --json prints null, not Python's NaN
+    emit({"dice": float("nan"), "hd95": [1.5, float("inf")], "path": Path("a")})
+    out = capsys.readouterr().out
+    assert json.loads(out, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}")) == \
+        {"dice": None, "hd95": [1.5, None], "path": "a"}
