@@ -49,6 +49,8 @@ TASK_METRICS: dict[str, tuple[str, float]] = {
     "tiny": ("val.dice.organ", 0.8),
 }
 MARKDOWN, FIGURE, NUMBERS = "ablation.md", "ablation.png", "ablation.json"
+#: the run param that names the training data (the dataset fingerprint the plan was made from)
+DATASET_PARAM = "planned.fingerprint_hash"
 #: a run read back from an arm record carries this tag: the record's path (medsup.evaluation.ablation_records)
 RECORD_TAG = "medsup.ablation.record"
 
@@ -84,6 +86,8 @@ class Arm:
     others: dict[str, float] = field(default_factory=dict)
     #: the arm record it was read from (``arms/<run name>.json``), "" when read from the MLflow store
     record: str = ""
+    #: the dataset fingerprint of its plan (:data:`DATASET_PARAM`), "" when the run does not name it
+    dataset: str = ""
 
 
 @dataclass
@@ -181,7 +185,7 @@ def collect_arms(runs: Iterable[RunLike], task: str, metric: str, threshold: flo
                   and (finite := [v for _, v in points if math.isfinite(v)])}
         arms.append(Arm(scheme, seed, n_train, run.run_id, run.name, budget, curve, run.history.get(GRAD_KEY),
                         reached, max(values) if values else None, values[-1] if values else None, others,
-                        run.tags.get(RECORD_TAG, "")))
+                        run.tags.get(RECORD_TAG, ""), run.params.get(DATASET_PARAM, "")))
     return arms, skipped
 
 
@@ -418,6 +422,7 @@ def render(s: Summary, figure: str, commands: Sequence[str]) -> str:
     budgets = sorted({a.budget for a in s.arms})
     seeds = sorted({a.seed for a in s.arms})
     recorded = sum(1 for a in s.arms if a.record)
+    datasets = sorted({a.dataset for a in s.arms if a.dataset})
     head = "| scheme | " + " | ".join(f"n_train = {n}" for n in sizes) + " |\n|---|" + "---|" * len(sizes)
     lines = [
         "# Deep-supervision ablation", "",
@@ -427,7 +432,9 @@ def render(s: Summary, figure: str, commands: Sequence[str]) -> str:
            "earlier sessions whose MLflow store is not at hand)" if recorded else "") + ", schemes "
         f"{', '.join(f'`{x}`' for x in s.schemes)}, seeds {', '.join(map(str, seeds))}, n_train "
         f"{', '.join(map(str, sizes))}. Training budget: {'; '.join(budgets)}"
-        + (" (**the arms do not share one budget**)." if len(budgets) > 1 else ", the same for every arm."),
+        + (" (**the arms do not share one budget**)." if len(budgets) > 1 else ", the same for every arm.")
+        + (f" **The arms were trained on {len(datasets)} different datasets** (fingerprints "
+           f"{', '.join(datasets)}): they do not compare." if len(datasets) > 1 else ""),
         "Every arm validates on the same cases (the fixed validation fold; only the training cases vary).", "",
         "## Default scheme", "", " ".join(s.conclusion), "",
         f"![ablation]({figure})", "",

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from medsup.data.files import write_json
-from medsup.evaluation.ablation import GRAD_KEY, RECORD_TAG, ExitSource
+from medsup.evaluation.ablation import DATASET_PARAM, GRAD_KEY, RECORD_TAG, ExitSource
 from medsup.tracking.experiments import RunRecord
 
 log = logging.getLogger(__name__)
@@ -56,8 +56,9 @@ def write_record(folder: Path, run: RunRecord, exits: Sequence[ExitSource], expe
     """Write the record of one finished ``run`` (and its early exits) to ``folder/<run name>.json``, atomically.
 
     Raises:
-        ValueError: ``run`` is not FINISHED, or an early exit belongs to another arm (scheme, seed or training-set
-            size differ from the run's params).
+        ValueError: ``run`` is not FINISHED, an early exit belongs to another arm (scheme, seed or training-set
+            size differ from the run's params), or the records already in ``folder`` were trained on another
+            dataset (data fingerprint): a pool synthesised by other code or settings, whose arms do not compare.
     """
     if run.status != "FINISHED":
         raise ValueError(f"run {run.name} ({run.run_id}) is {run.status}, not FINISHED: only finished arms are "
@@ -70,6 +71,12 @@ def write_record(folder: Path, run: RunRecord, exits: Sequence[ExitSource], expe
             raise ValueError(f"{source.folder}: an early exit of arm (scheme, seed, n_train) = {other}, not of run "
                              f"{run.name}'s {arm}")
     path = record_path(folder, run.name)
+    dataset = run.params.get(DATASET_PARAM)
+    for other_path in sorted(Path(folder).glob("*.json")) if Path(folder).is_dir() else []:
+        if other_path != path and (theirs := read_record(other_path)[0].params.get(DATASET_PARAM)) != dataset:
+            raise ValueError(f"run {run.name} trained on dataset {dataset} ({DATASET_PARAM}), but {other_path} on "
+                             f"{theirs}: the pool was made by other code or settings, and arms on different data do "
+                             f"not compare (delete {folder} to start the ablation over)")
     history = {key: points for key, points in run.history.items() if key.startswith(HISTORY_PREFIXES)}
     write_json(path, {
         "format": FORMAT,

@@ -256,7 +256,6 @@ def fit_bundle(bundle_dir: Path, cases: Sequence[tuple[Path, Path]], device: Any
     Returns:
         The fitted rules (also when no case could be used: the task rule, ``fit["cases"] == 0``).
     """
-
     import torch
 
     from medsup.data.files import write_json

@@ -13,6 +13,7 @@ import pytest
 from medsup.config import load
 from medsup.data.splits import fold_split, limit_training
 from medsup.evaluation.ablation import (
+    DATASET_PARAM,
     RECORD_TAG,
     ExitResult,
     conclude,
@@ -175,6 +176,15 @@ def test_arm_records_round_trip_and_stand_in_for_the_store(tmp_path: Path) -> No
         write_record(tmp_path / "arms", other_arm, exits, "e", "u")
     with pytest.raises(ValueError, match="cannot name an arm record"):
         record_path(tmp_path, "../x")
+    # arms of another pool (other synthesis code or settings) are refused beside these, and flagged in a report
+    arm.params[DATASET_PARAM] = "aaaa"
+    write_record(tmp_path / "arms", arm, [], "e", "u")  # the same arm again: replaces its own record
+    stranger = _run("none", 2, 20, [0.5])
+    stranger.params[DATASET_PARAM] = "bbbb"
+    with pytest.raises(ValueError, match=rf"trained on dataset bbbb .* but .*{arm.name}.json on aaaa"):
+        write_record(tmp_path / "arms", stranger, [], "e", "u")
+    mixed = summarize([*read_records(tmp_path / "arms")[0], stranger], "e", "liver")
+    assert "**The arms were trained on 2 different datasets** (fingerprints aaaa, bbbb)" in render(mixed, "f", [])
     (tmp_path / "arms" / "broken.json").write_text('{"format": "something else"}', encoding="utf-8")
     with pytest.raises(ValueError, match=r"broken.json: not an ablation arm record \(format 'something else'"):
         read_records(tmp_path / "arms")
