@@ -48,7 +48,7 @@ def summarize(
     from medsup.evaluation.ablation import summarize as summarize_runs
     from medsup.evaluation.ablation_records import read_records
     from medsup.tracking import TrackingUnavailable, resolve_tracking_uri
-    from medsup.tracking.experiments import experiment_runs
+    from medsup.tracking.experiments import RESTORED_FROM, experiment_runs
 
     if early_exit is not None and not early_exit.is_dir():
         fail(f"--early-exit {early_exit}: no such folder")
@@ -65,8 +65,8 @@ def summarize(
             typer.secho(f"warning: {err}; the report is made from the {len(recorded)} arm records in {records}",
                         fg=typer.colors.YELLOW, err=True)
             runs = []
-        # a run the store holds counts from the store; its record (same run id) is the same run, read later
-        in_store = {r.run_id for r in runs}
+        # a run the store holds (itself, or restored from its record) counts from the store
+        in_store = {r.run_id for r in runs} | {r.tags[RESTORED_FROM] for r in runs if RESTORED_FROM in r.tags}
         runs += [r for r in recorded if r.run_id not in in_store]
         summary = summarize_runs(runs, experiment, task, metric, threshold, early_exit, current, recorded_exits)
     except (ConfigError, ValueError, TrackingUnavailable) as err:
@@ -119,6 +119,33 @@ def record(
     except (ValueError, TrackingUnavailable) as err:
         fail(str(err))
     typer.echo(f"wrote {path} ({len(sources)} early exits)")
+
+
+@ablation_app.command()
+def restore(
+    records: Annotated[Path, typer.Option(help="Folder of arm records (`medsup ablation record`).")],
+    experiment: Annotated[str, typer.Option(help="MLflow experiment to restore them into (created if missing).")]
+    = "medsup-ablation",
+    tracking_uri: Annotated[str | None, typer.Option(
+        "--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else ./mlflow.db).")] = None,
+) -> None:
+    """Recreate the recorded arms' runs (params, tags, validation and gradient curves, status) in the
+    experiment, so that it holds every arm again after the store they were trained in is gone. A run the
+    store holds already (or restored before) is not made twice. Models and early exits are not runs: the
+    records keep the early-exit results for `summarize --records`."""
+    from medsup.evaluation.ablation_records import read_records
+    from medsup.tracking import TrackingUnavailable, resolve_tracking_uri
+    from medsup.tracking.experiments import restore_runs
+
+    if not records.is_dir():
+        fail(f"--records {records}: no such folder")
+    try:
+        uri = resolve_tracking_uri(tracking_uri, None, Path.cwd())[0]
+        created, kept = restore_runs(uri, experiment, read_records(records)[0])
+    except (ValueError, TrackingUnavailable) as err:
+        fail(str(err))
+    typer.echo(f"restored {len(created)} runs into experiment {experiment!r} at {uri} "
+               f"({len(kept)} held there already)")
 
 
 @ablation_app.command()

@@ -114,10 +114,17 @@ common=(--set data.num_folds="$folds" --set data.fold=0 --set data.split_seed=0
     --set train.early_stop_patience=0 --set tracking.register_best=false)
 for kv in ${SET:-}; do common+=(--set "$kv"); done
 
+if compgen -G "$RECORDS/*.json" >/dev/null; then
+    # arms recorded by an earlier checkout: their runs back into this store, so the experiment holds every arm
+    step "restore the recorded arms of $(rel "$RECORDS") into experiment $EXPERIMENT"
+    (cd "$ROOT" && medsup -q ablation restore --records "$(rel "$RECORDS")" --experiment "$EXPERIMENT")
+fi
+
 # seed, then size, then scheme: a stopped ablation has every scheme of the (seed, size) pairs it finished.
 # Each arm is recorded as soon as it is finished (trained and, at the largest size, early-exited): RECORDS holds
 # one JSON per arm beside the report, committed with it, so a fresh checkout (no OUT, no MLflow store) skips the
-# recorded arms and the report still counts them (`medsup ablation summarize --records`).
+# recorded arms, restores their runs into its store (above) and the report still counts them, early exits
+# included (`medsup ablation summarize --records`).
 for seed in $SEEDS; do
     for n in $SIZES; do
         for scheme in $SCHEMES; do

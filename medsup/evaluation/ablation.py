@@ -3,7 +3,8 @@
 Input: the training runs of one MLflow experiment (read through :func:`medsup.tracking.experiments.
 experiment_runs`, passed in as :class:`~medsup.tracking.experiments.RunRecord`) and, optionally, a folder of
 early-exit inferences (``<anything>/report.json`` from ``medsup infer --exit-level K`` with
-``evaluation/summary.json`` from ``medsup evaluate`` beside it). An arm is (scheme, seed, n_train), read
+``evaluation/summary.json`` from ``medsup evaluate`` beside it), plus the runs and early exits of arm records
+(:mod:`medsup.evaluation.ablation_records`) whose store is gone. An arm is (scheme, seed, n_train), read
 from the run's params and tags (``loss.scheme``, ``seed``, tag ``n_train``); when an arm was run more than
 once, its latest finished run counts. Unfinished runs are listed, not scored.
 

@@ -10,9 +10,10 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from mlflow.entities import Run, ViewType
+from mlflow.entities import Metric, Param, Run, ViewType
 from mlflow.tracking import MlflowClient
 
+from medsup.tracking.runs import ensure_experiment
 from medsup.tracking.uri import call_store, store_client
 
 log = logging.getLogger(__name__)
@@ -83,3 +84,55 @@ def _records(client: MlflowClient, experiment_id: str, history_prefixes: Sequenc
                 record.history[key] = sorted((step, value) for step, (_, value) in points.items())
         records.append(record)
     return records
+
+
+#: a run :func:`restore_runs` made carries the id of the run it was restored from
+RESTORED_FROM = "medsup.restored_from"
+BATCH = 500  # metrics per log_batch call (MLflow takes up to 1000, params up to 100)
+
+
+def restore_runs(uri: str, experiment: str, runs: Sequence[RunRecord]) -> tuple[list[str], list[str]]:
+    """Recreate ``runs`` (read back from elsewhere, e.g. arm records of an earlier session's store) in
+    ``experiment`` at ``uri``, created if missing: name, start time, params, tags, every metric history they
+    hold, status. A run whose id the store holds already, itself or as the :data:`RESTORED_FROM` tag of an
+    earlier restore, is not made twice. A metric with no history is logged once, at the run's last step.
+
+    Returns:
+        ``(created, kept)``: the original run ids restored now, and those the store already held.
+
+    Raises:
+        ValueError: the experiment is deleted, or the store refuses a value.
+        TrackingUnavailable: the store does not answer.
+    """
+    client = store_client(uri)
+    experiment_id = call_store(uri, f"open experiment {experiment!r}", lambda: ensure_experiment(client, uri,
+                                                                                                  experiment))
+    present = call_store(uri, f"read experiment {experiment!r}", lambda: _records(client, experiment_id, (), None))
+    held = {r.run_id for r in present} | {r.tags[RESTORED_FROM] for r in present if RESTORED_FROM in r.tags}
+    created, kept = [], []
+    for record in runs:
+        if record.run_id in held:
+            kept.append(record.run_id)
+            continue
+
+        def restore(record: RunRecord = record) -> None:
+            tags = {k: v for k, v in record.tags.items() if k != "mlflow.runName"} | {RESTORED_FROM: record.run_id}
+            run = client.create_run(experiment_id, start_time=record.start_time or None, tags=tags,
+                                    run_name=record.name)
+            run_id = run.info.run_id
+            params = [Param(k, v) for k, v in record.params.items()]
+            last = max((step for points in record.history.values() for step, _ in points), default=0)
+            points = [(key, step, value) for key, history in record.history.items() for step, value in history]
+            points += [(key, last, value) for key, value in record.metrics.items() if key not in record.history]
+            # timestamps keep the steps' order: MLflow orders a history by them
+            metrics = [Metric(key, value, record.start_time + step, step) for key, step, value in points]
+            for i in range(0, len(params), 100):
+                client.log_batch(run_id, params=params[i:i + 100])
+            for i in range(0, len(metrics), BATCH):
+                client.log_batch(run_id, metrics=metrics[i:i + BATCH])
+            client.set_terminated(run_id, status=record.status)
+
+        call_store(uri, f"restore run {record.name} ({record.run_id})", restore)
+        created.append(record.run_id)
+        log.info("restored run %s (%s) into experiment %r at %s", record.name, record.run_id, experiment, uri)
+    return created, kept

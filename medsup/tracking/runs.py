@@ -55,6 +55,31 @@ def artifact_dir(spool_file: Path) -> Path:
     return spool_file.with_name(spool_file.stem + "-artifacts")
 
 
+def ensure_experiment(client: MlflowClient, uri: str, experiment: str) -> str:
+    """The id of ``experiment`` at ``uri``, created if missing (a SQLite store keeps its artifacts in
+    ``mlartifacts/`` beside the database, not in the working directory).
+
+    Raises:
+        ValueError: the experiment exists but is deleted.
+    """
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        db = sqlite_path(uri)
+        location = (db.resolve().parent / "mlartifacts").as_uri() if db is not None else None
+        try:
+            return str(client.create_experiment(experiment, artifact_location=location))
+        except Exception as err:
+            if not is_permanent(err):  # another process may have created it in between
+                raise
+            found = client.get_experiment_by_name(experiment)
+            if found is None:
+                raise
+            return str(found.experiment_id)
+    if exp.lifecycle_stage == "deleted":
+        raise ValueError(f"experiment {experiment!r} is deleted at {uri}; restore it or choose another name")
+    return str(exp.experiment_id)
+
+
 class RunTracker:
     """One MLflow run: params, tags, buffered metrics and artifacts, resumable, outage tolerant.
 
@@ -119,23 +144,7 @@ class RunTracker:
     # ----------------------------------------------------------------------------------- run lifecycle
 
     def _create(self, experiment: str, run_name: str) -> Run:
-        exp = self._client.get_experiment_by_name(experiment)
-        if exp is None:
-            db = sqlite_path(self.uri)
-            location = (db.resolve().parent / "mlartifacts").as_uri() if db is not None else None
-            try:
-                experiment_id = self._client.create_experiment(experiment, artifact_location=location)
-            except Exception as err:
-                if not is_permanent(err):  # another process may have created it in between
-                    raise
-                found = self._client.get_experiment_by_name(experiment)
-                if found is None:
-                    raise
-                experiment_id = found.experiment_id
-        elif exp.lifecycle_stage == "deleted":
-            raise ValueError(f"experiment {experiment!r} is deleted at {self.uri}; restore it or choose another name")
-        else:
-            experiment_id = exp.experiment_id
+        experiment_id = ensure_experiment(self._client, self.uri, experiment)
         return self._client.create_run(experiment_id, run_name=run_name, tags=_context_tags())
 
     def _resume(self, run_id: str, experiment: str | None, spool_dir: Path) -> tuple[Run, str]:

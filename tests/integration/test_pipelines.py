@@ -5,7 +5,7 @@ The end-to-end run trains 4 arms (schemes none and dsn x n_train 1 and 2, the ti
 iterations) and early-exits from heads 0 and 1: a few minutes on 2 busy cores, hence ``slow``. ``mlflow run``
 then reuses the same output folder, where every arm and early exit is kept, so it costs only the summary; a
 fresh output folder and store beside the same report folder (a new checkout) train nothing: the arm records
-stand in.
+are restored into the new store and stand in for the early exits.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 from mlflow.projects._project_spec import load_project
 from mlflow.tracking import MlflowClient
+
+from medsup.tracking.experiments import RESTORED_FROM
 
 REPO = Path(__file__).resolve().parents[2]
 PIPELINES = REPO / "pipelines"
@@ -214,10 +216,16 @@ def test_a_fresh_checkout_goes_on_from_the_arm_records(smoke: Smoke) -> None:
     log = done.stdout + done.stderr
     assert log.count("recorded already") == len(SCHEMES) * len(SIZES)
     assert "train (" not in log and "early exit from head" not in log and not (fresh / "out" / "runs").exists()
-    # the fresh store does not exist (nothing was trained): said, and the records serve
-    assert "warning: no MLflow store at" in log and f"made from the {len(records)} arm records" in log
+    # the fresh store holds every arm again: restored from the records, each once
+    assert f"restored {len(records)} runs into experiment 'medsup-ablation'" in log
+    client = MlflowClient(f"sqlite:///{fresh / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("medsup-ablation")
+    assert experiment is not None
+    restored = client.search_runs([experiment.experiment_id])
+    assert {r.data.tags[RESTORED_FROM] for r in restored} == {a["run_id"] for a in before["arms"]}
+    assert {r.info.status for r in restored} == {"FINISHED"}
     after = json.loads((smoke.docs / "ablation.json").read_text(encoding="utf-8"))
-    key = ("scheme", "seed", "n_train", "run_id", "best", "final", "curve", "grad")
+    key = ("scheme", "seed", "n_train", "name", "best", "final", "curve", "grad")  # run ids: the restored runs
     assert [[a[k] for k in key] for a in after["arms"]] == [[a[k] for k in key] for a in before["arms"]]
     assert all(a["record"].endswith(f"arms/{a['name']}.json") for a in after["arms"])
     exit_key = ("scheme", "level", "dice", "total_s", "lesion_recall")
