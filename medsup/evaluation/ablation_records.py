@@ -1,11 +1,13 @@
 """Arm records: one JSON file per finished arm of the deep-supervision ablation, kept beside its report.
 
-An ablation is hours of training (the lung one, ~27 arms of ~12 minutes on 2 cores) and the MLflow store and run
+An ablation is hours of training (the lung one, 27 arms of ~10 minutes on 2 cores) and the MLflow store and run
 folders it writes live outside version control. A session that ends part way loses them, and a fresh checkout
 would start over. So ``pipelines/ablation.sh`` records every arm as soon as it is finished (its training run and,
 for the largest training-set size, its early-exit inferences) into ``docs/ablation/<task>/arms/<run>.json``,
-committed with the report, and skips an arm whose record exists. ``medsup ablation summarize --records DIR``
-reads the records beside the store's runs: the report is the same whether an arm was trained in this session or
+committed with the report, and skips an arm whose record exists. In a fresh checkout it first restores the
+recorded runs into its new store (``medsup ablation restore``: :func:`medsup.tracking.experiments.restore_runs`),
+so one experiment holds every arm again, and ``medsup ablation summarize --records DIR`` adds the recorded
+early exits (and any arm the store lacks): the report is the same whether an arm was trained in this session or
 an earlier one.
 
 A record holds what the summary reads, not the models: the run's identity, status, params, tags, last metric
@@ -33,8 +35,6 @@ from medsup.tracking.experiments import RunRecord
 log = logging.getLogger(__name__)
 
 FORMAT = "medsup-ablation-arm/1"
-#: the folder of records inside a report folder: docs/ablation/<task>/arms
-RECORDS_DIR = "arms"
 #: the metric histories a record keeps: every validation metric (any --metric the summary may be asked for)
 #: and the gradient-flow curve
 HISTORY_PREFIXES = ("val.", GRAD_KEY)
