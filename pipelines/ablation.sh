@@ -183,7 +183,8 @@ step "summarise experiment $EXPERIMENT into $(rel "$DOCS")"
 MLFLOW_TRACKING_URI="$uri" medsup ablation summarize --experiment "$EXPERIMENT" --task "$TASK" --out "$(rel "$DOCS")" \
     --early-exit "$(rel "$OUT/early_exit")" --records "$(rel "$RECORDS")" \
     --reproduce "${settings}SMOKE=${SMOKE:-0} bash pipelines/ablation.sh" \
-    --reproduce "# or: mlflow run pipelines -e ablation ${params}-P smoke=${SMOKE:-0} --env-manager local"
+    --reproduce "# or: mlflow run pipelines -e ablation ${params}-P smoke=${SMOKE:-0} --env-manager local" \
+    --reproduce "# arms with a record in $(rel "$RECORDS") are restored, not retrained: delete it to retrain every arm"
 
 # the overview across tasks: with the default report folders, every task's report so far -> docs/ablation.md
 if [ "$DOCS" = "$ROOT/docs/ablation/$TASK" ]; then

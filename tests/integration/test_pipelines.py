@@ -163,6 +163,7 @@ def test_ablation_report_has_tables_figure_and_generated_conclusion(smoke: Smoke
     winner = numbers["default_scheme"]
     assert winner in SCHEMES and f"`{winner}` has the highest best validation val.dice.organ" in text
     assert "bash pipelines/ablation.sh" in text and "mlflow run pipelines -e ablation" in text
+    assert f"# arms with a record in {smoke.docs / 'arms'} are restored, not retrained" in text
     assert f"PLAN_SET='{PLAN_SET}'" in text and f"-P plan_set='{PLAN_SET}'" in text
     assert "medsup ablation summarize --experiment medsup-ablation --task tiny" in text
     assert "not logged" not in text  # every run has train.grad_norm.encoder0
