@@ -388,6 +388,7 @@ def conclude(s: Summary, current_default: str | None) -> tuple[str | None, list[
                      f"{fastest[0][0]:.1f} epochs on average ({fastest[0][1]} of {fastest[0][2]} seeds reached it).")
     else:
         lines.append(f"No run reached {s.metric} >= {s.threshold:g} at n_train = {largest}.")
+    lines += _coarse_exit_lines(s)
     lines += _lesion_caveats(s)
     if len(seeds) < 2:
         lines.append("Only one seed was run: treat these differences as anecdotal.")
@@ -396,6 +397,33 @@ def conclude(s: Summary, current_default: str | None) -> tuple[str | None, list[
                      + ("agrees with this." if current_default == winner else
                         f"differs: these numbers favour `{winner}`."))
     return winner, lines
+
+
+def _coarse_exit_lines(s: Summary) -> list[str]:
+    """A sentence per scheme whose best coarser exit has a higher mean test Dice than its full-resolution head
+    (models of the largest n_train with early exits), with the lesion precision of the metric's class beside it
+    when evaluated: a coarse head that merges or drops small false positives can outscore the fine one."""
+    cls = metric_class(s.metric)[0]
+    out = []
+    for sch in s.schemes:
+        rows = [e for e in s.early_exit if e.scheme == sch]
+        if not rows:
+            continue
+        n = max(e.n_train for e in rows)
+        at = {level: [e for e in rows if e.n_train == n and e.level == level] for level in {e.level for e in rows}}
+        dice = {level: mean_std(e.dice for e in exits)[0] for level, exits in at.items()}
+        full = dice.get(0)
+        better = [(d, level) for level, d in dice.items() if level > 0 and d is not None and full is not None
+                  and d > full]
+        if not better:
+            continue
+        best, level = max(better)
+        precision = [mean_std(e.lesion_precision.get(cls) for e in at[k])[0] for k in (level, 0)]
+        extra = (f"; {cls} lesion precision {precision[0]:.3f} vs {precision[1]:.3f}"
+                 if None not in precision else "")
+        out.append(f"On the test images `{sch}`'s exit level {level} scores a higher Dice than its full-resolution "
+                   f"head ({best:.3f} vs {full:.3f}, n_train = {n}{extra}).")
+    return out
 
 
 def _lesion_caveats(s: Summary) -> list[str]:

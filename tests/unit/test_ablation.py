@@ -130,6 +130,11 @@ def test_write_report_and_early_exit(tmp_path: Path) -> None:
         e.lesion_recall = {"tumour": 0.1}
     caveat = " ".join(conclude(s, "nnunet")[1])
     assert "find few tumour lesions (lesion recall at most 0.10" in caveat and "about liver, not tumour" in caveat
+    assert "higher Dice than its full-resolution head" not in caveat  # level 1: 0.8 < 0.9
+    s.early_exit[1].dice = 0.95  # the coarse head now beats the full-resolution one: said, with the numbers
+    said = " ".join(conclude(s, "nnunet")[1])
+    assert "`nnunet`'s exit level 1 scores a higher Dice than its full-resolution head (0.950 vs 0.900, " \
+           "n_train = 20)." in said
     # an ablation.json written before lesion-wise detection existed still loads
     numbers = json.loads(paths["numbers"].read_text(encoding="utf-8"))
     for e in numbers["early_exit"]:
