@@ -169,7 +169,7 @@ def test_arm_records_round_trip_and_stand_in_for_the_store(tmp_path: Path) -> No
     from_record = s.select("nnunet", 20)
     assert [(a.seed, a.best, a.record) for a in from_record] == [(0, 0.95, ""), (1, 0.94, str(path))]
     assert [(e.level, e.dice, e.total_s) for e in s.early_exit] == [(0, 0.9, 2.0), (1, 0.8, 0.5)]
-    assert "(1 of them read from their arm records" in render(s, "ablation.png", [])
+    assert "(1 of them trained in an earlier checkout and read back from their arm records" in render(s, "f", [])
     assert read_records(tmp_path / "none") == ([], [])  # no folder, no records
 
     # only finished arms are recorded, with their own early exits; a bad record names its file
