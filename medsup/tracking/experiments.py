@@ -10,9 +10,10 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from mlflow.entities import Metric, Param, Run, ViewType
+from mlflow.entities import Run, ViewType
 from mlflow.tracking import MlflowClient
 
+from medsup.tracking.batching import Item, next_chunk, send_chunk
 from medsup.tracking.runs import ensure_experiment
 from medsup.tracking.uri import call_store, store_client
 
@@ -88,20 +89,21 @@ def _records(client: MlflowClient, experiment_id: str, history_prefixes: Sequenc
 
 #: a run :func:`restore_runs` made carries the id of the run it was restored from
 RESTORED_FROM = "medsup.restored_from"
-BATCH = 500  # metrics per log_batch call (MLflow takes up to 1000, params up to 100)
 
 
 def restore_runs(uri: str, experiment: str, runs: Sequence[RunRecord]) -> tuple[list[str], list[str]]:
     """Recreate ``runs`` (read back from elsewhere, e.g. arm records of an earlier session's store) in
     ``experiment`` at ``uri``, created if missing: name, start time, params, tags, every metric history they
     hold, status. A run whose id the store holds already, itself or as the :data:`RESTORED_FROM` tag of an
-    earlier restore, is not made twice. A metric with no history is logged once, at the run's last step.
+    earlier restore, is not made twice. A metric with no history is logged once, at the run's last step. The
+    values go through the tracker's batching (:mod:`medsup.tracking.batching`): a value the store refuses is
+    dropped with an error in the log, as in training.
 
     Returns:
         ``(created, kept)``: the original run ids restored now, and those the store already held.
 
     Raises:
-        ValueError: the experiment is deleted, or the store refuses a value.
+        ValueError: the experiment is deleted.
         TrackingUnavailable: the store does not answer.
     """
     client = store_client(uri)
@@ -120,16 +122,16 @@ def restore_runs(uri: str, experiment: str, runs: Sequence[RunRecord]) -> tuple[
             run = client.create_run(experiment_id, start_time=record.start_time or None, tags=tags,
                                     run_name=record.name)
             run_id = run.info.run_id
-            params = [Param(k, v) for k, v in record.params.items()]
             last = max((step for points in record.history.values() for step, _ in points), default=0)
             points = [(key, step, value) for key, history in record.history.items() for step, value in history]
             points += [(key, last, value) for key, value in record.metrics.items() if key not in record.history]
             # timestamps keep the steps' order: MLflow orders a history by them
-            metrics = [Metric(key, value, record.start_time + step, step) for key, step, value in points]
-            for i in range(0, len(params), 100):
-                client.log_batch(run_id, params=params[i:i + 100])
-            for i in range(0, len(metrics), BATCH):
-                client.log_batch(run_id, metrics=metrics[i:i + BATCH])
+            items = [Item(0, "param", key, value) for key, value in record.params.items()]
+            items += [Item(0, "metric", key, value, step, record.start_time + step) for key, step, value in points]
+            while items:  # the tracker's own batching: every log_batch limit (counts, bytes) respected
+                chunk = next_chunk(items)
+                send_chunk(client, run_id, chunk, check_existing=False)
+                items = items[len(chunk):]
             client.set_terminated(run_id, status=record.status)
 
         call_store(uri, f"restore run {record.name} ({record.run_id})", restore)
