@@ -11,19 +11,35 @@ encoder stage's gradient norm, early exit, one figure with a row per task, and a
 - paired comparisons say how consistent the lead is: the same task, n_train and seed (so the same validation
   cases and the same training subset) trained with two schemes, best metric of one minus the other's.
   A lead that holds in fewer than :data:`CONSISTENT` of the pairs is called within noise.
+
+It also holds each claim of the seed paper up against the numbers (:func:`paper_claims`): every deep-supervised
+scheme against ``none`` on the same task, training subset and seed, marked as agreeing, against the paper, or
+untested where nothing can be compared (no arm reached the threshold, a curve was not logged).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
 from medsup.data.files import atomic_path, write_json
-from medsup.evaluation.ablation import GRAD_KEY, NUMBERS, Summary, fmt, grad_mean, load_summary, mean_std, reached_cell
+from medsup.evaluation.ablation import (
+    GRAD_KEY,
+    NUMBERS,
+    Arm,
+    ExitResult,
+    Summary,
+    fmt,
+    grad_mean,
+    load_summary,
+    mean_std,
+    reached_cell,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +75,19 @@ def mean_ranks(summaries: Sequence[Summary]) -> dict[str, float]:
     return {x: statistics.fmean(r) for x, r in ranks.items() if r}
 
 
+def paired(s: Summary, a: str, b: str, n_train: int, value: Callable[[Arm], float | None]) -> list[tuple[float, float]]:
+    """``(value of a's arm, value of b's arm)`` for every seed that trained both at ``n_train`` (same training
+    subset, same validation cases) and has a finite value for both, by seed."""
+    def by_seed(scheme: str) -> dict[int, float]:
+        found = {arm.seed: value(arm) for arm in s.select(scheme, n_train)}
+        return {k: float(v) for k, v in found.items() if v is not None and math.isfinite(v)}
+    mine, theirs = by_seed(a), by_seed(b)
+    return [(mine[seed], theirs[seed]) for seed in sorted(mine.keys() & theirs.keys())]
+
+
 def paired_gaps(summaries: Sequence[Summary], a: str, b: str) -> list[float]:
     """Best metric of ``a`` minus that of ``b`` for every (task, n_train, seed) that trained both."""
-    gaps = []
-    for s, n in _cells(summaries):
-        mine = {arm.seed: arm.best for arm in s.select(a, n) if arm.best is not None}
-        theirs = {arm.seed: arm.best for arm in s.select(b, n) if arm.best is not None}
-        gaps += [mine[seed] - theirs[seed] for seed in sorted(mine.keys() & theirs.keys())]
-    return gaps
+    return [x - y for s, n in _cells(summaries) for x, y in paired(s, a, b, n, lambda arm: arm.best)]
 
 
 def verdict(summaries: Sequence[Summary], current_default: str | None) -> tuple[str | None, list[str]]:
@@ -108,6 +129,106 @@ def verdict(summaries: Sequence[Summary], current_default: str | None) -> tuple[
     return winner, lines
 
 
+#: the scheme without deep supervision, the baseline of every claim
+BASELINE = "none"
+
+
+def _tag(holds: bool | None) -> str:
+    return "untested" if holds is None else ("agrees" if holds else "against the paper")
+
+
+def _convergence(s: Summary, x: str) -> tuple[str, bool | None]:
+    """Epochs to the threshold of ``x`` against the baseline over every (n_train, seed) pair: faster when it reaches
+    the threshold in more arms, or in as many and in fewer epochs where both reached it."""
+    def reached(scheme: str) -> tuple[int, int]:
+        arms = s.select(scheme)
+        return sum(a.epochs_to_threshold is not None for a in arms), len(arms)
+    (mine, runs), (theirs, _) = reached(x), reached(BASELINE)
+    both = [a - b for n in s.sizes
+            for a, b in paired(s, x, BASELINE, n, lambda arm: None if arm.epochs_to_threshold is None
+                               else float(arm.epochs_to_threshold))]
+    delta = statistics.fmean(both) if both else None
+    pairs = f"{len(both)} pair" + ("s" if len(both) > 1 else "")
+    text = (f"`{x}` in {mine}/{runs} arms (`{BASELINE}` {theirs})"
+            + (f", {delta:+.1f} epochs where both reached it ({pairs})" if delta is not None else ""))
+    if mine == theirs == 0:
+        return text, None
+    return text, mine > theirs or (mine == theirs and delta is not None and delta < 0)
+
+
+def _low_data(s: Summary, x: str) -> tuple[str, bool | None]:
+    """The mean paired gain of ``x``'s best metric over the baseline at each n_train: the paper's claim holds when
+    the gain at the smallest n_train is positive and larger than at the largest."""
+    gains = {n: [a - b for a, b in paired(s, x, BASELINE, n, lambda arm: arm.best)] for n in s.sizes}
+    means = {n: statistics.fmean(g) for n, g in gains.items() if g}
+    text = f"`{x}` " + " / ".join(f"{means[n]:+.3f}" if n in means else "–" for n in s.sizes)
+    small, large = min(s.sizes), max(s.sizes)
+    if small == large or small not in means or large not in means:
+        return text, None
+    return text, means[small] > 0 and means[small] > means[large]
+
+
+def _gradients(s: Summary, x: str) -> tuple[str, bool | None]:
+    """The first encoder stage's mean gradient norm of ``x`` over the baseline's at the largest n_train, and in how
+    many seeds it is larger: the claim holds when it is larger in at least :data:`CONSISTENT` of them."""
+    pairs = paired(s, x, BASELINE, max(s.sizes), lambda arm: grad_mean(arm.grad) if arm.grad else None)
+    if not pairs:
+        return f"`{x}` not logged", None
+    ratio = statistics.fmean(a for a, _ in pairs) / statistics.fmean(b for _, b in pairs)
+    larger = sum(a > b for a, b in pairs)
+    return f"`{x}` x{ratio:.2f} (larger in {larger} of {len(pairs)} seeds)", larger >= CONSISTENT * len(pairs)
+
+
+def _early_exit(s: Summary, x: str) -> str:
+    """Per coarser exit level of ``x``: speed-up of the whole case and paired Dice change against level 0."""
+    def at(level: int) -> dict[int, ExitResult]:
+        return {e.seed: e for e in s.early_exit if e.scheme == x and e.level == level}
+    full = at(0)
+    parts = []
+    for level in sorted({e.level for e in s.early_exit if e.scheme == x and e.level > 0}):
+        coarse = at(level)
+        seeds = sorted(full.keys() & coarse.keys())
+        times = [(a, b) for a, b in ((full[k].total_s, coarse[k].total_s) for k in seeds) if a and b]
+        dice = [b - a for a, b in ((full[k].dice, coarse[k].dice) for k in seeds) if a is not None and b is not None]
+        speed = f"{statistics.fmean(a for a, _ in times) / statistics.fmean(b for _, b in times):.2f}x" if times \
+            else "–"
+        parts.append(f"level {level} {speed}, Dice {statistics.fmean(dice):+.3f}" if dice else f"level {level} {speed}")
+    return f"`{x}` " + ("; ".join(parts) if parts else "no coarser exit run")
+
+
+def paper_claims(summaries: Sequence[Summary]) -> list[str]:
+    """Markdown bullets, one per claim of the seed paper, each task's figures and whether they agree with it
+    (``agrees``, ``against the paper`` or ``untested``), all computed from ``summaries`` against ``none``."""
+    schemes = [x for x in _schemes(summaries) if x != BASELINE]
+    if not schemes or not any(s.select(BASELINE) for s in summaries):
+        return [f"- No `{BASELINE}` arm next to a deep-supervised one: the claims need both."]
+    claims: list[tuple[str, str, Callable[[Summary, str], tuple[str, bool | None]]]] = [
+        ("Faster convergence", "arms reaching the threshold, and epochs against `none` on the same seed",
+         _convergence),
+        ("Largest gains with little data", "mean paired gain of the best validation Dice over `none` at n_train = "
+         "{sizes}", _low_data),
+        ("Larger gradients in the first layers (without raising the learning rate)",
+         "first encoder stage's mean gradient norm against `none` at the largest n_train", _gradients),
+    ]
+    lines = []
+    for title, what, measure in claims:
+        per_task = []
+        for s in summaries:
+            if not s.select(BASELINE):
+                continue
+            found = [(x, *measure(s, x)) for x in schemes if s.select(x)]
+            per_task.append(f"{s.task}: " + "; ".join(f"{text}: {_tag(holds)}" for _, text, holds in found))
+        sizes = " / ".join(str(n) for n in sorted({n for s in summaries for n in s.sizes}))
+        lines.append(f"- **{title}** ({what.format(sizes=sizes)}). " + ". ".join(per_task) + ".")
+    exits = [f"{s.task}: " + "; ".join(_early_exit(s, x) for x in _schemes([s])
+                                       if any(e.scheme == x for e in s.early_exit))
+             for s in summaries if s.early_exit]
+    if exits:
+        lines.append("- **Every head a usable segmenter** (early exit: speed-up of the whole case and Dice change "
+                     "against the full-resolution head, same model and seed). " + ". ".join(exits) + ".")
+    return lines
+
+
 def render_overview(summaries: Sequence[Summary], reports: Sequence[Path], out: Path, figure: str,
                     commands: Sequence[str], why: Sequence[str]) -> str:
     """The Markdown overview; ``reports`` (each task's report folder) are linked relative to ``out``, ``why`` is
@@ -126,6 +247,11 @@ def render_overview(summaries: Sequence[Summary], reports: Sequence[Path], out: 
         f"{', '.join(map(str, seeds))}; every arm of a task trains on the same plan for the same budget and "
         "validates on the same cases (see each report for its budget, tables and runs).", "",
         "## Verdict: the default `loss.scheme`", "", " ".join(why), "",
+        "## The seed paper's claims, measured", "",
+        "Each deep-supervised scheme against `none` (no deep supervision) on the same task, training subset and "
+        "seed; `agrees` / `against the paper` / `untested` (nothing to compare: no arm reached the threshold, or "
+        "the curve was not logged).", "",
+        *paper_claims(summaries), "",
         f"![ablation overview]({figure})", "",
         "## Best validation Dice", "",
         "The best validation Dice of each arm (" + "; ".join(f"{s.task}: `{s.metric}`" for s in summaries)

@@ -26,7 +26,14 @@ from medsup.evaluation.ablation import (
     summarize,
     write_report,
 )
-from medsup.evaluation.ablation_overview import find_reports, mean_ranks, paired_gaps, verdict, write_overview
+from medsup.evaluation.ablation_overview import (
+    find_reports,
+    mean_ranks,
+    paired_gaps,
+    paper_claims,
+    verdict,
+    write_overview,
+)
 from medsup.evaluation.ablation_records import read_record, read_records, record_path, write_record
 from medsup.tracking.experiments import RunRecord
 
@@ -270,6 +277,38 @@ def test_overview_ranks_pairs_and_verdict() -> None:
     assert winner == "dsn" and "differs: these numbers favour `dsn`" in " ".join(lines)
 
 
+def test_paper_claims_against_none() -> None:
+    liver = summarize(_runs(), "medsup-ablation", "liver")
+    # dsn seed 0: exit 1 twice as fast, Dice -0.05; exit 2 on seed 0 only; none seed 0: its coarse head untrained
+    liver.early_exit = [ExitResult("dsn", 0, 20, 0, 0.90, 1.5, 2.0, 3, "a"),
+                        ExitResult("dsn", 0, 20, 1, 0.85, 0.5, 1.0, 3, "b"),
+                        ExitResult("dsn", 1, 20, 0, 0.80, 1.5, 2.0, 3, "c"),
+                        ExitResult("dsn", 1, 20, 1, 0.80, 0.5, 1.0, 3, "d"),
+                        ExitResult("none", 0, 20, 0, 0.90, 1.5, 2.0, 3, "e")]
+    convergence, low_data, gradients, exits = paper_claims([liver])
+    # none never reaches 0.9; nnunet and dsn reach it in their two n = 20 arms, so no pair to count epochs on
+    assert "`nnunet` in 2/4 arms (`none` 0): agrees; `dsn` in 2/4 arms (`none` 0): agrees" in convergence
+    # best gains over none: nnunet +0.15 at n = 2 (both seeds), +0.07 / +0.05 at n = 20; dsn +0.10, +0.05 / +0.04
+    assert "`nnunet` +0.150 / +0.060: agrees; `dsn` +0.100 / +0.045: agrees" in low_data
+    # nnunet logs the same gradient curve as none (not larger); dsn logs none at all
+    assert "`nnunet` x1.00 (larger in 0 of 2 seeds): against the paper; `dsn` not logged: untested" in gradients
+    assert "`none` no coarser exit run; `dsn` level 1 2.00x, Dice -0.025" in exits
+    # the other way round: none wins every pair, and reaches the threshold where the others do not
+    flipped = [r for r in _runs() if r.params["loss.scheme"] != "none"] + [
+        _run("none", seed, n, [0.91, 0.99, 0.99]) for seed in (0, 1) for n in (2, 20)]
+    convergence, low_data, gradients = paper_claims([summarize(flipped, "medsup-ablation", "liver")])
+    assert "`nnunet` in 2/4 arms (`none` 4), +1.0 epochs where both reached it (2 pairs): against the paper" \
+        in convergence
+    assert "`dsn` -0.290 / -0.060: against the paper" in low_data
+    # only a baseline, or no baseline: nothing to claim
+    only_dsn = summarize([r for r in _runs() if r.params["loss.scheme"] == "dsn"], "medsup-ablation", "liver")
+    assert paper_claims([only_dsn]) == ["- No `none` arm next to a deep-supervised one: the claims need both."]
+    # lung: neither none nor nnunet ever reaches 0.5 (untested), dsn does at n = 20; one bullet holds both tasks
+    lung = summarize(_lung_runs(), "medsup-ablation", "lung")
+    assert ". lung: `nnunet` in 0/4 arms (`none` 0): untested; `dsn` in 2/4 arms (`none` 0): agrees." \
+        in paper_claims([liver, lung])[0]
+
+
 def test_write_overview_from_the_reports(tmp_path: Path) -> None:
     docs = tmp_path / "docs" / "ablation"
     for task, runs in (("liver", _runs()), ("lung", _lung_runs())):
@@ -295,6 +334,8 @@ def test_write_overview_from_the_reports(tmp_path: Path) -> None:
         in text
     assert "| `dsn` | 0 | – | – | 0.500 | 2.00 | 0.750 |" in text
     assert "![ablation overview](ablation.png)" in text
+    assert "## The seed paper's claims, measured" in text and "- **Faster convergence**" in text
+    assert "- **Every head a usable segmenter** (early exit" in text and "lung: `dsn` no coarser exit run." in text
     assert paths["figure"] == tmp_path / "docs" / "ablation.png"
     assert paths["figure"].read_bytes()[:4] == b"\x89PNG"
     assert json.loads(paths["numbers"].read_text(encoding="utf-8"))["default_scheme"] == "dsn"
