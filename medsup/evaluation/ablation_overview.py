@@ -196,6 +196,17 @@ def _early_exit(s: Summary, x: str) -> str:
     return f"`{x}` " + ("; ".join(parts) if parts else "no coarser exit run")
 
 
+def _budget_caveat(s: Summary) -> str:
+    """How many arms of ``s`` scored their best at their last validation, i.e. were still improving when the
+    budget ran out: where most were, the comparisons are of progress within the budget, not of converged models."""
+    last = [(a.curve, a.best) for a in s.arms if a.curve and a.best is not None]
+    rising = sum(len(curve) > 1 and curve[-1][1] >= best > curve[-2][1] for curve, best in last)
+    note = (": still improving when the budget ran out, so these are comparisons of progress within the budget, "
+            "not of converged models" if rising * 2 > len(last) else "")
+    return (f"- {s.task}: {rising} of {len(last)} arms scored their best {s.metric} at their last validation, "
+            f"higher than the one before{note}.")
+
+
 def paper_claims(summaries: Sequence[Summary]) -> list[str]:
     """Markdown bullets, one per claim of the seed paper, each task's figures and whether they agree with it
     (``agrees``, ``against the paper`` or ``untested``), all computed from ``summaries`` against ``none``."""
@@ -210,7 +221,7 @@ def paper_claims(summaries: Sequence[Summary]) -> list[str]:
         ("Larger gradients in the first layers (without raising the learning rate)",
          "first encoder stage's mean gradient norm against `none` at the largest n_train", _gradients),
     ]
-    lines = []
+    lines = [_budget_caveat(s) for s in summaries]
     for title, what, measure in claims:
         per_task = []
         for s in summaries:
