@@ -180,9 +180,10 @@ def _gradients(s: Summary, x: str) -> tuple[str, bool | None]:
 
 
 def _early_exit(s: Summary, x: str) -> str:
-    """Per coarser exit level of ``x``: speed-up of the whole case and paired Dice change against level 0."""
-    def at(level: int) -> dict[int, ExitResult]:
-        return {e.seed: e for e in s.early_exit if e.scheme == x and e.level == level}
+    """Per coarser exit level of ``x``: speed-up of the whole case and paired Dice change against level 0 of the
+    same model (n_train and seed)."""
+    def at(level: int) -> dict[tuple[int, int], ExitResult]:
+        return {(e.n_train, e.seed): e for e in s.early_exit if e.scheme == x and e.level == level}
     full = at(0)
     parts = []
     for level in sorted({e.level for e in s.early_exit if e.scheme == x and e.level > 0}):

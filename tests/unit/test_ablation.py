@@ -284,7 +284,8 @@ def test_paper_claims_against_none() -> None:
                         ExitResult("dsn", 0, 20, 1, 0.85, 0.5, 1.0, 3, "b"),
                         ExitResult("dsn", 1, 20, 0, 0.80, 1.5, 2.0, 3, "c"),
                         ExitResult("dsn", 1, 20, 1, 0.80, 0.5, 1.0, 3, "d"),
-                        ExitResult("none", 0, 20, 0, 0.90, 1.5, 2.0, 3, "e")]
+                        ExitResult("none", 0, 20, 0, 0.90, 1.5, 2.0, 3, "e"),
+                        ExitResult("dsn", 0, 2, 0, 0.10, 1.5, 9.0, 3, "f")]  # another model: not paired with n = 20
     caveat, convergence, low_data, gradients, exits = paper_claims([liver])
     # every curve rises to its last point: the caveat says the comparison is of progress within the budget
     assert caveat.startswith("- liver: 12 of 12 arms scored their best val.dice.liver at their last validation, "
