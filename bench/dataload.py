@@ -3,20 +3,27 @@ training step rate it must feed, measured side by side in one process on the sam
 
     .venv/bin/python bench/dataload.py --data demo/liver_synth --preset quick --batches 40 --threads 1
 
-Prints the median seconds per batch of (a) the loader alone, (b) a training step on synthetic tensors of
-the same shape, (c) the step fed by the loader (both competing for the same cores, as in training), and
-the ratio loader / step: below 1 the loader keeps up; above 1 the step waits for data. Then, to say where
-it starves, the mean milliseconds per sample of each random transform after the cache (crop, affine,
-flips, intensity, noise; mean over --samples), run in this process one after another on cached cases.
+Prints the seconds per batch of (a) the loader alone (mean of its steady batches), (b) a training step on
+synthetic tensors of the same shape, (c) the step fed by the loader (both competing for the same cores, as in
+training), and the ratio loader / step: below 1 the loader keeps up; above 1 the step waits for data. With
+``--target-rate`` the step is not run here: the loader is held against a given rate instead (the samples/s a
+GPU step eats, e.g. 25 for nnU-Net's epoch of 250 iterations x 2 patches in 20 s), with the workers that
+rate needs at the measured per-worker rate.
+
+Then the loader alone with MONAI's default per-sample deep copy of the cached case against medsup's copy of
+the patch only (``--copy-repeats`` alternating passes, ratio of the medians). Then, to say where it starves,
+the mean milliseconds per sample of each random transform after the cache (crop, affine, flips, intensity,
+noise; mean over --samples), run in this process one after another on cached cases.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
+import os
 import statistics
 import time
-from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +38,6 @@ def main() -> None:
     from medsup.data.datalist import load_datalist
     from medsup.data.fingerprint import plan_dataset
     from medsup.data.splits import make_splits
-    from medsup.losses import build_loss
-    from medsup.models.unet import build_model
     from medsup.train import _loaders
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -42,10 +47,16 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=40)
     parser.add_argument("--workers", type=int, default=None, help="override train.num_workers")
     parser.add_argument("--samples", type=int, default=20, help="samples for the per-transform breakdown")
+    parser.add_argument("--target-rate", type=float, default=None,
+                        help="samples/s the loader must feed (a GPU step's rate); skips the CPU step")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, repeatable (e.g. plan.patch_size=[128,128,128])")
+    parser.add_argument("--copy-repeats", type=int, default=3,
+                        help="passes of the loader with and without MONAI's per-sample cache copy (0: skip)")
     add_threads_option(parser)
     args = parser.parse_args()
     start(args)
-    overrides = [f"train.iterations_per_epoch={args.batches}"]
+    overrides = [*args.overrides, f"train.iterations_per_epoch={args.batches}"]
     if args.workers is not None:
         overrides.append(f"train.num_workers={args.workers}")
     cfg = load(args.task, overrides, presets=[args.preset] if args.preset else [])
@@ -57,25 +68,96 @@ def main() -> None:
     loader, _ = _loaders(cfg, plan, cases, split, torch.device("cpu"))
     cache_s = time.perf_counter() - t0
 
-    loader_times = []
+    load_med, n_load = _steady_seconds(loader)
+    bs, workers = plan.batch_size, cfg.train.num_workers
+    print(f"patch {list(plan.patch_size)} x batch {bs}, workers {workers}, "
+          f"{torch.get_num_threads()} torch threads; caching {len(split['train'])} cases took {cache_s:.1f} s")
+    print(f"loader alone: {load_med:.3f} s/batch ({bs / load_med:.1f} samples/s, "
+          f"mean of {n_load} after the prefetch queue)")
+    if args.target_rate is not None:
+        rate = bs / load_med
+        # per worker: the loader's processes share this machine's cores, so more workers than cores add nothing
+        per_worker = rate / max(1, min(workers, os.cpu_count() or 1))
+        verdict = "keeps up" if rate >= args.target_rate else "STARVES the step"
+        print(f"target: {args.target_rate:.1f} samples/s; loader / target: {rate / args.target_rate:.2f} "
+              f"({verdict}); {per_worker:.1f} samples/s per busy core -> "
+              f"{math.ceil(args.target_rate / per_worker)} workers on dedicated cores reach the target")
+    else:
+        step_med, fed_med, n_step, n_fed = _step_rates(cfg, plan, loader)
+        print(f"training step: {step_med:.3f} s/batch ({bs / step_med:.1f} samples/s, median of {n_step})")
+        print(f"step fed by the loader: {fed_med:.3f} s/batch ({bs / fed_med:.1f} samples/s, median of "
+              f"{n_fed}; {fed_med / step_med:.2f}x the step alone)")
+        verdict = "keeps up" if load_med < step_med else "STARVES the step"
+        print(f"loader / step time: {load_med / step_med:.2f} ({verdict})")
+    if args.copy_repeats:
+        copy_s: dict[bool, list[float]] = {flag: [] for flag in (True, False)}
+        for _ in range(args.copy_repeats):
+            for flag in copy_s:  # alternate, so a change of the machine's load hits both
+                copy_s[flag].append(_loader_seconds(loader, flag))
+        monai, ours = (statistics.median(copy_s[f]) for f in (True, False))
+        print(f"cache copy per sample (loader alone, median of {args.copy_repeats} passes of {args.batches} batches"
+              f", each pass's mean s/batch): "
+              f"MONAI's default deep copy {monai:.3f} s/batch, medsup's patch copy {ours:.3f} s/batch: "
+              f"{monai / ours:.2f}x the samples/s")
+    print("random transforms per sample (after the cache, in this process):")
+    for name, ms in transform_breakdown(loader.dataset, args.samples):
+        print(f"  {name:<28} {ms:8.1f} ms")
+
+
+def _steady_seconds(loader: Any) -> tuple[float, int]:
+    """Mean seconds per batch of one pass over ``loader`` once it runs steadily: the first
+    ``1 + prefetch_factor x workers`` batches are left out (worker start-up, and batches the workers made
+    while starting, which arrive at once); returns ``(seconds, batches measured)``. The mean, not the
+    median: the rate is what matters, and the batches with a random affine (p 0.2 per sample) are the slow
+    ones a median would leave out."""
+    skip = 1 + (loader.prefetch_factor or 0) * loader.num_workers
+    times = []
     t = time.perf_counter()
     for _ in loader:
         now = time.perf_counter()
-        loader_times.append(now - t)
+        times.append(now - t)
         t = now
+    if len(times) < skip + 3:
+        raise SystemExit(f"--batches {len(times)} is too few: the first {skip} are start-up; use {skip + 10}+")
+    return statistics.fmean(times[skip:]), len(times) - skip
+
+
+def _loader_seconds(loader: Any, copy_cache: bool) -> float:
+    """:func:`_steady_seconds` of a fresh loader over ``loader``'s cached dataset with MONAI's ``copy_cache``
+    set as given (``True``: every sample deep-copies its whole cached case first). Same workers, batch and
+    sampler length."""
+    from monai.data import DataLoader
+
+    ds = loader.dataset
+    ds.copy_cache = copy_cache
+    try:
+        fresh = DataLoader(ds, batch_size=loader.batch_size, sampler=loader.sampler, num_workers=loader.num_workers,
+                           drop_last=True)
+        return _steady_seconds(fresh)[0]
+    finally:
+        ds.copy_cache = False
+
+
+def _step_rates(cfg: Any, plan: Any, loader: Any) -> tuple[float, float, int, int]:
+    """Median seconds per training step on synthetic tensors, and per step fed by ``loader`` (both on this
+    machine's cores, as in training); returns ``(step, fed, n_step, n_fed)``."""
+    from medsup.losses import build_loss
+    from medsup.models.unet import build_model
+
+    steps = min(10, cfg.train.iterations_per_epoch)
     model = build_model(cfg, plan)
     loss_fn = build_loss(cfg)
     opt = torch.optim.AdamW(model.parameters(), 1e-3)
     x = torch.randn(plan.batch_size, 1, *plan.patch_size)
     y = torch.randint(0, plan.num_classes, (plan.batch_size, 1, *plan.patch_size))
     step_times = []
-    for _ in range(min(10, args.batches)):
+    for _ in range(steps):
         t = time.perf_counter()
         opt.zero_grad()
         loss_fn(model(x), y).backward()
         opt.step()
         step_times.append(time.perf_counter() - t)
-    fed_times = []
+    fed_times: list[float] = []
     it = iter(loader)
     for _ in range(2 * max(1, cfg.train.num_workers)):  # drain the prefetch queue: time the steady rate
         next(it)
@@ -88,29 +170,14 @@ def main() -> None:
         now = time.perf_counter()
         fed_times.append(now - t)
         t = now
-        if len(fed_times) >= min(10, args.batches):
+        if len(fed_times) >= steps:
             break
-    load_med = statistics.median(loader_times[1:])  # the first batch includes worker start-up
-    step_med = statistics.median(step_times[1:])
-    fed_med = statistics.median(fed_times)
-    bs = plan.batch_size
-    print(f"patch {list(plan.patch_size)} x batch {bs}, workers {cfg.train.num_workers}, "
-          f"{torch.get_num_threads()} torch threads; caching {len(split['train'])} cases took {cache_s:.1f} s")
-    n = len(loader_times) - 1
-    print(f"loader alone: {load_med:.3f} s/batch ({bs / load_med:.1f} samples/s, median of {n})")
-    print(f"training step: {step_med:.3f} s/batch ({bs / step_med:.1f} samples/s, median of {len(step_times) - 1})")
-    print(f"step fed by the loader: {fed_med:.3f} s/batch ({bs / fed_med:.1f} samples/s, median of {len(fed_times)}; "
-          f"{fed_med / step_med:.2f}x the step alone)")
-    verdict = "keeps up" if load_med < step_med else "STARVES the step"
-    print(f"loader / step time: {load_med / step_med:.2f} ({verdict})")
-    print("random transforms per sample (after the cache, in this process):")
-    for name, ms in transform_breakdown(loader.dataset, args.samples):
-        print(f"  {name:<28} {ms:8.1f} ms")
+    return statistics.median(step_times[1:]), statistics.median(fed_times), len(step_times) - 1, len(fed_times)
 
 
 def transform_breakdown(dataset: Any, samples: int) -> list[tuple[str, float]]:
     """Mean milliseconds per sample of each transform from the first random one on (what the workers run for
-    every sample), applied in order to copies of the cached cases."""
+    every sample), applied in order to the cached cases, as the training loader applies them."""
     from monai.transforms import RandomizableTrait, Transform
 
     chain = dataset.transform
@@ -119,7 +186,7 @@ def transform_breakdown(dataset: Any, samples: int) -> list[tuple[str, float]]:
     cached = [c for c in dataset._cache if c is not None]
     times: dict[str, list[float]] = {}
     for n in range(samples):
-        data = deepcopy(cached[n % len(cached)])
+        data = dict(cached[n % len(cached)])  # as the loader: no copy of the cached case, the crop copies
         for i, t in enumerate(steps):
             t0 = time.perf_counter()
             data = t(data)

@@ -134,7 +134,8 @@ class ForegroundOversampledCropd(RandomizableTransform, MapTransform):
     of every tile (``bench/position_prior.py``: 17x the tumour probability in the central half of
     lesion-free patches after 1200 iterations on synthetic lung, BENCHMARKS.md).
 
-    The volume must already be at least ``patch`` along every axis (see ``SpatialPadd``).
+    The volume must already be at least ``patch`` along every axis (see ``SpatialPadd``). The patch is a copy:
+    the input volume (the training cache's) is never written to or shared with what follows.
     """
 
     def __init__(self, keys: Sequence[str], patch: Sequence[int], fg_prob: float, jitter: float = 1.0) -> None:
@@ -153,7 +154,9 @@ class ForegroundOversampledCropd(RandomizableTransform, MapTransform):
         start = self._start(shape, locations)
         slices = (slice(None), *(slice(s, s + p) for s, p in zip(start, self.patch, strict=True)))
         for key in self.key_iterator(d):
-            d[key] = d[key][slices]
+            # a copy of the patch, not a view: the training cache hands its cases over without MONAI's
+            # per-sample deep copy of the whole volume, so nothing after the crop may reach the cached arrays
+            d[key] = d[key][slices].clone()
         return d
 
     def _start(self, shape: tuple[int, ...], locations: dict[int, np.ndarray]) -> list[int]:

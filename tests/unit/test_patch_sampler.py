@@ -1,12 +1,21 @@
-"""The foreground-oversampled patch sampler: where the chosen foreground voxel lands in the patch."""
+"""The foreground-oversampled patch sampler: where the chosen foreground voxel lands in the patch, and that its
+patch is a copy the training cache can hand over without MONAI's per-sample deep copy."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from monai.data import MetaTensor
 
+from medsup.config import load
+from medsup.data.datalist import load_datalist
+from medsup.data.fingerprint import plan_dataset
+from medsup.data.splits import make_splits
 from medsup.data.transforms import FG_LOCATIONS, ForegroundOversampledCropd
+from medsup.train import _loaders
 
 PATCH = (8, 8, 8)
 SHAPE = (40, 40, 40)
@@ -54,3 +63,46 @@ def test_patches_near_the_border_stay_inside_the_volume() -> None:
 def test_jitter_outside_zero_to_one_is_refused() -> None:
     with pytest.raises(ValueError, match="jitter"):
         ForegroundOversampledCropd(["label"], PATCH, fg_prob=1.0, jitter=1.5)
+
+
+def test_the_patch_is_a_copy_and_the_volume_stays_untouched() -> None:
+    # the training cache hands its volumes to the crop without a deep copy: what follows the crop writes to
+    # the patch in place (and MetaTensor slices share their meta dicts), none of which may reach the cache
+    image = MetaTensor(torch.arange(float(np.prod(SHAPE))).reshape(1, *SHAPE), meta={"geometry": {"k": [1]}})
+    before = image.clone()
+    crop = ForegroundOversampledCropd(["image"], PATCH, fg_prob=0.0)
+    crop.set_random_state(0)
+    patch = crop({"image": image})["image"]
+    assert isinstance(patch, MetaTensor) and patch.shape == (1, *PATCH)
+    patch.add_(1000)
+    patch.meta["geometry"]["k"].append(2)
+    assert torch.equal(image.as_tensor(), before.as_tensor())
+    assert image.meta["geometry"] == {"k": [1]}
+
+
+def test_training_loader_skips_the_cache_copy_and_draws_the_same_batches(msd_dataset: Path, tmp_path: Path) -> None:
+    # MONAI's CacheDataset deep-copies the whole cached case for every sample unless told not to; medsup's
+    # loader does not (the crop copies the patch). Same seed: the same batches as with the copy, cache intact.
+    cfg = load("tiny", ["train.num_workers=0", "augment.affine_prob=0.5"])
+    plan = plan_dataset(msd_dataset, cfg, tmp_path / "plan.json")
+    cases = {c.case_id: c for c in load_datalist(msd_dataset).labelled}
+    split = make_splits(sorted(cases), cfg.data.num_folds, cfg.seed)[0]
+    loaders = []
+    for _ in range(2):
+        # as training seeds it: MONAI's DataLoader seeds the transforms from the global generator (no workers)
+        torch.manual_seed(cfg.seed)
+        loaders.append(_loaders(cfg, plan, cases, split, torch.device("cpu"))[0])
+    ours, monai = loaders
+    assert ours.dataset.copy_cache is False
+    monai.dataset.copy_cache = True
+    cached = [{k: v.as_tensor().clone() for k, v in item.items() if isinstance(v, MetaTensor)}
+              for item in ours.dataset._cache]
+    assert cached and all({"image", "label"} <= set(c) for c in cached)
+    batches = list(zip(ours, monai, strict=True))
+    assert len(batches) == cfg.train.iterations_per_epoch
+    for a, b in batches:
+        for key in ("image", "label"):
+            assert torch.equal(a[key].as_tensor(), b[key].as_tensor())
+    for item, before in zip(ours.dataset._cache, cached, strict=True):
+        for key, value in before.items():
+            assert torch.equal(item[key].as_tensor(), value), key
