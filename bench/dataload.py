@@ -69,7 +69,7 @@ def main() -> None:
     cache_s = time.perf_counter() - t0
 
     load_med, n_load = _steady_seconds(loader)
-    bs, workers = plan.batch_size, cfg.train.num_workers
+    bs, workers = plan.batch_size, loader.num_workers
     print(f"patch {list(plan.patch_size)} x batch {bs}, workers {workers}, "
           f"{torch.get_num_threads()} torch threads; caching {len(split['train'])} cases took {cache_s:.1f} s")
     print(f"loader alone: {load_med:.3f} s/batch ({bs / load_med:.1f} samples/s, "
@@ -159,7 +159,7 @@ def _step_rates(cfg: Any, plan: Any, loader: Any) -> tuple[float, float, int, in
         step_times.append(time.perf_counter() - t)
     fed_times: list[float] = []
     it = iter(loader)
-    for _ in range(2 * max(1, cfg.train.num_workers)):  # drain the prefetch queue: time the steady rate
+    for _ in range(2 * max(1, loader.num_workers)):  # drain the prefetch queue: time the steady rate
         next(it)
     t = time.perf_counter()
     for batch in it:

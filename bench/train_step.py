@@ -112,7 +112,7 @@ class LoaderFeed:
         t0 = time.perf_counter()
         self.loader, _ = _loaders(cfg, plan, cases, split, device)
         self.cache_s = time.perf_counter() - t0
-        self.workers = cfg.train.num_workers
+        self.workers = self.loader.num_workers
         self.it = iter(self.loader)
 
     def __next__(self) -> Any:
@@ -301,7 +301,7 @@ def main() -> None:
             if True in _axis(args.data):
                 data = args.dataset or make_dataset(task, args.cases, Path(tmp) / task)
                 feed = LoaderFeed(cfg, plan, data, device)
-                notes.append(f"{task}: data pipeline: {data} ({cfg.train.num_workers} workers), caching took "
+                notes.append(f"{task}: data pipeline: {data} ({feed.workers} workers), caching took "
                              f"{feed.cache_s:.1f} s")
             for use_data, amp, comp, cl in itertools.product(_axis(args.data), _axis(args.amp), _axis(args.compile),
                                                              _axis(args.channels_last)):

@@ -130,7 +130,7 @@ class TrainConfig(_Section):
     val_every: Annotated[int, Field(ge=1)] = 1
     val_max_cases: Annotated[int, Field(ge=1)] | None = None
     early_stop_patience: Annotated[int, Field(ge=0)] = 0
-    num_workers: Annotated[int, Field(ge=0)] = 2
+    num_workers: Annotated[int, Field(ge=0)] | None = None
     cache_rate: Probability = 1.0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     deterministic: bool = False

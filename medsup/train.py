@@ -37,7 +37,7 @@ from medsup.data.fingerprint import plan_dataset
 from medsup.data.planning import Plan
 from medsup.data.splits import fold_split, save_splits
 from medsup.data.transforms import background_value, eval_transforms, train_transforms
-from medsup.device import resolve_device
+from medsup.device import loader_workers, resolve_device
 from medsup.engine.handlers import BestTracker, EpochMetrics, GradNorms, LossEpoch, PolyLR
 from medsup.engine.steps import StepEvents, make_train_step
 from medsup.engine.validation import summarise, validate
@@ -182,6 +182,7 @@ def _fit(cfg: Config, plan: Plan, labels: dict[int, str], cases: dict[str, Any],
         torch.backends.cudnn.benchmark = True
 
     train_loader, val_items = _loaders(cfg, plan, cases, split, dev)
+    tracker.set_tags({"num_workers": str(train_loader.num_workers)})  # what train.num_workers: null chose
     model = build_model(cfg, plan).to(dev)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
@@ -416,7 +417,7 @@ def _loaders(cfg: Config, plan: Plan, cases: dict[str, Any], split: dict[str, li
         val_ids = val_ids[: cfg.train.val_max_cases]
     item = lambda cid: {"image": str(cases[cid].image), "label": str(cases[cid].label)}  # noqa: E731
     fg = [c for c in sorted(get_task(cfg.task).labels) if c != 0]
-    workers = cfg.train.num_workers
+    workers = loader_workers(cfg.train.num_workers, dev, idist.get_nproc_per_node())
     train_tf = train_transforms(cfg, plan, fg)
     train_tf.set_random_state(cfg.seed + rank)
     # copy_cache=False: MONAI deep-copies the whole cached case for every sample by default (two float32

@@ -48,6 +48,7 @@ def test_train_two_epochs_to_sqlite(tiny_data: Path, tmp_path: Path) -> None:
     assert params["planned.patch_size"] == "[32, 32, 32]"
     for tag in ("task", "fold", "git_sha", "data_fingerprint", "version.torch", "version.monai", "device"):
         assert tags.get(tag), tag
+    assert tags["num_workers"] == "0"  # the smoke preset's, as the loader used it
     keys = _metric_keys(client, result.run_id)
     metrics = run.data.metrics
     heads = load_checkpoint(result.output_dir / "checkpoints" / "last.pt")["model"]

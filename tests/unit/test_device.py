@@ -1,0 +1,35 @@
+"""Device choices: the training loader's worker count when ``train.num_workers`` is null (auto)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medsup.config import load
+from medsup.device import loader_workers, usable_cpus
+
+CUDA, CPU = torch.device("cuda", 0), torch.device("cpu")
+
+
+@pytest.mark.parametrize(("cpus", "ranks", "expected"), [
+    (16, 1, 12),  # the lent H100/H200 machine: capped at nnU-Net's 12
+    (8, 1, 7),    # one core left for the step's own process
+    (16, 4, 3),   # four ranks on the node share its cores
+    (2, 1, 2),    # never below 2 on a GPU
+    (64, 8, 7),
+])
+def test_auto_on_a_gpu_uses_the_cores_left_per_rank(cpus: int, ranks: int, expected: int) -> None:
+    assert loader_workers(None, CUDA, ranks_per_node=ranks, cpus=cpus) == expected
+
+
+def test_auto_on_a_cpu_keeps_two_and_a_set_value_always_wins() -> None:
+    assert loader_workers(None, CPU, cpus=64) == 2
+    assert loader_workers(0, CUDA, cpus=64) == 0
+    assert loader_workers(5, CPU, cpus=2) == 5
+
+
+def test_the_default_config_asks_for_auto_and_counts_this_machine() -> None:
+    assert load("liver").train.num_workers is None
+    assert load("liver", ["train.num_workers=3"]).train.num_workers == 3
+    assert 1 <= usable_cpus() <= (torch.multiprocessing.cpu_count() or 1)
+    assert loader_workers(None, CUDA) >= 2
