@@ -70,8 +70,12 @@ def main() -> None:
 
     load_med, n_load = _steady_seconds(loader)
     bs, workers = plan.batch_size, loader.num_workers
-    print(f"patch {list(plan.patch_size)} x batch {bs}, workers {workers}, "
-          f"{torch.get_num_threads()} torch threads; caching {len(split['train'])} cases took {cache_s:.1f} s")
+    tensors = [v for item in loader.dataset._cache if item for v in item.values() if isinstance(v, torch.Tensor)]
+    cache_gb = sum(v.numel() * v.element_size() for v in tensors) / 1e9
+    float_gb = sum(v.numel() * 4 for v in tensors) / 1e9  # the cache before labels were kept as uint8
+    print(f"patch {list(plan.patch_size)} x batch {bs}, workers {workers}, {torch.get_num_threads()} torch "
+          f"threads; caching {len(split['train'])} cases took {cache_s:.1f} s and holds {cache_gb:.2f} GB "
+          f"({float_gb:.2f} GB with float32 labels)")
     print(f"loader alone: {load_med:.3f} s/batch ({bs / load_med:.1f} samples/s, "
           f"mean of {n_load} after the prefetch queue)")
     if args.target_rate is not None:

@@ -7,8 +7,9 @@ Two chains:
 - :func:`train_transforms` — ``preprocess`` + pad to the patch + foreground locations (cached), then the
   random part: foreground-oversampled patch crop and augmentation.
 
-Dictionaries carry ``"image"`` and ``"label"`` paths in, ``(1, X, Y, Z)`` MetaTensors out (image float32 in
-normalised units, label float32 with integer values).
+Dictionaries carry ``"image"`` and ``"label"`` paths in, ``(1, X, Y, Z)`` MetaTensors out: image float32 in
+normalised units; label uint8 while whole (preprocessed, cached: 1 byte a voxel, not 4), float32 with integer
+values from the patch crop on (what augmentation and collation expect).
 """
 
 from __future__ import annotations
@@ -50,15 +51,24 @@ def normalize_ct(x: torch.Tensor, norm: Normalization) -> torch.Tensor:
     return x.clamp(norm.clip_low, norm.clip_high).sub_(norm.mean).div_(norm.std)
 
 
+def label_dtype(plan: Plan) -> type[np.generic]:
+    """The type a preprocessed label is kept in: uint8 (a quarter of float32 in the training cache) unless the
+    plan has more classes than it holds."""
+    return np.uint8 if plan.num_classes <= 256 else np.int16
+
+
 def preprocess_volume(volume: Volume, plan: Plan, image: bool = True,
-                      dtype: type[np.generic] = np.float32) -> MetaTensor:
+                      dtype: type[np.generic] | None = None) -> MetaTensor:
     """Reorient ``volume`` exactly to the plan orientation, resample it onto the plan spacing (trilinear for
     an image, nearest for a label) and, for an image, CT-normalise it: one streamed pass, slab by slab, so a
     full-size int16 CT is never copied to float at its own resolution.
 
-    Returns a ``(1, X, Y, Z)`` MetaTensor of ``dtype`` with the RAS affine of the plan grid; the input's own
-    geometry is kept under ``meta["medsup_geometry"]`` so outputs can be mapped back exactly.
+    Returns a ``(1, X, Y, Z)`` MetaTensor of ``dtype`` (default: float32 for an image, uint8 for a label) with
+    the RAS affine of the plan grid; the input's own geometry is kept under ``meta["medsup_geometry"]`` so
+    outputs can be mapped back exactly.
     """
+    if dtype is None:
+        dtype = np.float32 if image else label_dtype(plan)
     oriented = volume.reoriented(plan.orientation)  # a view: flips and transposes only
     norm = plan.normalization
     array, affine = resample_to_spacing(
@@ -72,8 +82,8 @@ def preprocess_volume(volume: Volume, plan: Plan, image: bool = True,
 class PreprocessVolumed(MapTransform):
     """Read each key's path with :func:`medsup.data.io.read_image` and :func:`preprocess_volume` it.
 
-    Output: ``(1, X, Y, Z)`` float32 MetaTensors (image in normalised units, label with integer values)
-    carrying the file name in their meta.
+    Output: ``(1, X, Y, Z)`` MetaTensors (image float32 in normalised units, label uint8, see
+    :func:`label_dtype`) carrying the file name in their meta.
     """
 
     def __init__(self, keys: Sequence[str], plan: Plan) -> None:
@@ -134,8 +144,8 @@ class ForegroundOversampledCropd(RandomizableTransform, MapTransform):
     of every tile (``bench/position_prior.py``: 17x the tumour probability in the central half of
     lesion-free patches after 1200 iterations on synthetic lung, BENCHMARKS.md).
 
-    The volume must already be at least ``patch`` along every axis (see ``SpatialPadd``). The patch is a copy:
-    the input volume (the training cache's) is never written to or shared with what follows.
+    The volume must already be at least ``patch`` along every axis (see ``SpatialPadd``). The patch is a float32
+    copy: the input volume (the training cache's) is never written to or shared with what follows.
     """
 
     def __init__(self, keys: Sequence[str], patch: Sequence[int], fg_prob: float, jitter: float = 1.0) -> None:
@@ -154,9 +164,11 @@ class ForegroundOversampledCropd(RandomizableTransform, MapTransform):
         start = self._start(shape, locations)
         slices = (slice(None), *(slice(s, s + p) for s, p in zip(start, self.patch, strict=True)))
         for key in self.key_iterator(d):
-            # a copy of the patch, not a view: the training cache hands its cases over without MONAI's
-            # per-sample deep copy of the whole volume, so nothing after the crop may reach the cached arrays
-            d[key] = d[key][slices].clone()
+            # a float32 copy of the patch, not a view: the training cache hands its cases over without MONAI's
+            # per-sample deep copy of the whole volume, so nothing after the crop may reach the cached arrays;
+            # float32 also for the (uint8-cached) label, which interpolating augmentations return as float32
+            # anyway, so every sample of a batch has the same type
+            d[key] = d[key][slices].clone().float()  # clone: MetaTensor.to(copy=True) shares the meta dicts
         return d
 
     def _start(self, shape: tuple[int, ...], locations: dict[int, np.ndarray]) -> list[int]:

@@ -78,6 +78,14 @@ def test_the_patch_is_a_copy_and_the_volume_stays_untouched() -> None:
     patch.meta["geometry"]["k"].append(2)
     assert torch.equal(image.as_tensor(), before.as_tensor())
     assert image.meta["geometry"] == {"k": [1]}
+    # a label kept as uint8 comes out float32 with the same values, the type augmentation gives it
+    label = MetaTensor(torch.randint(0, 3, (1, *SHAPE), dtype=torch.uint8))
+    crop = ForegroundOversampledCropd(["label"], PATCH, fg_prob=0.0)
+    crop.set_random_state(0)
+    out = crop({"label": label})["label"]
+    crop.set_random_state(0)
+    assert out.dtype == torch.float32
+    assert torch.equal(out.as_tensor(), crop({"label": label.float()})["label"].as_tensor())
 
 
 def test_training_loader_skips_the_cache_copy_and_draws_the_same_batches(msd_dataset: Path, tmp_path: Path) -> None:
@@ -98,10 +106,12 @@ def test_training_loader_skips_the_cache_copy_and_draws_the_same_batches(msd_dat
     cached = [{k: v.as_tensor().clone() for k, v in item.items() if isinstance(v, MetaTensor)}
               for item in ours.dataset._cache]
     assert cached and all({"image", "label"} <= set(c) for c in cached)
+    assert {c["label"].dtype for c in cached} == {torch.uint8}  # a quarter of float32 in the cache
     batches = list(zip(ours, monai, strict=True))
     assert len(batches) == cfg.train.iterations_per_epoch
     for a, b in batches:
         for key in ("image", "label"):
+            assert a[key].dtype == torch.float32
             assert torch.equal(a[key].as_tensor(), b[key].as_tensor())
     for item, before in zip(ours.dataset._cache, cached, strict=True):
         for key, value in before.items():
