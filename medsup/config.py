@@ -132,6 +132,7 @@ class TrainConfig(_Section):
     early_stop_patience: Annotated[int, Field(ge=0)] = 0
     num_workers: Annotated[int, Field(ge=0)] | None = None
     cache_rate: Probability = 1.0
+    cache_dtype: Literal["float16", "float32"] = "float16"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     deterministic: bool = False
     grad_norm_every: Annotated[int, Field(ge=0)] = 10

@@ -8,8 +8,8 @@ Two chains:
   random part: foreground-oversampled patch crop and augmentation.
 
 Dictionaries carry ``"image"`` and ``"label"`` paths in, ``(1, X, Y, Z)`` MetaTensors out: image float32 in
-normalised units; label uint8 while whole (preprocessed, cached: 1 byte a voxel, not 4), float32 with integer
-values from the patch crop on (what augmentation and collation expect).
+normalised units (float16 in the training cache, ``train.cache_dtype``); label uint8 while whole (1 byte a
+voxel, not 4); both float32 from the patch crop on (what augmentation, collation and the network expect).
 """
 
 from __future__ import annotations
@@ -82,19 +82,22 @@ def preprocess_volume(volume: Volume, plan: Plan, image: bool = True,
 class PreprocessVolumed(MapTransform):
     """Read each key's path with :func:`medsup.data.io.read_image` and :func:`preprocess_volume` it.
 
-    Output: ``(1, X, Y, Z)`` MetaTensors (image float32 in normalised units, label uint8, see
+    Output: ``(1, X, Y, Z)`` MetaTensors (image ``image_dtype`` in normalised units, label uint8, see
     :func:`label_dtype`) carrying the file name in their meta.
     """
 
-    def __init__(self, keys: Sequence[str], plan: Plan) -> None:
+    def __init__(self, keys: Sequence[str], plan: Plan, image_dtype: type[np.generic] = np.float32) -> None:
         super().__init__(keys)
         self.plan = plan
+        self.image_dtype = image_dtype
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
             path = d[key]
-            out = preprocess_volume(read_image(path), self.plan, image=key == IMAGE)
+            image = key == IMAGE
+            out = preprocess_volume(read_image(path), self.plan, image=image,
+                                    dtype=self.image_dtype if image else None)
             out.meta["filename_or_obj"] = str(path)
             d[key] = out
         return d
@@ -192,10 +195,11 @@ class ForegroundOversampledCropd(RandomizableTransform, MapTransform):
         return p // 2 + int(self.R.randint(-reach, min(reach, p - 1 - p // 2) + 1))
 
 
-def preprocess(plan: Plan, keys: Sequence[str] = (IMAGE, LABEL)) -> list[Transform]:
+def preprocess(plan: Plan, keys: Sequence[str] = (IMAGE, LABEL),
+               image_dtype: type[np.generic] = np.float32) -> list[Transform]:
     """Deterministic load -> reorient -> resample to ``plan.target_spacing`` -> normalise (one transform; what
     inference runs too, through :func:`preprocess_volume`)."""
-    return [PreprocessVolumed(list(keys), plan)]
+    return [PreprocessVolumed(list(keys), plan, image_dtype)]
 
 
 def _augmentations(aug: AugmentConfig, plan: Plan) -> list[Transform]:
@@ -226,7 +230,8 @@ def _augmentations(aug: AugmentConfig, plan: Plan) -> list[Transform]:
 def train_transforms(cfg: Config, plan: Plan, fg_classes: Sequence[int]) -> Compose:
     """The training chain; everything before the patch crop is deterministic and cached by CacheDataset."""
     return Compose([
-        *preprocess(plan),
+        # the cache keeps what this returns for every training case: float16 images halve it
+        *preprocess(plan, image_dtype=np.float16 if cfg.train.cache_dtype == "float16" else np.float32),
         # small volumes: pad the image with air and the label with background so every patch fits
         SpatialPadd([IMAGE], spatial_size=plan.patch_size, mode="constant",
                     value=background_value(plan.normalization)),
