@@ -72,10 +72,10 @@ def main() -> None:
     bs, workers = plan.batch_size, loader.num_workers
     tensors = [v for item in loader.dataset._cache if item for v in item.values() if isinstance(v, torch.Tensor)]
     cache_gb = sum(v.numel() * v.element_size() for v in tensors) / 1e9
-    float_gb = sum(v.numel() * 4 for v in tensors) / 1e9  # the cache before labels were kept as uint8
+    float_gb = sum(v.numel() * 4 for v in tensors) / 1e9  # the cache before: float32 images and labels
     print(f"patch {list(plan.patch_size)} x batch {bs}, workers {workers}, {torch.get_num_threads()} torch "
           f"threads; caching {len(split['train'])} cases took {cache_s:.1f} s and holds {cache_gb:.2f} GB "
-          f"({float_gb:.2f} GB with float32 labels)")
+          f"({float_gb:.2f} GB as float32)")
     print(f"loader alone: {load_med:.3f} s/batch ({bs / load_med:.1f} samples/s, "
           f"mean of {n_load} after the prefetch queue)")
     if args.target_rate is not None:

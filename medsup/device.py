@@ -39,9 +39,9 @@ def loader_workers(requested: int | None, device: torch.device, ranks_per_node: 
     """Training data-loader worker processes: ``requested`` when set, else on CUDA every core this rank's share
     of the machine has left after its own process (at most 12, at least 2), else 2.
 
-    Why so many on a GPU: a 128^3 patch costs ~0.1 s of one core from the cache to the collated batch
-    (``bench/dataload.py``: 8.8 samples/s per busy core), and nnU-Net's epoch of 250 steps x 2 patches in 20 s
-    eats 25 samples/s.
+    Why so many on a GPU: a 128^3 patch costs ~0.08 s of one core from the cache to the collated batch
+    (``bench/dataload.py``: ~12 samples/s per busy core), and nnU-Net's epoch of 250 steps x 2 patches in
+    20 s eats 25 samples/s.
     """
     if requested is not None:
         return requested
