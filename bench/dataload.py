@@ -46,6 +46,9 @@ def main() -> None:
     parser.add_argument("--preset", default="quick", help="config preset ('' = none: the task's reference plan)")
     parser.add_argument("--batches", type=int, default=40)
     parser.add_argument("--workers", type=int, default=None, help="override train.num_workers")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="the device the loader feeds (its auto worker count, pinned memory); the step itself "
+                             "is only run on the CPU, so cuda needs --target-rate")
     parser.add_argument("--samples", type=int, default=20, help="samples for the per-transform breakdown")
     parser.add_argument("--target-rate", type=float, default=None,
                         help="samples/s the loader must feed (a GPU step's rate); skips the CPU step")
@@ -56,6 +59,8 @@ def main() -> None:
     add_threads_option(parser)
     args = parser.parse_args()
     start(args)
+    if args.device == "cuda" and args.target_rate is None:
+        parser.error("--device cuda measures the loader only: give the step's rate with --target-rate")
     overrides = [*args.overrides, f"train.iterations_per_epoch={args.batches}"]
     if args.workers is not None:
         overrides.append(f"train.num_workers={args.workers}")
@@ -65,7 +70,7 @@ def main() -> None:
     cases = {c.case_id: c for c in load_datalist(args.data).labelled}
     split = make_splits(sorted(cases), cfg.data.num_folds, cfg.seed)[0]
     t0 = time.perf_counter()
-    loader, _ = _loaders(cfg, plan, cases, split, torch.device("cpu"))
+    loader, _ = _loaders(cfg, plan, cases, split, torch.device(args.device))
     cache_s = time.perf_counter() - t0
 
     load_med, n_load = _steady_seconds(loader)
@@ -136,7 +141,7 @@ def _loader_seconds(loader: Any, copy_cache: bool) -> float:
     ds.copy_cache = copy_cache
     try:
         fresh = DataLoader(ds, batch_size=loader.batch_size, sampler=loader.sampler, num_workers=loader.num_workers,
-                           drop_last=True)
+                           pin_memory=loader.pin_memory, drop_last=True)
         return _steady_seconds(fresh)[0]
     finally:
         ds.copy_cache = False

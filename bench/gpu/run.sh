@@ -2,7 +2,7 @@
 # The GPU figures of BENCHMARKS.md (issue #7) on the lent GPU machine, in two device calls whose step limits
 # add up to ~5 minutes each, so that both and the machine's start fit a session's 15 minutes of device time
 # (the steps are ordered by what issue #7 needs most; a step cut by its limit still leaves its log):
-#   device run  carry [".gpu-kit"]  command "bash bench/gpu/run.sh train"   CUDA tests, train_step
+#   device run  carry [".gpu-kit"]  command "bash bench/gpu/run.sh train"   CUDA tests, train_step, dataload
 #   device run  carry [".gpu-kit"]  command "bash bench/gpu/run.sh infer"   infer_e2e (nnU-Net, MONAI), memory
 # .gpu-kit/ comes from bench/gpu/make_kit.sh (run here first). Every step has its own time limit and log
 # ($OUT/<step>.log, the device tool brings $OUT back, at most 8 files: each part writes 8); one failing step
@@ -54,6 +54,9 @@ command -v nvidia-smi >/dev/null && nvidia-smi > "$OUT/nvidia-smi.log" 2>&1
 if [ "$PART" = train ]; then
     if [ "$QUICK" = 1 ]; then
         step train-step 300 "$PY" bench/train_step.py --device "$DEVICE" --quick
+        step synth 15 "$PY" -m medsup synth --task liver --cases 4 --out /tmp/liver_synth --test-cases 0
+        step dataload 120 "$PY" bench/dataload.py --data /tmp/liver_synth --preset quick --batches 12 \
+            --target-rate 25 --copy-repeats 1 --samples 4
     else
         step gpu-tests 90 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/gpu
         # it/s, patches/s, TFLOP/s, MFU of the liver and lung plans: fp32 vs bf16 autocast, nnU-Net's step beside
@@ -62,10 +65,15 @@ if [ "$PART" = train ]; then
         step train-step-compile 50 "$PY" bench/train_step.py --device cuda --tasks liver --iters 20 --repeats 3 \
             --amp on --compile on --channels-last off --nnunet off
         # the real loader (12 workers) feeding the liver step: does it starve the GPU?
-        step synth 15 "$PY" -m medsup synth --task liver --cases 2 --out /tmp/liver_synth
+        step synth 15 "$PY" -m medsup synth --task liver --cases 4 --out /tmp/liver_synth --test-cases 0
         step train-step-data 30 "$PY" bench/train_step.py --device cuda --tasks liver --data on \
             --dataset /tmp/liver_synth --amp on --compile off --channels-last off --iters 30 --repeats 2 \
             --workers 12 --nnunet off
+        # the loader alone at the reference scale (128^3 at 0.77 mm) with the auto worker count, against the
+        # 25 samples/s of 250 iterations x 2 patches in 20 s, and MONAI's per-sample cache copy beside it
+        step dataload 45 "$PY" bench/dataload.py --data /tmp/liver_synth --preset "" \
+            --set "plan.target_spacing=[0.77,0.77,0.77]" --set "plan.patch_size=[128,128,128]" \
+            --device cuda --batches 60 --target-rate 25 --copy-repeats 1 --samples 10
     fi
 elif [ "$PART" = infer ]; then
     if [ "$QUICK" = 1 ]; then
