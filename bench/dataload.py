@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import statistics
 import time
 from pathlib import Path
@@ -38,6 +37,7 @@ def main() -> None:
     from medsup.data.datalist import load_datalist
     from medsup.data.fingerprint import plan_dataset
     from medsup.data.splits import make_splits
+    from medsup.device import usable_cpus
     from medsup.train import _loaders
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -73,7 +73,7 @@ def main() -> None:
     loader, _ = _loaders(cfg, plan, cases, split, torch.device(args.device))
     cache_s = time.perf_counter() - t0
 
-    load_med, n_load = _steady_seconds(loader)
+    load_s, n_load = _steady_seconds(loader)
     bs, workers = plan.batch_size, loader.num_workers
     tensors = [v for item in loader.dataset._cache if item for v in item.values() if isinstance(v, torch.Tensor)]
     cache_gb = sum(v.numel() * v.element_size() for v in tensors) / 1e9
@@ -81,12 +81,12 @@ def main() -> None:
     print(f"patch {list(plan.patch_size)} x batch {bs}, workers {workers}, {torch.get_num_threads()} torch "
           f"threads; caching {len(split['train'])} cases took {cache_s:.1f} s and holds {cache_gb:.2f} GB "
           f"({float_gb:.2f} GB as float32)")
-    print(f"loader alone: {load_med:.3f} s/batch ({bs / load_med:.1f} samples/s, "
+    print(f"loader alone: {load_s:.3f} s/batch ({bs / load_s:.1f} samples/s, "
           f"mean of {n_load} after the prefetch queue)")
     if args.target_rate is not None:
-        rate = bs / load_med
+        rate = bs / load_s
         # per worker: the loader's processes share this machine's cores, so more workers than cores add nothing
-        per_worker = rate / max(1, min(workers, os.cpu_count() or 1))
+        per_worker = rate / max(1, min(workers, usable_cpus()))
         verdict = "keeps up" if rate >= args.target_rate else "STARVES the step"
         print(f"target: {args.target_rate:.1f} samples/s; loader / target: {rate / args.target_rate:.2f} "
               f"({verdict}); {per_worker:.1f} samples/s per busy core -> "
@@ -96,8 +96,8 @@ def main() -> None:
         print(f"training step: {step_med:.3f} s/batch ({bs / step_med:.1f} samples/s, median of {n_step})")
         print(f"step fed by the loader: {fed_med:.3f} s/batch ({bs / fed_med:.1f} samples/s, median of "
               f"{n_fed}; {fed_med / step_med:.2f}x the step alone)")
-        verdict = "keeps up" if load_med < step_med else "STARVES the step"
-        print(f"loader / step time: {load_med / step_med:.2f} ({verdict})")
+        verdict = "keeps up" if load_s < step_med else "STARVES the step"
+        print(f"loader / step time: {load_s / step_med:.2f} ({verdict})")
     if args.copy_repeats:
         copy_s: dict[bool, list[float]] = {flag: [] for flag in (True, False)}
         for _ in range(args.copy_repeats):

@@ -22,7 +22,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-CPU_LOADER_WORKERS = 2  # on a CPU the step needs the cores; the loader's cost per sample is ~1 % of it
+CPU_LOADER_WORKERS = 2  # on a CPU the step needs the cores; the loader costs a few % of a CPU step
 MAX_GPU_LOADER_WORKERS = 12  # nnU-Net's default number of augmentation processes
 
 

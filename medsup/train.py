@@ -420,9 +420,9 @@ def _loaders(cfg: Config, plan: Plan, cases: dict[str, Any], split: dict[str, li
     workers = loader_workers(cfg.train.num_workers, dev, idist.get_nproc_per_node())
     train_tf = train_transforms(cfg, plan, fg)
     train_tf.set_random_state(cfg.seed + rank)
-    # copy_cache=False: MONAI deep-copies the whole cached case for every sample by default (two float32
-    # volumes, ~380 MB for a 512x512x139 CT at the liver plan's spacing) only to crop a patch from it; the
-    # patch crop copies the patch instead, so the cache stays untouched (bench/dataload.py measures both)
+    # copy_cache=False: MONAI deep-copies the whole cached case for every sample by default (0.15-0.3 GB for
+    # a 512x512 CT at the liver plan's spacing, 3 bytes a voxel) only to crop a patch from it; the patch crop
+    # copies the patch instead, so the cache stays untouched (bench/dataload.py measures both)
     train_ds = CacheDataset([item(c) for c in train_ids], train_tf, cache_rate=cfg.train.cache_rate,
                             num_workers=max(1, workers), progress=False, copy_cache=False)
     val_ds = CacheDataset([item(c) for c in val_ids], eval_transforms(plan), cache_rate=cfg.train.cache_rate,

@@ -4,6 +4,7 @@ patch is a copy the training cache can hand over without MONAI's per-sample deep
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -88,19 +89,21 @@ def test_the_patch_is_a_copy_and_the_volume_stays_untouched() -> None:
     assert torch.equal(out.as_tensor(), crop({"label": label.float()})["label"].as_tensor())
 
 
+def train_loader(data: Path, out: Path, *overrides: str) -> Any:
+    """The training loader of the tiny task over ``data``, in process, seeded as training seeds it."""
+    cfg = load("tiny", ["train.num_workers=0", "augment.affine_prob=0.5", *overrides])
+    plan = plan_dataset(data, cfg, out / "plan.json")
+    cases = {c.case_id: c for c in load_datalist(data).labelled}
+    split = make_splits(sorted(cases), cfg.data.num_folds, cfg.seed)[0]
+    # without workers MONAI's DataLoader seeds the transforms from the global generator, which training seeds
+    torch.manual_seed(cfg.seed)
+    return _loaders(cfg, plan, cases, split, torch.device("cpu"))[0]
+
+
 def test_training_loader_skips_the_cache_copy_and_draws_the_same_batches(msd_dataset: Path, tmp_path: Path) -> None:
     # MONAI's CacheDataset deep-copies the whole cached case for every sample unless told not to; medsup's
     # loader does not (the crop copies the patch). Same seed: the same batches as with the copy, cache intact.
-    cfg = load("tiny", ["train.num_workers=0", "augment.affine_prob=0.5"])
-    plan = plan_dataset(msd_dataset, cfg, tmp_path / "plan.json")
-    cases = {c.case_id: c for c in load_datalist(msd_dataset).labelled}
-    split = make_splits(sorted(cases), cfg.data.num_folds, cfg.seed)[0]
-    loaders = []
-    for _ in range(2):
-        # as training seeds it: MONAI's DataLoader seeds the transforms from the global generator (no workers)
-        torch.manual_seed(cfg.seed)
-        loaders.append(_loaders(cfg, plan, cases, split, torch.device("cpu"))[0])
-    ours, monai = loaders
+    ours, monai = (train_loader(msd_dataset, tmp_path) for _ in range(2))
     assert ours.dataset.copy_cache is False
     monai.dataset.copy_cache = True
     cached = [{k: v.as_tensor().clone() for k, v in item.items() if isinstance(v, MetaTensor)}
@@ -110,7 +113,7 @@ def test_training_loader_skips_the_cache_copy_and_draws_the_same_batches(msd_dat
     assert {c["image"].dtype for c in ours.dataset._cache} == {torch.float16}
     assert {c["label"].dtype for c in cached} == {torch.uint8}
     batches = list(zip(ours, monai, strict=True))
-    assert len(batches) == cfg.train.iterations_per_epoch
+    assert len(batches) == load("tiny").train.iterations_per_epoch
     for a, b in batches:
         for key in ("image", "label"):
             assert a[key].dtype == torch.float32
@@ -122,14 +125,8 @@ def test_training_loader_skips_the_cache_copy_and_draws_the_same_batches(msd_dat
 
 def test_a_float16_cache_gives_the_float32_cache_batches_to_float16_precision(msd_dataset: Path,
                                                                              tmp_path: Path) -> None:
-    batches = {}
-    for dtype in ("float16", "float32"):
-        cfg = load("tiny", ["train.num_workers=0", "augment.affine_prob=0.5", f"train.cache_dtype={dtype}"])
-        plan = plan_dataset(msd_dataset, cfg, tmp_path / "plan.json")
-        cases = {c.case_id: c for c in load_datalist(msd_dataset).labelled}
-        split = make_splits(sorted(cases), cfg.data.num_folds, cfg.seed)[0]
-        torch.manual_seed(cfg.seed)
-        batches[dtype] = list(_loaders(cfg, plan, cases, split, torch.device("cpu"))[0])
+    batches = {dtype: list(train_loader(msd_dataset, tmp_path, f"train.cache_dtype={dtype}"))
+               for dtype in ("float16", "float32")}
     for half, full in zip(batches["float16"], batches["float32"], strict=True):
         assert torch.equal(half["label"].as_tensor(), full["label"].as_tensor())  # same patches, same labels
         image, reference = half["image"].as_tensor(), full["image"].as_tensor()
