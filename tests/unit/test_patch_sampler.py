@@ -121,6 +121,7 @@ def test_training_loader_skips_the_cache_copy_and_draws_the_same_batches(msd_dat
     for item, before in zip(ours.dataset._cache, cached, strict=True):
         for key, value in before.items():
             assert torch.equal(item[key].as_tensor(), value), key
+        assert item[FG_LOCATIONS], "the crop pops the foreground locations from its copy of the dict, not the cache"
 
 
 def test_a_float16_cache_gives_the_float32_cache_batches_to_float16_precision(msd_dataset: Path,
