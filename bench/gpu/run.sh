@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The GPU figures of BENCHMARKS.md (issue #7) on the lent GPU machine, in two device calls whose step limits
-# add up to ~5 minutes each, so that both and the machine's start fit a session's 15 minutes of device time
-# (the steps are ordered by what issue #7 needs most; a step cut by its limit still leaves its log):
+# add up to ~6 (train) and ~5 (infer) minutes, so that both and the machine's start fit a session's 15 minutes
+# of device time (the steps are ordered by what issue #7 needs most; a step cut by its limit still leaves its log):
 #   device run  carry [".gpu-kit"]  command "bash bench/gpu/run.sh train"   CUDA tests, train_step, dataload
 #   device run  carry [".gpu-kit"]  command "bash bench/gpu/run.sh infer"   infer_e2e (nnU-Net, MONAI), memory
 # .gpu-kit/ comes from bench/gpu/make_kit.sh (run here first). Every step has its own time limit and log
-# ($OUT/<step>.log, the device tool brings $OUT back, at most 8 files: each part writes 8); one failing step
+# ($OUT/<step>.log, the device tool brings $OUT back, at most 8 files: train writes 8, infer 7); one failing step
 # does not stop the others.
 # Check the commands here, without a GPU and without the kit (its wheels are for the device's Python 3.12):
 #   KIT= QUICK=1 DEVICE=cpu PY=.venv-bench/bin/python bash bench/gpu/run.sh train   (and infer)
@@ -49,7 +49,7 @@ try:
     print('nnunetv2 imports')
 except Exception as err:
     print('nnunetv2 does not import:', err)"
-command -v nvidia-smi >/dev/null && nvidia-smi > "$OUT/nvidia-smi.log" 2>&1
+command -v nvidia-smi >/dev/null && nvidia-smi >> "$OUT/env.log" 2>&1  # in env.log: $OUT brings back 8 files
 
 if [ "$PART" = train ]; then
     if [ "$QUICK" = 1 ]; then
