@@ -150,6 +150,7 @@ def _loader_seconds(loader: Any, copy_cache: bool) -> float:
 def _step_rates(cfg: Any, plan: Any, loader: Any) -> tuple[float, float, int, int]:
     """Median seconds per training step on synthetic tensors, and per step fed by ``loader`` (both on this
     machine's cores, as in training); returns ``(step, fed, n_step, n_fed)``."""
+    from medsup.engine.steps import prepare
     from medsup.losses import build_loss
     from medsup.models.unet import build_model
 
@@ -173,7 +174,7 @@ def _step_rates(cfg: Any, plan: Any, loader: Any) -> tuple[float, float, int, in
     t = time.perf_counter()
     for batch in it:
         opt.zero_grad()
-        image, label = batch["image"].as_tensor(), batch["label"].as_tensor().round().long()
+        image, label = prepare(batch, torch.device("cpu"), channels_last=False)  # as the training step does
         loss_fn(model(image), label).backward()
         opt.step()
         now = time.perf_counter()
