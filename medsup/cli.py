@@ -19,7 +19,7 @@ from medsup.cli_common import emit, fail
 
 app = typer.Typer(
     name="medsup",
-    help="CT segmentation with a deeply-supervised 3D U-Net: synth, check, plan, train, infer, register.",
+    help="CT segmentation with a deeply-supervised 3D U-Net: synth, check, plan, preprocess, train, infer, register.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -199,6 +199,37 @@ def plan(
         typer.echo(f"normalisation: clip [{p.normalization.clip_low:.1f}, {p.normalization.clip_high:.1f}] HU, "
                    f"mean {p.normalization.mean:.1f}, std {p.normalization.std:.1f}")
         typer.echo(f"wrote {out or Path(data) / 'plan.json'}")
+
+
+@app.command()
+def preprocess(
+    data: Annotated[Path, typer.Option("--data", "-d", help="Dataset folder (MSD or images/ + labels/).")],
+    task: TaskOpt = "liver",
+    plan_file: Annotated[Path | None, typer.Option("--plan", help="plan.json (default: plan the dataset, as "
+                                                   "`medsup train` does).")] = None,
+    workers: Annotated[int, typer.Option(help="Cases preprocessed at a time.")] = 2,
+    preset: PresetOpt = None,
+    overrides: SetOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Preprocess every labelled case once into the disk cache that `medsup train --set train.cache=disk` reads
+    (resample, normalise, pad, locate foreground; `train.cache_dir` or $MEDSUP_PREPROCESSED says where)."""
+    from medsup.data.fingerprint import fingerprint_dataset
+    from medsup.data.planning import Plan, make_plan
+    from medsup.data.preprocessed import PreprocessError, preprocess_dataset
+
+    cfg = _config(task, overrides, preset)
+    try:
+        # planned as training plans it, without writing into the dataset folder (it may be read-only)
+        the_plan = Plan.load(plan_file) if plan_file else make_plan(cfg, fingerprint_dataset(data, cfg))
+        result = preprocess_dataset(cfg, data, the_plan, workers)
+    except (FileNotFoundError, ValueError, PreprocessError) as err:
+        fail(str(err))
+    if as_json:
+        emit(result)
+    else:
+        typer.echo(f"preprocessed {result['cases']} case(s) ({result['written']} written, {result['reused']} "
+                   f"already there) in {result['seconds']:.1f} s: {result['bytes'] / 1e9:.2f} GB in {result['root']}")
 
 
 @app.command()

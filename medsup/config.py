@@ -133,6 +133,8 @@ class TrainConfig(_Section):
     num_workers: Annotated[int, Field(ge=0)] | None = None
     cache_rate: Probability = 1.0
     cache_dtype: Literal["float16", "float32"] = "float16"
+    cache: Literal["auto", "memory", "disk"] = "auto"
+    cache_dir: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     deterministic: bool = False
     grad_norm_every: Annotated[int, Field(ge=0)] = 10

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,6 +50,26 @@ def loader_workers(requested: int | None, device: torch.device, ranks_per_node: 
         return CPU_LOADER_WORKERS
     share = (cpus if cpus is not None else usable_cpus()) // max(1, ranks_per_node)
     return max(CPU_LOADER_WORKERS, min(MAX_GPU_LOADER_WORKERS, share - 1))
+
+
+def available_memory_bytes() -> int | None:
+    """Memory this process can still take: the kernel's ``MemAvailable``, lowered to what the cgroup (a
+    container's or a job's limit) has left; None where neither can be read (not Linux)."""
+    found: list[int] = []
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError):
+        pass
+    try:  # cgroup v2; "max" means no limit
+        limit = Path("/sys/fs/cgroup/memory.max").read_text(encoding="ascii").strip()
+        if limit != "max":
+            found.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text(encoding="ascii")))
+    except (OSError, ValueError):
+        pass
+    return max(0, min(found)) if found else None
 
 
 def autocast_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:

@@ -26,17 +26,20 @@ import monai
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from monai.data import CacheDataset, DataLoader, Dataset
+from monai.transforms import Compose
 
 import medsup
 from medsup.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from medsup.config import Config, from_json
+from medsup.data import preprocessed as pre
 from medsup.data.check import check_dataset
 from medsup.data.datalist import load_datalist
 from medsup.data.files import atomic_path
 from medsup.data.fingerprint import plan_dataset
 from medsup.data.planning import Plan
 from medsup.data.splits import fold_split, save_splits
-from medsup.data.transforms import background_value, eval_transforms, train_transforms
+from medsup.data.transforms import background_value, eval_transforms, train_random_transforms, train_transforms
 from medsup.device import loader_workers, resolve_device
 from medsup.engine.handlers import BestTracker, EpochMetrics, GradNorms, LossEpoch, PolyLR
 from medsup.engine.steps import StepEvents, make_train_step
@@ -182,7 +185,9 @@ def _fit(cfg: Config, plan: Plan, labels: dict[int, str], cases: dict[str, Any],
         torch.backends.cudnn.benchmark = True
 
     train_loader, val_items = _loaders(cfg, plan, cases, split, dev)
-    tracker.set_tags({"num_workers": str(train_loader.num_workers)})  # what train.num_workers: null chose
+    # what train.num_workers: null and train.cache: auto chose
+    tracker.set_tags({"num_workers": str(train_loader.num_workers),
+                      "train_cache": "memory" if isinstance(train_loader.dataset, CacheDataset) else "disk"})
     model = build_model(cfg, plan).to(dev)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
@@ -305,6 +310,10 @@ def _fit(cfg: Config, plan: Plan, labels: dict[int, str], cases: dict[str, Any],
             model_version = _register(tracker, bundle, cfg.task, best.best)
         if cfg.train.figures:
             _figures(output, history, last_validation, model, cfg, plan, dev, tracker)
+    # the other ranks wait for rank 0's export: a rank that tears its process group down and exits while rank 0
+    # still holds it open can abort in gloo's teardown ("terminate called without an active exception", exit
+    # -6), which torchrun reports as a failed run (seen in ~1 of 5 two-rank CPU runs before this barrier)
+    idist.barrier()
     return TrainResult(output, tracker.run_id, "", best.best, best.best_epoch, trainer.state.epoch, bundle, history,
                        model_version)
 
@@ -408,25 +417,14 @@ def write_bundle(folder: Path, weights: dict[str, torch.Tensor], cfg: Config, pl
 
 def _loaders(cfg: Config, plan: Plan, cases: dict[str, Any], split: dict[str, list[str]],
              dev: torch.device) -> tuple[Any, Any]:
-    from monai.data import CacheDataset, DataLoader
-
     rank, world = idist.get_rank(), idist.get_world_size()
     train_ids = split["train"][rank::world] or split["train"]
     val_ids = split["val"][rank::world]
     if cfg.train.val_max_cases:
         val_ids = val_ids[: cfg.train.val_max_cases]
-    item = lambda cid: {"image": str(cases[cid].image), "label": str(cases[cid].label)}  # noqa: E731
-    fg = [c for c in sorted(get_task(cfg.task).labels) if c != 0]
     workers = loader_workers(cfg.train.num_workers, dev, idist.get_nproc_per_node())
-    train_tf = train_transforms(cfg, plan, fg)
-    train_tf.set_random_state(cfg.seed + rank)
-    # copy_cache=False: MONAI deep-copies the whole cached case for every sample by default (0.15-0.3 GB for
-    # a 512x512 CT at the liver plan's spacing, 3 bytes a voxel) only to crop a patch from it; the patch crop
-    # copies the patch instead, so the cache stays untouched (bench/dataload.py measures both)
-    train_ds = CacheDataset([item(c) for c in train_ids], train_tf, cache_rate=cfg.train.cache_rate,
-                            num_workers=max(1, workers), progress=False, copy_cache=False)
-    val_ds = CacheDataset([item(c) for c in val_ids], eval_transforms(plan), cache_rate=cfg.train.cache_rate,
-                          num_workers=max(1, workers), progress=False)
+    train_ds, val_ds = _datasets(cfg, plan, [cases[c] for c in train_ids], [cases[c] for c in val_ids], workers,
+                                 rank)
     generator = torch.Generator().manual_seed(cfg.seed + rank)
     sampler = torch.utils.data.RandomSampler(
         train_ds, replacement=True, num_samples=cfg.train.iterations_per_epoch * plan.batch_size, generator=generator
@@ -435,6 +433,35 @@ def _loaders(cfg: Config, plan: Plan, cases: dict[str, Any], split: dict[str, li
                               pin_memory=dev.type == "cuda", persistent_workers=workers > 0, drop_last=True)
     val_loader = DataLoader(val_ds, batch_size=1, num_workers=0)
     return train_loader, val_loader
+
+
+def _datasets(cfg: Config, plan: Plan, train_cases: list[Any], val_cases: list[Any], workers: int,
+              rank: int) -> tuple[Any, Any]:
+    """Training cases through :func:`train_transforms`, validation cases through :func:`eval_transforms`: cached
+    in memory (MONAI's ``CacheDataset``) or preprocessed once on disk and memory-mapped
+    (:mod:`medsup.data.preprocessed`), per ``train.cache``."""
+    if pre.choose_cache(cfg, plan, train_cases, val_cases, idist.get_nproc_per_node()) == "disk":
+        stores = {kind: pre.open_store(cfg, plan, [*train_cases, *val_cases], kind) for kind in ("train", "eval")}
+        try:
+            pre.fill_store(stores["train"], cfg, plan, train_cases, workers=max(1, workers))
+            pre.fill_store(stores["eval"], cfg, plan, val_cases, workers=max(1, workers))
+        except pre.PreprocessError as err:
+            raise TrainingError(str(err)) from None
+        train_tf = Compose([pre.LoadPreprocessedd(stores["train"]), *train_random_transforms(cfg, plan)])
+        train_tf.set_random_state(cfg.seed + rank)
+        return (Dataset([{pre.CASE_KEY: c.case_id} for c in train_cases], train_tf),
+                Dataset([{pre.CASE_KEY: c.case_id} for c in val_cases], pre.LoadPreprocessedd(stores["eval"])))
+    train_tf = train_transforms(cfg, plan, pre.foreground_classes(cfg))
+    train_tf.set_random_state(cfg.seed + rank)
+    item = lambda c: {"image": str(c.image), "label": str(c.label)}  # noqa: E731
+    # copy_cache=False: MONAI deep-copies the whole cached case for every sample by default (0.15-0.3 GB for
+    # a 512x512 CT at the liver plan's spacing, 3 bytes a voxel) only to crop a patch from it; the patch crop
+    # copies the patch instead, so the cache stays untouched (bench/dataload.py measures both)
+    train_ds = CacheDataset([item(c) for c in train_cases], train_tf, cache_rate=cfg.train.cache_rate,
+                            num_workers=max(1, workers), progress=False, copy_cache=False)
+    val_ds = CacheDataset([item(c) for c in val_cases], eval_transforms(plan), cache_rate=cfg.train.cache_rate,
+                          num_workers=max(1, workers), progress=False)
+    return train_ds, val_ds
 
 
 def _optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -227,9 +227,11 @@ def _augmentations(aug: AugmentConfig, plan: Plan) -> list[Transform]:
     return out
 
 
-def train_transforms(cfg: Config, plan: Plan, fg_classes: Sequence[int]) -> Compose:
-    """The training chain; everything before the patch crop is deterministic and cached by CacheDataset."""
-    return Compose([
+def train_cached_transforms(cfg: Config, plan: Plan, fg_classes: Sequence[int]) -> list[Transform]:
+    """The deterministic head of the training chain: what the training cache (in memory, or on disk in
+    :mod:`medsup.data.preprocessed`) keeps for every case: preprocessed, padded to the patch, with its
+    foreground locations."""
+    return [
         # the cache keeps what this returns for every training case: float16 images halve it
         *preprocess(plan, image_dtype=np.float16 if cfg.train.cache_dtype == "float16" else np.float32),
         # small volumes: pad the image with air and the label with background so every patch fits
@@ -237,10 +239,21 @@ def train_transforms(cfg: Config, plan: Plan, fg_classes: Sequence[int]) -> Comp
                     value=background_value(plan.normalization)),
         SpatialPadd([LABEL], spatial_size=plan.patch_size, mode="constant", value=0),
         ForegroundLocationsd(LABEL, fg_classes, seed=cfg.seed),
+    ]
+
+
+def train_random_transforms(cfg: Config, plan: Plan) -> list[Transform]:
+    """The random tail of the training chain, drawn afresh for every sample: the patch crop, then augmentation."""
+    return [
         ForegroundOversampledCropd([IMAGE, LABEL], plan.patch_size, cfg.train.foreground_oversample,
                                    cfg.train.foreground_jitter),
         *_augmentations(cfg.augment, plan),
-    ])
+    ]
+
+
+def train_transforms(cfg: Config, plan: Plan, fg_classes: Sequence[int]) -> Compose:
+    """The training chain; everything before the patch crop is deterministic and cached by CacheDataset."""
+    return Compose([*train_cached_transforms(cfg, plan, fg_classes), *train_random_transforms(cfg, plan)])
 
 
 def eval_transforms(plan: Plan, with_label: bool = True) -> Compose:

@@ -222,15 +222,16 @@ def test_pickle_bomb_checkpoint_is_refused(tiny_data: Path, tmp_path: Path) -> N
 
 
 def test_ddp_two_gloo_ranks(tiny_data: Path, tmp_path: Path) -> None:
-    """torchrun with 2 CPU processes: one MLflow run (rank 0), metrics reduced, one checkpoint writer."""
+    """torchrun with 2 CPU processes: one MLflow run (rank 0), metrics reduced, one checkpoint writer; both
+    ranks preprocess their share of the cases into one disk cache at the same time."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     torchrun = Path(sys.executable).with_name("torchrun")
     proc = subprocess.run(  # --standalone: a local rendezvous on a port the OS picks (a fixed one can be taken)
         [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "medsup", "-q", "train",
          "--task", "tiny", "--data", str(tiny_data), "--preset", "smoke", "--output", str(tmp_path / "run"),
-         "--tracking-uri", uri, "--json"],
+         "--tracking-uri", uri, "--set", "train.cache=disk", "--json"],
         cwd=REPO, capture_output=True, encoding="utf-8", errors="replace", timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "OMP_NUM_THREADS": "1", "MEDSUP_PREPROCESSED": str(tmp_path / "pre")},
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count('"run_id"') == 1  # only rank 0 reports
@@ -239,4 +240,11 @@ def test_ddp_two_gloo_ranks(tiny_data: Path, tmp_path: Path) -> None:
     assert len(runs) == 1
     run = runs[0]
     assert run.data.tags["world_size"] == "2" and run.info.status == "FINISHED"
+    assert run.data.tags["train_cache"] == "disk"
+    splits = json.loads((tmp_path / "run" / "splits.json").read_text(encoding="utf-8"))
+    fold = splits[int(run.data.params["data.fold_used"])]
+    stores = {json.loads((p / "settings.json").read_text(encoding="utf-8"))["kind"]: p
+              for p in (tmp_path / "pre").glob("tiny-*/*")}
+    for kind, ids in (("train", fold["train"]), ("eval", fold["val"])):
+        assert sorted(p.stem for p in stores[kind].glob("case*.json")) == sorted(ids), kind
     assert len(client.get_metric_history(run.info.run_id, "val.dice")) == 2

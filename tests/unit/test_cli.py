@@ -52,6 +52,31 @@ def test_check_and_plan_commands(msd_dataset: Path, tmp_path: Path) -> None:
     assert missing.exit_code == 2 and "does not exist" in missing.output
 
 
+def test_preprocess_stores_each_case_once_for_the_plan_training_makes(msd_dataset: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from medsup.config import load
+    from medsup.data.fingerprint import plan_dataset
+    from medsup.data.planning import Plan
+
+    monkeypatch.setenv("MEDSUP_PREPROCESSED", str(tmp_path / "pre"))
+    args = ["preprocess", "--task", "tiny", "--data", str(msd_dataset), "--json"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    done = json.loads(first.stdout)
+    assert (done["cases"], done["written"], done["reused"]) == (3, 3, 0) and done["bytes"] > 0
+    root = Path(done["root"])
+    assert root.is_relative_to(tmp_path / "pre") and len(list(root.glob("case*_image.npy"))) == 3
+    # the plan `medsup train` makes of the dataset: training with train.cache=disk finds this store
+    assert Plan.load(root / "plan.json") == plan_dataset(msd_dataset, load("tiny"), tmp_path / "p" / "plan.json")
+    assert not (msd_dataset / "plan.json").exists(), "the dataset folder is left as it was"
+    again = json.loads(runner.invoke(app, args).stdout)
+    assert (again["written"], again["reused"], again["root"]) == (0, 3, done["root"])
+    # a case that cannot be read: named, with its file; the command fails
+    (msd_dataset / "imagesTr" / "case1.nii.gz").write_bytes(b"not a NIfTI" * 40)
+    bad = runner.invoke(app, [*args[:-1], "--plan", str(root / "plan.json")])
+    assert bad.exit_code != 0 and "case1" in bad.output and "imagesTr" in bad.output
+
+
 def test_json_output_is_strict_json(capsys: pytest.CaptureFixture[str]) -> None:
     # the Dice of a class absent from prediction and reference is NaN: --json prints null, not Python's NaN
     emit({"dice": float("nan"), "hd95": [1.5, float("inf")], "path": Path("a")})

@@ -1,12 +1,16 @@
-"""Device choices: the training loader's worker count when ``train.num_workers`` is null (auto)."""
+"""Device choices: the training loader's worker count when ``train.num_workers`` is null (auto), and the free
+memory that decides ``train.cache: auto``."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import pytest
 import torch
 
 from medsup.config import load
-from medsup.device import loader_workers, usable_cpus
+from medsup.device import available_memory_bytes, loader_workers, usable_cpus
 
 CUDA, CPU = torch.device("cuda", 0), torch.device("cpu")
 
@@ -33,3 +37,11 @@ def test_the_default_config_asks_for_auto_and_counts_this_machine() -> None:
     assert load("liver", ["train.num_workers=3"]).train.num_workers == 3
     assert 1 <= usable_cpus() <= (torch.multiprocessing.cpu_count() or 1)
     assert loader_workers(None, CUDA) >= 2
+
+
+@pytest.mark.skipif(not Path("/proc/meminfo").exists(), reason="free memory is read from /proc/meminfo (Linux)")
+def test_free_memory_is_read_and_no_more_than_the_machine_has() -> None:
+    # (not "allocating lowers it": other test workers allocate and free at the same time)
+    free = available_memory_bytes()
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert free is not None and 0 < free <= total

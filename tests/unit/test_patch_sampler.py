@@ -89,15 +89,21 @@ def test_the_patch_is_a_copy_and_the_volume_stays_untouched() -> None:
     assert torch.equal(out.as_tensor(), crop({"label": label.float()})["label"].as_tensor())
 
 
-def train_loader(data: Path, out: Path, *overrides: str) -> Any:
-    """The training loader of the tiny task over ``data``, in process, seeded as training seeds it."""
+def loaders(data: Path, out: Path, *overrides: str) -> tuple[Any, Any]:
+    """The training and validation loaders of the tiny task over ``data``, in process, seeded as training
+    seeds them."""
     cfg = load("tiny", ["train.num_workers=0", "augment.affine_prob=0.5", *overrides])
     plan = plan_dataset(data, cfg, out / "plan.json")
     cases = {c.case_id: c for c in load_datalist(data).labelled}
     split = make_splits(sorted(cases), cfg.data.num_folds, cfg.seed)[0]
     # without workers MONAI's DataLoader seeds the transforms from the global generator, which training seeds
     torch.manual_seed(cfg.seed)
-    return _loaders(cfg, plan, cases, split, torch.device("cpu"))[0]
+    return _loaders(cfg, plan, cases, split, torch.device("cpu"))
+
+
+def train_loader(data: Path, out: Path, *overrides: str) -> Any:
+    """The training loader of :func:`loaders`."""
+    return loaders(data, out, *overrides)[0]
 
 
 def test_training_loader_skips_the_cache_copy_and_draws_the_same_batches(msd_dataset: Path, tmp_path: Path) -> None:
