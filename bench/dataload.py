@@ -23,37 +23,26 @@ import logging
 import math
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
-from _setup import add_threads_option, start
+from _setup import add_loader_options, add_threads_option, loader_setup, start
 
 log = logging.getLogger("bench.dataload")
 
 
 def main() -> None:
-    from medsup.config import load
-    from medsup.data.datalist import load_datalist
-    from medsup.data.fingerprint import plan_dataset
-    from medsup.data.splits import make_splits
     from medsup.device import usable_cpus
     from medsup.train import _loaders
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--task", default="liver")
-    parser.add_argument("--preset", default="quick", help="config preset ('' = none: the task's reference plan)")
-    parser.add_argument("--batches", type=int, default=40)
-    parser.add_argument("--workers", type=int, default=None, help="override train.num_workers")
+    add_loader_options(parser)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="the device the loader feeds (its auto worker count, pinned memory); the step itself "
                              "is only run on the CPU, so cuda needs --target-rate")
     parser.add_argument("--samples", type=int, default=20, help="samples for the per-transform breakdown")
     parser.add_argument("--target-rate", type=float, default=None,
                         help="samples/s the loader must feed (a GPU step's rate); skips the CPU step")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, repeatable (e.g. plan.patch_size=[128,128,128])")
     parser.add_argument("--copy-repeats", type=int, default=3,
                         help="passes of the loader with and without MONAI's per-sample cache copy (0: skip)")
     add_threads_option(parser)
@@ -61,14 +50,8 @@ def main() -> None:
     start(args)
     if args.device == "cuda" and args.target_rate is None:
         parser.error("--device cuda measures the loader only: give the step's rate with --target-rate")
-    overrides = [*args.overrides, f"train.iterations_per_epoch={args.batches}"]
-    if args.workers is not None:
-        overrides.append(f"train.num_workers={args.workers}")
-    cfg = load(args.task, overrides, presets=[args.preset] if args.preset else [])
-    out = Path("/tmp/medsup-bench-dataload")
-    plan = plan_dataset(args.data, cfg, out / "plan.json")
-    cases = {c.case_id: c for c in load_datalist(args.data).labelled}
-    split = make_splits(sorted(cases), cfg.data.num_folds, cfg.seed)[0]
+    # the memory cache (its copy and its cached items are what is measured; bench/train_cache.py compares disk)
+    cfg, plan, cases, split = loader_setup(args, "train.cache=memory")
     t0 = time.perf_counter()
     loader, _ = _loaders(cfg, plan, cases, split, torch.device(args.device))
     cache_s = time.perf_counter() - t0

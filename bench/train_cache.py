@@ -35,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _setup import add_threads_option, start
+from _setup import add_loader_options, add_threads_option, loader_setup, start
 
 log = logging.getLogger("bench.train_cache")
 MODES = ("memory", "disk-cold", "disk-warm")
@@ -46,21 +46,10 @@ def child(args: argparse.Namespace) -> dict[str, float]:
     import torch
     from dataload import _steady_seconds
 
-    from medsup.config import load
-    from medsup.data.datalist import load_datalist
-    from medsup.data.fingerprint import plan_dataset
-    from medsup.data.splits import make_splits
     from medsup.train import _loaders
 
     cache = "memory" if args.child == "memory" else "disk"
-    overrides = [*args.overrides, f"train.cache={cache}", f"train.cache_dir={args.cache_dir}"]
-    if args.workers is not None:
-        overrides.append(f"train.num_workers={args.workers}")
-    cfg = load(args.task, overrides, presets=[args.preset] if args.preset else None)
-    with tempfile.TemporaryDirectory() as tmp:
-        plan = plan_dataset(args.data, cfg, Path(tmp) / "plan.json")
-    cases = {c.case_id: c for c in load_datalist(args.data).labelled}
-    split = make_splits(sorted(cases), max(2, min(cfg.data.num_folds, len(cases))), cfg.seed)[0]
+    cfg, plan, cases, split = loader_setup(args, f"train.cache={cache}", f"train.cache_dir={args.cache_dir}")
     torch.manual_seed(cfg.seed)
     started = time.perf_counter()
     loader, _ = _loaders(cfg, plan, cases, split, torch.device("cpu"))
@@ -88,12 +77,7 @@ def run_mode(mode: str, args: argparse.Namespace, cache_dir: Path) -> dict[str, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--task", default="liver")
-    parser.add_argument("--preset", default="quick", help="config preset ('' = none: the task's reference plan)")
-    parser.add_argument("--batches", type=int, default=30)
-    parser.add_argument("--workers", type=int, default=None, help="override train.num_workers")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_loader_options(parser)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=3600.0)
     parser.add_argument("--child", choices=MODES, default=None, help=argparse.SUPPRESS)
