@@ -23,18 +23,20 @@ Layout, under the cache folder (``train.cache_dir``, else ``$MEDSUP_PREPROCESSED
 
 A case is reused only when its ``.json`` exists, names the same source files with the same size and
 modification time, and its arrays have the sizes it records; otherwise it is preprocessed again. Every file
-is written atomically (temp + rename), so a killed run leaves whole cases or none, and two runs writing the
-same case write the same bytes.
+is written atomically (temp + rename), so a killed run leaves whole cases or none. Runs that share a store
+(folds started together on one machine) preprocess each case once: a case is written under its lock
+(``.<case>.lock``), and a run that waited for it finds it done.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import time
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,6 +185,23 @@ class PreprocessedStore:
         write_json(files["meta"], meta)
         return sum(meta["bytes"].values())
 
+    @contextlib.contextmanager
+    def lock(self, case_id: str) -> Iterator[None]:
+        """Hold an exclusive lock on one case of the store (an advisory ``flock`` on ``.<case>.lock``, across
+        processes and threads; released if the holder dies). Where ``fcntl`` is missing (Windows) no lock:
+        concurrent runs then may both write a case, which the atomic writes keep safe."""
+        try:
+            import fcntl
+        except ImportError:
+            yield
+            return
+        with open(self.root / f".{case_id}.lock", "a+b") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
     def nbytes(self, case_ids: Sequence[str]) -> int:
         """Bytes the arrays of ``case_ids`` take on disk."""
         return sum(p.stat().st_size for c in case_ids for k, p in self.paths(c).items() if k != "meta" and p.exists())
@@ -235,30 +254,39 @@ def fill_store(store: PreprocessedStore, cfg: Config, plan: Plan, cases: Sequenc
     todo = [c for c in cases if not store.is_current(c)]
     started = time.perf_counter()
 
-    def one(case: Case) -> str | None:
+    def one(case: Case) -> tuple[bool, str | None]:
+        """``(written here, error)``; under the case's lock, so that runs sharing the store (folds started
+        together) preprocess each case once: the others wait for it and find it current."""
         try:
-            store.write(case, head({IMAGE: str(case.image), LABEL: str(case.label)}))
+            with store.lock(case.case_id):
+                if store.is_current(case):
+                    return False, None
+                store.write(case, head({IMAGE: str(case.image), LABEL: str(case.label)}))
         except DiskFullError as err:  # every later case would fail the same way: stop
             raise PreprocessError(f"case {case.case_id}: the disk of {store.root} is full ({err})") from None
         except Exception as err:  # any other failure is this case's: report it, the batch goes on
             # MONAI wraps a transform's error in a RuntimeError naming the transform: report the cause
             cause = err.__cause__ or err
-            return f"case {case.case_id} ({case.image}, {case.label}): {cause}"
-        return None
+            return False, f"case {case.case_id} ({case.image}, {case.label}): {cause}"
+        return True, None
 
     if todo:
         log.info("preprocessing %d of %d case(s) into %s (%d worker(s))", len(todo), len(cases), store.root,
                  workers)
         with ThreadPoolExecutor(max(1, workers)) as pool:
-            failed = [msg for msg in pool.map(one, todo) if msg is not None]
+            outcomes = list(pool.map(one, todo))
+        written = sum(done for done, _ in outcomes)
+        failed = [msg for _, msg in outcomes if msg is not None]
         if failed:
             raise PreprocessError(f"{len(failed)} of {len(todo)} case(s) could not be preprocessed (the others are "
                                   f"stored in {store.root}):\n  " + "\n  ".join(failed))
+    else:
+        written = 0
     seconds = time.perf_counter() - started
     total = store.nbytes([c.case_id for c in cases])
     log.info("preprocessed store %s: %d case(s), %d written, %d reused, %.2f GB on disk, %.1f s", store.root,
-             len(cases), len(todo), len(cases) - len(todo), total / 1e9, seconds)
-    return {"cases": len(cases), "written": len(todo), "reused": len(cases) - len(todo), "seconds": seconds,
+             len(cases), written, len(cases) - written, total / 1e9, seconds)
+    return {"cases": len(cases), "written": written, "reused": len(cases) - written, "seconds": seconds,
             "bytes": total, "root": str(store.root)}
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -144,3 +145,14 @@ def test_auto_keeps_a_small_cache_in_memory_and_sends_a_large_one_to_disk(msd_da
     monkeypatch.setattr(pre, "MEMORY_CACHE_SHARE", 1e-9)  # as if the machine had next to no free memory
     assert pre.choose_cache(cfg, plan, cases) == "disk"
     assert pre.choose_cache(load("tiny", ["train.cache=memory"]), plan, cases) == "memory"
+
+
+def test_runs_sharing_a_store_preprocess_each_case_once(msd_dataset: Path, tmp_path: Path) -> None:
+    # two folds started together on one machine fill the same store at the same time: each case is written by
+    # one of them (under its lock); the other waits for it and finds it done
+    cfg, plan, cases, store = setup(msd_dataset, tmp_path)
+    with ThreadPoolExecutor(2) as pool:
+        runs = list(pool.map(lambda _: pre.fill_store(store, cfg, plan, cases), range(2)))
+    assert sum(r["written"] for r in runs) == len(cases)
+    assert all(r["written"] + r["reused"] == len(cases) for r in runs)
+    assert all(store.is_current(c) for c in cases)
