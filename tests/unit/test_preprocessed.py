@@ -156,3 +156,16 @@ def test_runs_sharing_a_store_preprocess_each_case_once(msd_dataset: Path, tmp_p
     assert sum(r["written"] for r in runs) == len(cases)
     assert all(r["written"] + r["reused"] == len(cases) for r in runs)
     assert all(store.is_current(c) for c in cases)
+
+
+def test_loader_workers_read_the_store(msd_dataset: Path, tmp_path: Path) -> None:
+    # worker processes open the memory maps themselves (the dataset holds case ids and the store's folder)
+    loader = loaders(msd_dataset, tmp_path, "train.cache=disk", f"train.cache_dir={tmp_path / 'pre'}",
+                     "train.num_workers=1")[0]
+    assert loader.num_workers == 1
+    batches = list(loader)
+    assert len(batches) == load("tiny").train.iterations_per_epoch
+    for batch in batches:
+        assert batch["image"].dtype == torch.float32 and batch["image"].shape == batch["label"].shape
+        assert batch["image"].shape[:2] == (loader.batch_size, 1)
+        assert set(torch.unique(batch["label"]).tolist()) <= {0.0, 1.0, 2.0}
