@@ -441,8 +441,8 @@ def _datasets(cfg: Config, plan: Plan, train_cases: list[Any], val_cases: list[A
     in memory (MONAI's ``CacheDataset``) or preprocessed once on disk and memory-mapped
     (:mod:`medsup.data.preprocessed`), per ``train.cache``."""
     if pre.choose_cache(cfg, plan, train_cases, val_cases, idist.get_nproc_per_node()) == "disk":
-        stores = {kind: pre.open_store(cfg, plan, [*train_cases, *val_cases], kind) for kind in ("train", "eval")}
         try:
+            stores = {kind: pre.open_store(cfg, plan, [*train_cases, *val_cases], kind) for kind in ("train", "eval")}
             pre.fill_store(stores["train"], cfg, plan, train_cases, workers=max(1, workers))
             pre.fill_store(stores["eval"], cfg, plan, val_cases, workers=max(1, workers))
         except pre.PreprocessError as err:

@@ -47,6 +47,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, MapTransform
 
+import medsup
 from medsup.config import Config
 from medsup.data.datalist import Case
 from medsup.data.files import DiskFullError, atomic_path, real_path, write_json
@@ -83,6 +84,7 @@ def store_settings(cfg: Config, plan: Plan, kind: Literal["train", "eval"] = "tr
     train = kind == "train"
     return {
         "version": STORE_VERSION,
+        "medsup": medsup.__version__,  # a release may preprocess differently: its stores are its own
         "kind": kind,
         "orientation": plan.orientation,
         "target_spacing": list(plan.target_spacing),
@@ -131,9 +133,13 @@ class PreprocessedStore:
         data = real_path(Path(data_dir))
         folder = f"{data.name}-{_digest(str(data))[:8]}"
         root = Path(cache_root).expanduser() / folder / _digest(settings)
-        root.mkdir(parents=True, exist_ok=True)
-        if not (root / "settings.json").exists():
-            write_json(root / "settings.json", {**settings, "data_dir": str(data)})
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            if not (root / "settings.json").exists():
+                write_json(root / "settings.json", {**settings, "data_dir": str(data)})
+        except OSError as err:
+            raise PreprocessError(f"cannot write the preprocessed cache in {root}: {err.strerror or err}; set "
+                                  "train.cache_dir or $MEDSUP_PREPROCESSED to a writable folder") from None
         return cls(root, settings)
 
     def paths(self, case_id: str) -> dict[str, Path]:

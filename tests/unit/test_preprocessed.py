@@ -20,6 +20,7 @@ from medsup.data.datalist import Case, load_datalist
 from medsup.data.fingerprint import plan_dataset
 from medsup.data.planning import Plan
 from medsup.data.transforms import FG_LOCATIONS, train_cached_transforms
+from medsup.train import TrainingError
 from tests.unit.test_patch_sampler import loaders
 
 FG = [1, 2]  # the tiny task's foreground classes
@@ -169,3 +170,10 @@ def test_loader_workers_read_the_store(msd_dataset: Path, tmp_path: Path) -> Non
         assert batch["image"].dtype == torch.float32 and batch["image"].shape == batch["label"].shape
         assert batch["image"].shape[:2] == (loader.batch_size, 1)
         assert set(torch.unique(batch["label"]).tolist()) <= {0.0, 1.0, 2.0}
+
+
+def test_a_cache_folder_that_cannot_be_written_is_named(msd_dataset: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder", encoding="utf-8")
+    with pytest.raises(TrainingError, match=f"cannot write the preprocessed cache in {blocker}/.*train.cache_dir"):
+        loaders(msd_dataset, tmp_path, "train.cache=disk", f"train.cache_dir={blocker / 'pre'}")
