@@ -19,6 +19,10 @@ seconds per batch once steady (``bench/dataload.py``'s measure), the peak reside
 ``--repeats`` rounds, the modes in a different order each round; medians printed. The operating system's page
 cache is not dropped between modes (that needs root): a warm disk cache is read from memory if the machine has
 it to spare, which is also what a second training run on the same machine sees.
+
+Then the rest of a training start that reads every case, in this process: the data check and the dataset
+fingerprint (the plan), without the per-case memo that a disk cache keeps (``medsup.data.memo``), with an
+empty memo (filled as they go) and with the memo filled; the plan must come out the same every way.
 """
 
 from __future__ import annotations
@@ -61,6 +65,40 @@ def child(args: argparse.Namespace) -> dict[str, float]:
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, "store_gb": store / 1e9}
 
 
+def check_and_plan(args: argparse.Namespace) -> None:
+    """Seconds of the data check and of planning (the fingerprint) without, with an empty and with a filled
+    memo, ``--repeats`` rounds; asserts the three give the same plan."""
+    from medsup.config import load
+    from medsup.data.check import check_dataset
+    from medsup.data.fingerprint import plan_dataset
+    from medsup.data.memo import CaseMemo
+
+    cfg = load(args.task, args.overrides, presets=[args.preset] if args.preset else None)
+    rows: dict[str, list[tuple[float, float]]] = {"no memo": [], "empty memo (fills it)": [], "filled memo": []}
+    plans = set()
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(args.repeats):
+            shutil.rmtree(Path(tmp) / "memo", ignore_errors=True)
+            for name, memo in zip(rows, (None, CaseMemo(Path(tmp) / "memo"), CaseMemo(Path(tmp) / "memo")),
+                                  strict=True):
+                t = time.perf_counter()
+                report = check_dataset(args.data, cfg, memo)
+                check_s = time.perf_counter() - t
+                t = time.perf_counter()
+                plans.add(plan_dataset(args.data, cfg, Path(tmp) / "plan" / "plan.json", memo).model_dump_json())
+                rows[name].append((check_s, time.perf_counter() - t))
+                if not report.ok:
+                    raise SystemExit(report.render())
+    if len(plans) != 1:
+        raise SystemExit("the memo changed the plan")
+    log.info("\ndata check and plan of a training start (medians of %d; the same plan every way):", args.repeats)
+    log.info("| memo | check, s | plan, s | per round (check + plan) |")
+    log.info("|---|---|---|---|")
+    for name, vals in rows.items():
+        log.info("| %s | %.2f | %.2f | %s |", name, statistics.median(v[0] for v in vals),
+                 statistics.median(v[1] for v in vals), ", ".join(f"{a:.2f} + {b:.2f}" for a, b in vals))
+
+
 def run_mode(mode: str, args: argparse.Namespace, cache_dir: Path) -> dict[str, float]:
     if mode == "disk-cold":
         shutil.rmtree(cache_dir, ignore_errors=True)
@@ -79,6 +117,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_loader_options(parser)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--parts", default="loaders,checks", help="loaders (the three cache modes) and/or "
+                        "checks (the data check and the plan, with and without the memo)")
     parser.add_argument("--timeout", type=float, default=3600.0)
     parser.add_argument("--child", choices=MODES, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", type=Path, default=None, help=argparse.SUPPRESS)
@@ -89,6 +129,14 @@ def main() -> None:
         logging.getLogger().setLevel(logging.WARNING)
         sys.stdout.write(json.dumps(child(args)) + "\n")  # the parent reads this line
         return
+    if "loaders" in args.parts:
+        compare_loaders(args)
+    if "checks" in args.parts:
+        check_and_plan(args)
+
+
+def compare_loaders(args: argparse.Namespace) -> None:
+    """The three cache modes, each in a fresh process, ``--repeats`` rounds; the table of medians."""
     results: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
     with tempfile.TemporaryDirectory(prefix="medsup-bench-cache-") as tmp:
         cache_dir = Path(tmp) / "store"

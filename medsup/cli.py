@@ -215,13 +215,16 @@ def preprocess(
     """Preprocess every labelled case once into the disk cache that `medsup train --set train.cache=disk` reads
     (resample, normalise, pad, locate foreground; `train.cache_dir` or $MEDSUP_PREPROCESSED says where)."""
     from medsup.data.fingerprint import fingerprint_dataset
+    from medsup.data.memo import CaseMemo
     from medsup.data.planning import Plan, make_plan
     from medsup.data.preprocessed import PreprocessError, preprocess_dataset
 
     cfg = _config(task, overrides, preset)
     try:
-        # planned as training plans it, without writing into the dataset folder (it may be read-only)
-        the_plan = Plan.load(plan_file) if plan_file else make_plan(cfg, fingerprint_dataset(data, cfg))
+        # planned as training plans it, without writing into the dataset folder (it may be read-only); the
+        # fingerprint of each case is memoised beside the store, so that training's plan does not read it again
+        memo = CaseMemo.for_dataset("disk", cfg.train.cache_dir, data)
+        the_plan = Plan.load(plan_file) if plan_file else make_plan(cfg, fingerprint_dataset(data, cfg, memo))
         result = preprocess_dataset(cfg, data, the_plan, workers)
     except (FileNotFoundError, ValueError, PreprocessError) as err:
         fail(str(err))

@@ -37,6 +37,7 @@ from medsup.data.check import check_dataset
 from medsup.data.datalist import load_datalist
 from medsup.data.files import atomic_path
 from medsup.data.fingerprint import plan_dataset
+from medsup.data.memo import CaseMemo
 from medsup.data.planning import Plan
 from medsup.data.splits import fold_split, save_splits
 from medsup.data.transforms import background_value, eval_transforms, train_random_transforms, train_transforms
@@ -124,8 +125,10 @@ def _train(cfg: Config, opts: _Options) -> TrainResult:
     # (a refused dataset leaves nothing behind)
     if not opts.data_dir.is_dir():
         raise TrainingError(f"data folder {opts.data_dir} does not exist")
+    # where the dataset has a disk cache, the check and the fingerprint remember each unchanged case
+    memo = CaseMemo.for_dataset(cfg.train.cache, cfg.train.cache_dir, opts.data_dir)
     try:
-        report = check_dataset(opts.data_dir, cfg)
+        report = check_dataset(opts.data_dir, cfg, memo)
     except (FileNotFoundError, ValueError) as err:  # no recognisable layout, a bad dataset.json
         raise TrainingError(f"dataset {opts.data_dir}: {err}") from None
     if not report.ok:
@@ -133,7 +136,7 @@ def _train(cfg: Config, opts: _Options) -> TrainResult:
     output = _output_dir(cfg, opts, checkpoint)
 
     # plan and split (rank 0 writes, the others read after a barrier)
-    plan = _plan(cfg, opts, output, checkpoint, rank0)
+    plan = _plan(cfg, opts, output, checkpoint, rank0, memo)
     datalist = load_datalist(opts.data_dir)
     cases = {c.case_id: c for c in datalist.labelled}
     splits, fold, split = fold_split(sorted(cases), cfg)  # split: at most data.max_train_cases training cases
@@ -513,7 +516,8 @@ def _output_dir(cfg: Config, opts: _Options, checkpoint: dict[str, Any] | None) 
     return out.resolve()
 
 
-def _plan(cfg: Config, opts: _Options, output: Path, checkpoint: dict[str, Any] | None, rank0: bool) -> Plan:
+def _plan(cfg: Config, opts: _Options, output: Path, checkpoint: dict[str, Any] | None, rank0: bool,
+          memo: CaseMemo | None = None) -> Plan:
     if checkpoint is not None:
         return Plan.model_validate_json(checkpoint["plan"])
     if opts.plan_path is not None:
@@ -524,7 +528,7 @@ def _plan(cfg: Config, opts: _Options, output: Path, checkpoint: dict[str, Any] 
             plan.save(output / "plan.json")
         return plan
     if rank0:
-        plan_dataset(opts.data_dir, cfg, output / "plan.json")
+        plan_dataset(opts.data_dir, cfg, output / "plan.json", memo)
     idist.barrier()
     return Plan.load(output / "plan.json")
 

@@ -15,9 +15,11 @@ from typing import Any
 
 import numpy as np
 
+import medsup
 from medsup.config import Config
 from medsup.data.datalist import Case, Problem, load_datalist
 from medsup.data.io import Geometry, ImageReadError, read_header, read_image
+from medsup.data.memo import CaseMemo
 from medsup.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -173,10 +175,23 @@ def check_case(case: Case, allowed: set[int], tol: float) -> tuple[list[str], Ca
     return [], CaseStats(case.case_id, image_header.geometry, fractions, hu)
 
 
-def _check_safely(case: Case, allowed: set[int], tol: float) -> tuple[list[str], CaseStats | None]:
-    """:func:`check_case`, with a failure nobody foresaw reported against its case instead of ending the check."""
+def _check_safely(case: Case, allowed: set[int], tol: float,
+                  memo: CaseMemo | None = None) -> tuple[list[str], CaseStats | None]:
+    """:func:`check_case`, with a failure nobody foresaw reported against its case instead of ending the check;
+    a case that passed before with the same files and settings is taken from ``memo`` without reading it."""
+    settings = {"allowed": sorted(allowed), "tolerance": tol, "medsup": medsup.__version__}
+    if memo is not None and (hit := memo.get("check", case, settings)) is not None:
+        g, record = hit[0]["geometry"], hit[0]
+        geometry = Geometry(tuple(g["shape"]), tuple(g["spacing"]), tuple(g["origin"]),
+                            tuple(g["direction"]))
+        return [], CaseStats(case.case_id, geometry, {int(k): v for k, v in record["fractions"].items()},
+                             (record["hu"][0], record["hu"][1]))
     try:
-        return check_case(case, allowed, tol)
+        problems, stats = check_case(case, allowed, tol)
+        if memo is not None and stats is not None:  # only a pass is memoised: a problem is read again each time
+            memo.put("check", case, settings, {"geometry": stats.geometry.as_dict(), "hu": list(stats.hu_range),
+                                               "fractions": {str(k): v for k, v in stats.label_fractions.items()}})
+        return problems, stats
     except Exception as err:  # MemoryError included: one huge case must not hide the others' problems
         log.exception("%s: unexpected failure while checking", case.case_id)
         return [f"{case.image}: unexpected {type(err).__name__} while checking: {err}"], None
@@ -187,8 +202,9 @@ def _few(values: np.ndarray, n: int = 6) -> str:
     return f"[{shown}{', ...' if values.size > n else ''}]"
 
 
-def check_dataset(root: Path | str, cfg: Config) -> CheckReport:
-    """Check every case of the dataset at ``root`` for ``cfg.task``.
+def check_dataset(root: Path | str, cfg: Config, memo: CaseMemo | None = None) -> CheckReport:
+    """Check every case of the dataset at ``root`` for ``cfg.task`` (cases that passed before with the same
+    files are taken from ``memo`` when given: see :mod:`medsup.data.memo`).
 
     Raises:
         FileNotFoundError: the folder is missing or holds no recognisable layout.
@@ -201,7 +217,7 @@ def check_dataset(root: Path | str, cfg: Config) -> CheckReport:
     already_bad = {p.case_id for p in datalist.problems}
     to_check = [c for c in datalist.training if c.label is not None or c.case_id not in already_bad]
     with ThreadPoolExecutor(max_workers=cfg.data.check_workers) as pool:
-        results = list(pool.map(lambda c: _check_safely(c, allowed, cfg.data.geometry_tolerance), to_check))
+        results = list(pool.map(lambda c: _check_safely(c, allowed, cfg.data.geometry_tolerance, memo), to_check))
     for case, (problems, stats) in zip(to_check, results, strict=True):
         report.problems.extend(Problem(case.case_id, m) for m in problems)
         if stats is not None:

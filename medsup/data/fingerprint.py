@@ -16,10 +16,12 @@ from typing import Any
 
 import numpy as np
 
+import medsup
 from medsup.config import Config
 from medsup.data.datalist import Case, load_datalist
 from medsup.data.files import atomic_path
 from medsup.data.io import ImageReadError, read_image
+from medsup.data.memo import CaseMemo
 from medsup.data.planning import Plan, make_plan
 from medsup.data.splits import make_splits, save_splits, split_seed
 
@@ -48,8 +50,9 @@ def case_fingerprint(case: Case, cfg: Config, index: int) -> dict[str, Any]:
     }
 
 
-def fingerprint_dataset(root: Path | str, cfg: Config) -> dict[str, Any]:
-    """Fingerprint every labelled training case of ``root``.
+def fingerprint_dataset(root: Path | str, cfg: Config, memo: CaseMemo | None = None) -> dict[str, Any]:
+    """Fingerprint every labelled training case of ``root`` (a case fingerprinted before with the same files
+    and settings is taken from ``memo`` when given: see :mod:`medsup.data.memo`).
 
     Returns:
         ``{"cases", "spacings" (N,3), "shapes" (N,3), "foreground": {p0.5, p99.5, mean, std, median},
@@ -64,10 +67,21 @@ def fingerprint_dataset(root: Path | str, cfg: Config) -> dict[str, Any]:
         raise ValueError(f"{root}: no training case with a label (run `medsup data check {root}`)")
 
     def one(item: tuple[int, Case]) -> dict[str, Any] | str:
+        index, case = item
+        # the sample is drawn with (seed, index): a case at another index draws another sample
+        settings = {"orientation": cfg.data.orientation, "ct_padding_threshold": cfg.data.ct_padding_threshold,
+                    "samples": cfg.data.fingerprint_samples, "seed": cfg.seed, "index": index,
+                    "medsup": medsup.__version__}
+        if memo is not None and (hit := memo.get("fingerprint", case, settings)) is not None:
+            return {**hit[0], "sample": hit[1]["sample"]}
         try:
-            return case_fingerprint(item[1], cfg, item[0])
+            result = case_fingerprint(case, cfg, index)
         except ImageReadError as err:
-            return f"{item[1].case_id}: {err}"
+            return f"{case.case_id}: {err}"
+        if memo is not None:
+            memo.put("fingerprint", case, settings, {k: v for k, v in result.items() if k != "sample"},
+                     {"sample": result["sample"]})
+        return result
 
     with ThreadPoolExecutor(max_workers=cfg.data.check_workers) as pool:
         results = list(pool.map(one, enumerate(cases)))
@@ -94,13 +108,13 @@ def fingerprint_dataset(root: Path | str, cfg: Config) -> dict[str, Any]:
     return fingerprint
 
 
-def plan_dataset(root: Path | str, cfg: Config, out: Path | str | None = None) -> Plan:
+def plan_dataset(root: Path | str, cfg: Config, out: Path | str | None = None, memo: CaseMemo | None = None) -> Plan:
     """Fingerprint, plan and split ``root``; write plan.json, fingerprint.json and splits.json beside ``out``.
 
     Args:
         out: plan path; default ``root/plan.json``.
     """
-    fingerprint = fingerprint_dataset(root, cfg)
+    fingerprint = fingerprint_dataset(root, cfg, memo)
     plan = make_plan(cfg, fingerprint)
     out = Path(out) if out is not None else Path(root) / "plan.json"
     try:

@@ -31,7 +31,6 @@ is written atomically (temp + rename), so a killed run leaves whole cases or non
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -51,6 +50,7 @@ import medsup
 from medsup.config import Config
 from medsup.data.datalist import Case
 from medsup.data.files import DiskFullError, atomic_path, real_path, write_json
+from medsup.data.memo import case_sources, dataset_folder, default_cache_root, digest
 from medsup.data.planning import Plan
 from medsup.data.transforms import FG_LOCATIONS, IMAGE, LABEL, eval_transforms, label_dtype, train_cached_transforms
 
@@ -63,15 +63,6 @@ CASE_KEY = "case"
 
 class PreprocessError(RuntimeError):
     """A case could not be preprocessed into the store (its message names the case and the file)."""
-
-
-def default_cache_root() -> Path:
-    """``$MEDSUP_PREPROCESSED`` if set, else ``$XDG_CACHE_HOME/medsup/preprocessed`` (``~/.cache/...``)."""
-    env = os.environ.get("MEDSUP_PREPROCESSED")
-    if env:
-        return Path(env).expanduser()
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "medsup" / "preprocessed"
 
 
 def store_settings(cfg: Config, plan: Plan, kind: Literal["train", "eval"] = "train") -> dict[str, Any]:
@@ -111,15 +102,6 @@ def foreground_classes(cfg: Config) -> list[int]:
     return [c for c in sorted(get_task(cfg.task).labels) if c != 0]
 
 
-def _digest(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _source(path: Path) -> dict[str, Any]:
-    st = path.stat()
-    return {"path": str(real_path(path)), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
 @dataclass(frozen=True)
 class PreprocessedStore:
     """One dataset's cases preprocessed with one set of :func:`store_settings`, in ``root``."""
@@ -130,13 +112,11 @@ class PreprocessedStore:
     @classmethod
     def for_dataset(cls, cache_root: Path | str, data_dir: Path | str, settings: dict[str, Any]) -> PreprocessedStore:
         """The store of ``data_dir``'s cases under ``cache_root`` (created, with its ``settings.json``)."""
-        data = real_path(Path(data_dir))
-        folder = f"{data.name}-{_digest(str(data))[:8]}"
-        root = Path(cache_root).expanduser() / folder / _digest(settings)
+        root = dataset_folder(cache_root, data_dir) / digest(settings)
         try:
             root.mkdir(parents=True, exist_ok=True)
             if not (root / "settings.json").exists():
-                write_json(root / "settings.json", {**settings, "data_dir": str(data)})
+                write_json(root / "settings.json", {**settings, "data_dir": str(real_path(Path(data_dir)))})
         except OSError as err:
             raise PreprocessError(f"cannot write the preprocessed cache in {root}: {err.strerror or err}; set "
                                   "train.cache_dir or $MEDSUP_PREPROCESSED to a writable folder") from None
@@ -154,7 +134,7 @@ class PreprocessedStore:
             return False
         try:
             meta = json.loads(files["meta"].read_text(encoding="utf-8"))
-            fresh = meta.get("sources") == {IMAGE: _source(case.image), LABEL: _source(case.label)}
+            fresh = meta.get("sources") == case_sources(case)
             # the arrays as written (a truncated or replaced file is preprocessed again, not misread)
             written = meta.get("bytes", {})
             whole = {"image", "label"} <= set(written) and written == {k: files[k].stat().st_size for k in written}
@@ -169,7 +149,7 @@ class PreprocessedStore:
         """
         assert case.label is not None
         files = self.paths(case.case_id)
-        meta: dict[str, Any] = {"sources": {IMAGE: _source(case.image), LABEL: _source(case.label)}}
+        meta: dict[str, Any] = {"sources": case_sources(case)}
         for key in (IMAGE, LABEL):
             value = item[key]
             array = value.as_tensor().numpy() if isinstance(value, MetaTensor) else np.asarray(value)
