@@ -243,8 +243,11 @@ def test_ddp_two_gloo_ranks(tiny_data: Path, tmp_path: Path) -> None:
     assert run.data.tags["train_cache"] == "disk"
     splits = json.loads((tmp_path / "run" / "splits.json").read_text(encoding="utf-8"))
     fold = splits[int(run.data.params["data.fold_used"])]
-    stores = {json.loads((p / "settings.json").read_text(encoding="utf-8"))["kind"]: p
-              for p in (tmp_path / "pre").glob("tiny-*/*")}
+    stores = {json.loads(p.read_text(encoding="utf-8"))["kind"]: p.parent  # (memo/ beside them has none)
+              for p in (tmp_path / "pre").glob("tiny-*/*/settings.json")}
     for kind, ids in (("train", fold["train"]), ("eval", fold["val"])):
         assert sorted(p.stem for p in stores[kind].glob("case*.json")) == sorted(ids), kind
+    # the check and the fingerprint of every case are memoised beside the store for the next start
+    for kind in ("check", "fingerprint"):
+        assert len(list((tmp_path / "pre").glob(f"tiny-*/memo/{kind}/case*.json"))) == 4, kind
     assert len(client.get_metric_history(run.info.run_id, "val.dice")) == 2

@@ -44,8 +44,8 @@ def test_the_disk_cache_draws_the_memory_cache_batches(msd_dataset: Path, tmp_pa
     assert isinstance(memory.dataset, CacheDataset) and not isinstance(disk.dataset, CacheDataset)
     assert not isinstance(disk_val.dataset, CacheDataset)
     # <dataset>-<path hash>/<settings hash>: one store for training, one for validation
-    stores = {json.loads((p / "settings.json").read_text(encoding="utf-8"))["kind"]: p
-              for p in (tmp_path / "pre").glob("ds-*/*")}
+    stores = {json.loads(p.read_text(encoding="utf-8"))["kind"]: p.parent  # (memo/ beside them has none)
+              for p in (tmp_path / "pre").glob("ds-*/*/settings.json")}
     assert stores.keys() == {"train", "eval"}
     # the fold's cases only, and settings.json
     assert len(list(stores["train"].glob("*.json"))) == len(disk.dataset) + 1 == len(memory.dataset) + 1
