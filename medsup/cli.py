@@ -212,8 +212,10 @@ def preprocess(
     overrides: SetOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Preprocess every labelled case once into the disk cache that `medsup train --set train.cache=disk` reads
-    (resample, normalise, pad, locate foreground; `train.cache_dir` or $MEDSUP_PREPROCESSED says where)."""
+    """Check the dataset, then preprocess every labelled case once into the disk cache that `medsup train --set
+    train.cache=disk` reads (resample, normalise, pad, locate foreground; `train.cache_dir` or
+    $MEDSUP_PREPROCESSED says where). Exit 1 with the check's report if any case is bad."""
+    from medsup.data.check import check_dataset
     from medsup.data.fingerprint import fingerprint_dataset
     from medsup.data.memo import CaseMemo
     from medsup.data.planning import Plan, make_plan
@@ -221,9 +223,12 @@ def preprocess(
 
     cfg = _config(task, overrides, preset)
     try:
-        # planned as training plans it, without writing into the dataset folder (it may be read-only); the
-        # fingerprint of each case is memoised beside the store, so that training's plan does not read it again
+        # checked and planned as training does, without writing into the dataset folder (it may be read-only);
+        # each case's check and fingerprint are memoised beside the store, so a training start reads no case
         memo = CaseMemo.for_dataset("disk", cfg.train.cache_dir, data)
+        report = check_dataset(data, cfg, memo)
+        if not report.ok:
+            fail(report.render(), code=1)
         the_plan = Plan.load(plan_file) if plan_file else make_plan(cfg, fingerprint_dataset(data, cfg, memo))
         result = preprocess_dataset(cfg, data, the_plan, workers)
     except (FileNotFoundError, ValueError, PreprocessError) as err:

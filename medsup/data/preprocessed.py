@@ -20,6 +20,8 @@ Layout, under the cache folder (``train.cache_dir``, else ``$MEDSUP_PREPROCESSED
         <case>_fg.npy                  foreground locations: (N, 4) rows of (class, i, j, k)
         <case>.json                    affine, meta, the size and mtime of the source files and the size of
                                        the arrays; written last
+    <dataset folder name>-<hash of its path>/memo/   the data check's and fingerprint's per-case memo
+                                                     (medsup.data.memo)
 
 A case is reused only when its ``.json`` exists, names the same source files with the same size and
 modification time, and its arrays have the sizes it records; otherwise it is preprocessed again. Every file

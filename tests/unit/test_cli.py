@@ -69,12 +69,14 @@ def test_preprocess_stores_each_case_once_for_the_plan_training_makes(msd_datase
     # the plan `medsup train` makes of the dataset: training with train.cache=disk finds this store
     assert Plan.load(root / "plan.json") == plan_dataset(msd_dataset, load("tiny"), tmp_path / "p" / "plan.json")
     assert not (msd_dataset / "plan.json").exists(), "the dataset folder is left as it was"
+    for kind in ("check", "fingerprint"):  # what a training start would read every case for, memoised
+        assert len(list((root.parent / "memo" / kind).glob("case*.json"))) == 3, kind
     again = json.loads(runner.invoke(app, args).stdout)
     assert (again["written"], again["reused"], again["root"]) == (0, 3, done["root"])
-    # a case that cannot be read: named, with its file; the command fails
+    # a case that cannot be read: the data check names it, with its file, and nothing is preprocessed
     (msd_dataset / "imagesTr" / "case1.nii.gz").write_bytes(b"not a NIfTI" * 40)
     bad = runner.invoke(app, [*args[:-1], "--plan", str(root / "plan.json")])
-    assert bad.exit_code != 0 and "case1" in bad.output and "imagesTr" in bad.output
+    assert bad.exit_code == 1 and "case1" in bad.output and "imagesTr" in bad.output
 
 
 def test_json_output_is_strict_json(capsys: pytest.CaptureFixture[str]) -> None:
