@@ -177,3 +177,26 @@ def test_a_cache_folder_that_cannot_be_written_is_named(msd_dataset: Path, tmp_p
     blocker.write_text("not a folder", encoding="utf-8")
     with pytest.raises(TrainingError, match=f"cannot write the preprocessed cache in {blocker}/.*train.cache_dir"):
         loaders(msd_dataset, tmp_path, "train.cache=disk", f"train.cache_dir={blocker / 'pre'}")
+
+
+def test_real_lung_ct_preprocessed_once_as_the_memory_cache_holds_it(realdata: Path, tmp_path: Path) -> None:
+    data = realdata / "lung_2mm"
+    before = sorted((p.relative_to(data), p.stat().st_mtime_ns) for p in data.rglob("*"))
+    cfg = load("lung", ["train.cache=disk", f"train.cache_dir={tmp_path / 'pre'}"], presets=["quick"])
+    plan = plan_dataset(data, cfg, tmp_path / "plan.json")
+    cases = list(load_datalist(data).labelled)
+    result = pre.preprocess_dataset(cfg, data, plan, workers=2)
+    assert (result["cases"], result["written"]) == (2, 2)
+    store = pre.open_store(cfg, plan, cases, "train")
+    assert str(store.root) == result["root"]
+    head = train_cached_transforms(cfg, plan, pre.foreground_classes(cfg))
+    for case in cases:
+        expected = {"image": str(case.image), "label": str(case.label)}
+        for t in head:
+            expected = t(expected)
+        got = pre.LoadPreprocessedd(store)({pre.CASE_KEY: case.case_id})
+        for key in ("image", "label"):
+            assert torch.equal(got[key].as_tensor(), expected[key].as_tensor()), (case.case_id, key)
+        assert got[FG_LOCATIONS].keys() == expected[FG_LOCATIONS].keys() == {1}, "each real case has its tumour"
+    assert sorted((p.relative_to(data), p.stat().st_mtime_ns) for p in data.rglob("*")) == before, \
+        "the shared real data is only read"
