@@ -51,7 +51,14 @@ def dataset_folder(cache_root: Path | str, data_dir: Path | str) -> Path:
 
 
 def source(path: Path) -> dict[str, Any]:
-    """What identifies a file's content cheaply: its real path, size and modification time (ns)."""
+    """What identifies a file's content cheaply: its real path, size and modification time (ns). For a folder
+    (a DICOM series) the same of every file in it, summed up: a folder's own mtime does not move when a file in
+    it is rewritten in place."""
+    if path.is_dir():
+        stats = [(f.name, f.stat()) for f in sorted(path.iterdir()) if f.is_file()]
+        return {"path": str(real_path(path)), "files": len(stats), "size": sum(st.st_size for _, st in stats),
+                "mtime_ns": max((st.st_mtime_ns for _, st in stats), default=0),
+                "names": digest([name for name, _ in stats])}
     st = path.stat()
     return {"path": str(real_path(path)), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 

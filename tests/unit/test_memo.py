@@ -12,7 +12,7 @@ import pytest
 from medsup.config import load
 from medsup.data.check import check_dataset
 from medsup.data.fingerprint import fingerprint_dataset
-from medsup.data.memo import CaseMemo, dataset_folder
+from medsup.data.memo import CaseMemo, dataset_folder, source
 
 
 def test_the_memo_gives_what_reading_gives_and_is_used_while_files_are_unchanged(msd_dataset: Path,
@@ -64,3 +64,18 @@ def test_the_memo_exists_only_where_the_dataset_has_a_disk_cache(msd_dataset: Pa
     (tmp_path / "a-file").write_text("x", encoding="utf-8")
     assert fingerprint_dataset(msd_dataset, load("tiny"), blocked)["cases"] == ["case0", "case1", "case2"]
     assert np.isfinite(fingerprint_dataset(msd_dataset, load("tiny"), blocked)["foreground"]["mean"])
+
+
+def test_a_series_folder_changes_when_a_file_in_it_is_rewritten(tmp_path: Path) -> None:
+    series = tmp_path / "series"
+    series.mkdir()
+    for i in range(3):
+        (series / f"{i}.dcm").write_bytes(bytes([i]) * 100)
+    before = source(series)
+    assert source(series) == before
+    folder_mtime = series.stat().st_mtime_ns
+    st = (series / "1.dcm").stat()
+    (series / "1.dcm").write_bytes(b"x" * 100)  # rewritten in place: the same name and size
+    os.utime(series / "1.dcm", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    os.utime(series, ns=(folder_mtime, folder_mtime))  # the folder's own mtime does not move
+    assert source(series) != before
