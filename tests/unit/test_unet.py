@@ -16,7 +16,7 @@ from medsup.config import load
 from medsup.data.planning import default_plan
 from medsup.models.summary import describe, render
 from medsup.models.topology import Topology
-from medsup.models.unet import DeepSupervisedUNet, build_model
+from medsup.models.unet import DeepSupervisedUNet, InstanceNorm3d, build_model
 
 Triple = tuple[int, int, int]
 
@@ -190,6 +190,47 @@ def test_channels_last_3d_gives_the_same_logits() -> None:
         model = model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
         out = model(x.to(memory_format=torch.channels_last_3d))
     torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_cpu_instance_norm_matches_torch_in_values_and_gradients(affine: bool) -> None:
+    """The group-norm path must be nn.InstanceNorm3d exactly (values, input and parameter gradients), also
+    under the in-place leaky ReLU that follows it in every block."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6, 7, 4) * 3 + 1
+    grad = torch.randn_like(x)
+    results = []
+    for cls in (nn.InstanceNorm3d, InstanceNorm3d):
+        norm = cls(5, affine=affine)
+        if affine:
+            with torch.no_grad():
+                norm.weight.copy_(torch.linspace(0.5, 2, 5))
+                norm.bias.copy_(torch.linspace(-1, 1, 5))
+        xi = x.clone().requires_grad_()
+        out = nn.functional.leaky_relu(norm(xi), 0.01, inplace=True)
+        out.backward(grad)
+        results.append([out.detach(), xi.grad, *(p.grad for p in norm.parameters())])
+    assert len(results[0]) == (4 if affine else 2)
+    for ours, reference in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_instance_norms_are_the_fast_kind_with_torch_state_dict_keys() -> None:
+    """Every instance norm of a built model takes the fast CPU path, and the state dict is the one a plain
+    MONAI/torch instance norm has (checkpoints from before the swap load)."""
+    model = DeepSupervisedUNet(1, 3, make_topology(TOPOLOGIES["iso4"][0]))
+    norms = [m for m in model.modules() if isinstance(m, nn.InstanceNorm3d)]
+    assert norms and all(type(m) is InstanceNorm3d and m.affine for m in norms)
+    plain = DeepSupervisedUNet(1, 3, make_topology(TOPOLOGIES["iso4"][0]))
+    for parent in plain.modules():  # undo the swap: what a model built before it looked like
+        for name, child in list(parent.named_children()):
+            if type(child) is InstanceNorm3d:
+                setattr(parent, name, nn.InstanceNorm3d(child.num_features, affine=True))
+    assert list(plain.state_dict()) == list(model.state_dict())
+    model.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 1, *TOPOLOGIES["iso4"][2])
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), plain.eval()(x), rtol=1e-4, atol=1e-4)
 
 
 def test_nnunet_initialisation() -> None:
