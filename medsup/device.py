@@ -23,7 +23,11 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-CPU_LOADER_WORKERS = 2  # on a CPU the step needs the cores; the loader costs a few % of a CPU step
+# On a CPU the step needs every core: loading in the training process costs ~1 % of a quick-preset step
+# (~6 ms a batch against ~0.5 s), while one worker process beside torch's threads costs ~4 % (it preempts an
+# OpenMP thread and the others wait for it at the next barrier; bench/train_quick.py, BENCHMARKS.md)
+CPU_LOADER_WORKERS = 0
+MIN_GPU_LOADER_WORKERS = 2
 MAX_GPU_LOADER_WORKERS = 12  # nnU-Net's default number of augmentation processes
 
 
@@ -38,7 +42,8 @@ def usable_cpus() -> int:
 def loader_workers(requested: int | None, device: torch.device, ranks_per_node: int = 1,
                    cpus: int | None = None) -> int:
     """Training data-loader worker processes: ``requested`` when set, else on CUDA every core this rank's share
-    of the machine has left after its own process (at most 12, at least 2), else 2.
+    of the machine has left after its own process (at most 12, at least 2), else none (on a CPU the batches
+    are loaded in the training process, between steps).
 
     Why so many on a GPU: a 128^3 patch costs ~0.08 s of one core from the cache to the collated batch
     (``bench/dataload.py``: ~12 samples/s per busy core), and nnU-Net's epoch of 250 steps x 2 patches in
@@ -49,7 +54,13 @@ def loader_workers(requested: int | None, device: torch.device, ranks_per_node: 
     if device.type != "cuda":
         return CPU_LOADER_WORKERS
     share = (cpus if cpus is not None else usable_cpus()) // max(1, ranks_per_node)
-    return max(CPU_LOADER_WORKERS, min(MAX_GPU_LOADER_WORKERS, share - 1))
+    return max(MIN_GPU_LOADER_WORKERS, min(MAX_GPU_LOADER_WORKERS, share - 1))
+
+
+def cache_threads(workers: int, cpus: int | None = None) -> int:
+    """Threads that fill the training cache (decode, resample, write) before the first step: the loader's
+    worker count, but at least 2 where there are 2 cores, as the step does not run yet and so takes none."""
+    return max(1, workers, min(MIN_GPU_LOADER_WORKERS, cpus if cpus is not None else usable_cpus()))
 
 
 def available_memory_bytes() -> int | None:

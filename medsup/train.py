@@ -41,7 +41,7 @@ from medsup.data.memo import CaseMemo
 from medsup.data.planning import Plan
 from medsup.data.splits import fold_split, save_splits
 from medsup.data.transforms import background_value, eval_transforms, train_random_transforms, train_transforms
-from medsup.device import loader_workers, resolve_device
+from medsup.device import cache_threads, loader_workers, resolve_device
 from medsup.engine.handlers import BestTracker, EpochMetrics, GradNorms, LossEpoch, PolyLR
 from medsup.engine.steps import StepEvents, make_train_step
 from medsup.engine.validation import summarise, validate
@@ -443,11 +443,12 @@ def _datasets(cfg: Config, plan: Plan, train_cases: list[Any], val_cases: list[A
     """Training cases through :func:`train_transforms`, validation cases through :func:`eval_transforms`: cached
     in memory (MONAI's ``CacheDataset``) or preprocessed once on disk and memory-mapped
     (:mod:`medsup.data.preprocessed`), per ``train.cache``."""
+    threads = cache_threads(workers)
     if pre.choose_cache(cfg, plan, train_cases, val_cases, idist.get_nproc_per_node()) == "disk":
         try:
             stores = {kind: pre.open_store(cfg, plan, [*train_cases, *val_cases], kind) for kind in ("train", "eval")}
-            pre.fill_store(stores["train"], cfg, plan, train_cases, workers=max(1, workers))
-            pre.fill_store(stores["eval"], cfg, plan, val_cases, workers=max(1, workers))
+            pre.fill_store(stores["train"], cfg, plan, train_cases, workers=threads)
+            pre.fill_store(stores["eval"], cfg, plan, val_cases, workers=threads)
         except pre.PreprocessError as err:
             raise TrainingError(str(err)) from None
         train_tf = Compose([pre.LoadPreprocessedd(stores["train"]), *train_random_transforms(cfg, plan)])
@@ -461,9 +462,9 @@ def _datasets(cfg: Config, plan: Plan, train_cases: list[Any], val_cases: list[A
     # a 512x512 CT at the liver plan's spacing, 3 bytes a voxel) only to crop a patch from it; the patch crop
     # copies the patch instead, so the cache stays untouched (bench/dataload.py measures both)
     train_ds = CacheDataset([item(c) for c in train_cases], train_tf, cache_rate=cfg.train.cache_rate,
-                            num_workers=max(1, workers), progress=False, copy_cache=False)
+                            num_workers=threads, progress=False, copy_cache=False)
     val_ds = CacheDataset([item(c) for c in val_cases], eval_transforms(plan), cache_rate=cfg.train.cache_rate,
-                          num_workers=max(1, workers), progress=False)
+                          num_workers=threads, progress=False)
     return train_ds, val_ds
 
 

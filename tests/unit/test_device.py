@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from medsup.config import load
-from medsup.device import available_memory_bytes, loader_workers, usable_cpus
+from medsup.device import available_memory_bytes, cache_threads, loader_workers, usable_cpus
 
 CUDA, CPU = torch.device("cuda", 0), torch.device("cpu")
 
@@ -26,10 +26,15 @@ def test_auto_on_a_gpu_uses_the_cores_left_per_rank(cpus: int, ranks: int, expec
     assert loader_workers(None, CUDA, ranks_per_node=ranks, cpus=cpus) == expected
 
 
-def test_auto_on_a_cpu_keeps_two_and_a_set_value_always_wins() -> None:
-    assert loader_workers(None, CPU, cpus=64) == 2
+def test_auto_on_a_cpu_loads_in_process_and_a_set_value_always_wins() -> None:
+    assert loader_workers(None, CPU, cpus=64) == 0
     assert loader_workers(0, CUDA, cpus=64) == 0
     assert loader_workers(5, CPU, cpus=2) == 5
+
+
+@pytest.mark.parametrize(("workers", "cpus", "expected"), [(0, 2, 2), (0, 1, 1), (0, 64, 2), (7, 64, 7), (1, 1, 1)])
+def test_cache_threads_use_the_idle_cores_before_training(workers: int, cpus: int, expected: int) -> None:
+    assert cache_threads(workers, cpus=cpus) == expected
 
 
 def test_the_default_config_asks_for_auto_and_counts_this_machine() -> None:
