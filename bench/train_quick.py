@@ -6,12 +6,13 @@
 The issue's CPU target: "the quick liver preset trains faster than before this issue". Each repeat trains
 the baseline revision (a detached ``git worktree``, run with its own code: ``python -m medsup`` from its
 folder) and this tree one after the other, in alternating order, with the same data, preset, seed and
-overrides (validation and registration off), each a fresh process as a user runs it. Every epoch but the
-first (which fills the preprocessing cache) is read from the log line ``epoch i/n: ..., X s``. Prints the
-median seconds per iteration of each tree, the samples/s, and the ratio baseline / current (> 1: this tree
-trains faster), with the spread over repeats, and each process's whole wall time (start-up, caching, the
-untimed first epoch and the end included). ``--current-set`` adds overrides for this tree only (to
-compare one setting against the baseline).
+overrides (registration off; validation off unless ``--validate``), each a fresh process as a user runs it.
+Every epoch but the first (which fills the preprocessing cache) is read from the log line
+``epoch i/n: ..., X s``. Prints the median seconds per iteration of each tree, the samples/s, and the ratio
+baseline / current (> 1: this tree trains faster), with the spread over repeats, and each process's whole
+wall time (start-up, caching, the untimed first epoch, the validations with ``--validate``, and the end
+included). ``--current-set`` adds overrides for this tree only (to compare one setting against the
+baseline).
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+): .*, ([\d.]+) s$")
 def train_seconds(tree: Path, args: argparse.Namespace, extra: list[str], out: Path) -> tuple[list[float], float]:
     """Seconds of each epoch after the first, and of the whole process, from one ``medsup train`` run of the
     code in ``tree``."""
-    overrides = [f"train.epochs={args.epochs}", f"train.iterations_per_epoch={args.iterations}",
-                 f"train.val_every={args.epochs + 1}", "tracking.register_best=false", *args.set, *extra]
+    # validation off unless --validate: then the preset's own val_every (and the validation at the end)
+    validation = [] if args.validate else [f"train.val_every={args.epochs + 1}"]
+    overrides = [f"train.epochs={args.epochs}", f"train.iterations_per_epoch={args.iterations}", *validation,
+                 "tracking.register_best=false", *args.set, *extra]
     cmd = [sys.executable, "-m", "medsup", "train", "--task", args.task, "--data", str(args.data.resolve()),
            "--preset", args.preset, "--output", str(out), "--tracking-uri", f"sqlite:///{out.parent / 'mlflow.db'}"]
     for kv in overrides:
@@ -65,6 +68,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4, help="per run; the first is not timed")
     parser.add_argument("--iterations", type=int, default=20, help="iterations per epoch")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--validate", action="store_true", help="validate as the preset does (its val_every); "
+                        "the process wall then holds the validations (the epoch times never do)")
     parser.add_argument("--set", action="append", default=[], help="override for both trees (repeatable)")
     parser.add_argument("--current-set", action="append", default=[], help="override for this tree only")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per training run")
@@ -103,6 +108,9 @@ def main() -> None:
                  ", ".join(f"{x:.3f}" for x in per_it[name]), statistics.median(walls[name]))
     log.info("\nbaseline / current: median %.2fx (repeats: %s)", statistics.median(ratios),
              ", ".join(f"{r:.2f}" for r in ratios))
+    wall_ratios = [b / c for b, c in zip(walls["baseline"], walls["current"], strict=True)]
+    log.info("baseline / current process wall: median %.2fx (repeats: %s)", statistics.median(wall_ratios),
+             ", ".join(f"{r:.2f}" for r in wall_ratios))
 
 
 def _batch_size(out: Path) -> int | None:

@@ -41,7 +41,7 @@ from medsup.data.memo import CaseMemo
 from medsup.data.planning import Plan
 from medsup.data.splits import fold_split, save_splits
 from medsup.data.transforms import background_value, eval_transforms, train_random_transforms, train_transforms
-from medsup.device import cache_threads, loader_workers, resolve_device
+from medsup.device import cache_threads, loader_workers, resolve_device, tune_host_allocator
 from medsup.engine.handlers import BestTracker, EpochMetrics, GradNorms, LossEpoch, PolyLR
 from medsup.engine.steps import StepEvents, make_train_step
 from medsup.engine.validation import summarise, validate
@@ -115,6 +115,7 @@ def run_training(cfg: Config, data_dir: Path | str, *, output: Path | str | None
 
 
 def _train(cfg: Config, opts: _Options) -> TrainResult:
+    tune_host_allocator()  # in every rank's process, and for callers of the Python API (the CLI did it already)
     rank0 = idist.get_rank() == 0
     checkpoint = _load_resume(opts) if opts.resume else None
     if checkpoint is not None:

@@ -54,6 +54,7 @@ command -v nvidia-smi >/dev/null && nvidia-smi >> "$OUT/env.log" 2>&1  # in env.
 if [ "$PART" = train ]; then
     if [ "$QUICK" = 1 ]; then
         step train-step 300 "$PY" bench/train_step.py --device "$DEVICE" --quick
+        step norm-kernel 120 "$PY" bench/norm_kernel.py --device "$DEVICE" --repeats 3
         step synth 15 "$PY" -m medsup synth --task liver --cases 4 --out /tmp/liver_synth --test-cases 0
         step dataload 120 "$PY" bench/dataload.py --data /tmp/liver_synth --preset quick --batches 12 \
             --target-rate 25 --copy-repeats 1 --samples 4
@@ -64,11 +65,13 @@ if [ "$PART" = train ]; then
             --amp off,on --compile off --channels-last off
         step train-step-compile 50 "$PY" bench/train_step.py --device cuda --tasks liver --iters 20 --repeats 3 \
             --amp on --compile on --channels-last off --nnunet off
-        # the real loader (12 workers) feeding the liver step: does it starve the GPU?
-        step synth 15 "$PY" -m medsup synth --task liver --cases 4 --out /tmp/liver_synth --test-cases 0
-        step train-step-data 30 "$PY" bench/train_step.py --device cuda --tasks liver --data on \
+        # instance norm on CUDA as torch runs it vs group_norm (what medsup runs on a CPU): should CUDA switch?
+        step norm-kernel 15 "$PY" bench/norm_kernel.py --device cuda --preset '' --amp off,on --repeats 7
+        # the real loader (12 workers) feeding the liver step: does it starve the GPU? (synth first, same log)
+        step train-step-data 45 bash -c "$PY -m medsup synth --task liver --cases 4 --out /tmp/liver_synth \
+            --test-cases 0 && $PY bench/train_step.py --device cuda --tasks liver --data on \
             --dataset /tmp/liver_synth --amp on --compile off --channels-last off --iters 30 --repeats 2 \
-            --workers 12 --nnunet off
+            --workers 12 --nnunet off"
         # the loader alone at the reference scale (128^3 at 0.77 mm) with the auto worker count, against the
         # 25 samples/s of 250 iterations x 2 patches in 20 s, and MONAI's per-sample cache copy beside it
         step dataload 45 "$PY" bench/dataload.py --data /tmp/liver_synth --preset "" \
