@@ -18,7 +18,7 @@ import torch
 from medsup.data.io import Geometry, ImageReadError, Volume, read_image
 from medsup.data.resample import SlabResampler, argmax_reduce, push_array
 from medsup.data.transforms import background_value, preprocess_volume
-from medsup.device import autocast, autocast_dtype
+from medsup.device import autocast, autocast_dtype, tune_host_allocator
 from medsup.evaluation.metrics import voxel_ml
 from medsup.inference.bundle import Bundle
 from medsup.inference.postprocess import PostprocessRules, apply_rules, bincount_slabs, task_rules
@@ -81,6 +81,9 @@ class Predictor:
     """
 
     def __init__(self, bundle: Bundle, device: torch.device, options: PredictOptions) -> None:
+        # for the Python API and the MLflow pyfunc model too, not only `medsup infer`: the sliding window and
+        # export free and reallocate the same large blocks for every tile and slab (bench/host_alloc.py)
+        tune_host_allocator()
         self.bundle, self.device, self.options = bundle, device, options
         self.network = bundle.network(device)
         if options.exit_level is not None and not 0 <= options.exit_level < self.network.num_heads:

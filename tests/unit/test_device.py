@@ -1,9 +1,12 @@
-"""Device choices: the training loader's worker count when ``train.num_workers`` is null (auto), and the free
-memory that decides ``train.cache: auto``."""
+"""Device choices: the training loader's worker count when ``train.num_workers`` is null (auto), the free
+memory that decides ``train.cache: auto``, and the host allocator settings every medsup process makes."""
 
 from __future__ import annotations
 
 import os
+import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,3 +53,51 @@ def test_free_memory_is_read_and_no_more_than_the_machine_has() -> None:
     free = available_memory_bytes()
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     assert free is not None and 0 < free <= total
+
+
+# 10 rounds of 8 x 3 MiB tensors, every page written, then freed: with glibc's defaults the freed top of the heap
+# goes back to the kernel after every round and the next round faults all ~6000 pages in again
+_FAULTS = """
+import resource, torch
+from medsup.device import tune_host_allocator
+tuned = tune_host_allocator()
+def one_round():
+    blocks = [torch.ones(3 * 2**18) for _ in range(8)]
+    del blocks
+one_round()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    one_round()
+print(tuned, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt settings are glibc's")
+
+
+def _child(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "MEDSUP_TUNE_MALLOC"}
+    return subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True,
+                          check=True, timeout=120)
+
+
+@glibc_only
+def test_the_tuned_allocator_keeps_freed_tensor_memory_instead_of_faulting_it_in_again() -> None:
+    default = _child(_FAULTS, MEDSUP_TUNE_MALLOC="0").stdout.split()
+    tuned = _child(_FAULTS).stdout.split()
+    assert default[0] == "False" and tuned[0] == "True"
+    assert int(default[1]) > 10 * 8 * 3 * 256 // 2  # most of the 60 k pages faulted again
+    assert int(tuned[1]) * 4 < int(default[1])
+
+
+@glibc_only
+def test_an_explicit_allocator_choice_in_the_environment_wins() -> None:
+    code = "from medsup.device import tune_host_allocator; print(tune_host_allocator(), tune_host_allocator())"
+    assert _child(code).stdout.split() == ["True", "True"]  # idempotent
+    assert _child(code, MEDSUP_TUNE_MALLOC="0").stdout.split() == ["False", "False"]
+    assert _child(code, MALLOC_TRIM_THRESHOLD_="1000000").stdout.split() == ["False", "False"]
+
+
+@glibc_only
+def test_every_cli_command_tunes_the_allocator_first() -> None:
+    out = _child("import sys; from medsup.cli import main; "
+                 "sys.argv = ['medsup', '-v', 'config', 'show', '--task', 'tiny']; main()")
+    assert "malloc: mmap threshold 32 MiB" in out.stderr
