@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU figures of BENCHMARKS.md (issue #7) on the lent GPU machine, in two device calls whose step limits
-# add up to ~6 (train) and ~5 (infer) minutes, so that both and the machine's start fit a session's 15 minutes
+# add up to ~6.5 (train) and ~5 (infer) minutes, so that both and the machine's start fit a session's 15 minutes
 # of device time (the steps are ordered by what issue #7 needs most; a step cut by its limit still leaves its log):
-#   device run  carry [".gpu-kit"]  command "bash bench/gpu/run.sh train"   CUDA tests, train_step, dataload
+#   device run  carry [".gpu-kit"]  command "bash bench/gpu/run.sh train"   CUDA tests, train_step, norm_kernel, dataload
 #   device run  carry [".gpu-kit"]  command "bash bench/gpu/run.sh infer"   infer_e2e (nnU-Net, MONAI), memory
 # .gpu-kit/ comes from bench/gpu/make_kit.sh (run here first). Every step has its own time limit and log
 # ($OUT/<step>.log, the device tool brings $OUT back, at most 8 files: train writes 8, infer 7); one failing step
@@ -66,7 +66,7 @@ if [ "$PART" = train ]; then
         step train-step-compile 50 "$PY" bench/train_step.py --device cuda --tasks liver --iters 20 --repeats 3 \
             --amp on --compile on --channels-last off --nnunet off
         # instance norm on CUDA as torch runs it vs group_norm (what medsup runs on a CPU): should CUDA switch?
-        step norm-kernel 15 "$PY" bench/norm_kernel.py --device cuda --preset '' --amp off,on --repeats 7
+        step norm-kernel 25 "$PY" bench/norm_kernel.py --device cuda --preset '' --amp off,on --repeats 7
         # the real loader (12 workers) feeding the liver step: does it starve the GPU? (synth first, same log)
         step train-step-data 45 bash -c "$PY -m medsup synth --task liver --cases 4 --out /tmp/liver_synth \
             --test-cases 0 && $PY bench/train_step.py --device cuda --tasks liver --data on \
