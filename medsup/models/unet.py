@@ -103,9 +103,10 @@ class InstanceNorm3d(nn.InstanceNorm3d):
     tracked: per sample and channel, ``(x - mean) / sqrt(var + eps) * weight[c] + bias[c]`` with the biased
     variance. On a CPU ``instance_norm`` reshapes to ``(1, B*C, ...)``, runs batch norm and returns a *view*;
     the in-place leaky ReLU after it then makes autograd copy the whole tensor back (``CopySlices``), and the
-    batch-norm kernel is slower than ``group_norm``'s on these shapes (``group_norm`` 2.2-5x faster forward and
-    backward on the quick preset's feature maps: ``bench/norm_kernel.py``). CUDA keeps ``instance_norm`` (cuDNN; under autocast
-    ``group_norm`` would run in float32), as do unbatched inputs and running statistics. Same parameters and
+    batch-norm kernel is slower than ``group_norm``'s on these shapes (``group_norm`` 2.2-5x faster forward
+    and backward on the quick preset's feature maps: ``bench/norm_kernel.py``). CUDA keeps ``instance_norm``
+    (cuDNN; under autocast ``group_norm`` would run in float32), as do unbatched inputs and running
+    statistics. Same parameters and
     state-dict keys as ``nn.InstanceNorm3d``, so checkpoints load either way.
     """
 
