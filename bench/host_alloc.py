@@ -1,4 +1,4 @@
-"""glibc malloc as it comes against medsup's settings (``medsup.device.tune_host_allocator``): CPU training steps
+"""glibc malloc as it comes against medsup's settings (``medsup.hostmem.tune_host_allocator``): CPU training steps
 and a sliding-window inference, each in fresh child processes, alternating, so both see the same machine.
 
     .venv/bin/python bench/host_alloc.py                      # quick liver preset: train steps + inference
@@ -33,7 +33,7 @@ log = logging.getLogger("bench.host_alloc")
 
 def child(part: str, args: argparse.Namespace) -> dict[str, Any]:
     """Run one arm in this process (the allocator settings were chosen by the parent's environment)."""
-    from medsup.device import tune_host_allocator
+    from medsup.hostmem import tune_host_allocator
 
     tuned = tune_host_allocator()
     import torch

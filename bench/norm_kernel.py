@@ -12,7 +12,7 @@ in-place leaky ReLU behind every norm then makes autograd copy the whole tensor 
 (2 per encoder block, 2 per decoder block). Columns: ``torch`` = ``nn.InstanceNorm3d``, ``group`` =
 ``group_norm``, ``medsup`` = medsup's module (the one training uses). Ratio > 1: that path is faster than
 torch's. Medians of ``--repeats`` interleaved timings after a warm-up, with the host allocator set up as medsup
-sets it (``medsup.device.tune_host_allocator``); no timed tests.
+sets it (``medsup.hostmem.tune_host_allocator``); no timed tests.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def main() -> None:
     start(args)
     from medsup.config import load
     from medsup.data.planning import default_plan
-    from medsup.device import tune_host_allocator
+    from medsup.hostmem import tune_host_allocator
 
     tune_host_allocator()  # as every medsup process runs: else page faults of fresh outputs swamp the kernels
 

@@ -65,7 +65,7 @@ def _main(
     level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stderr)
-    from medsup.device import tune_host_allocator
+    from medsup.hostmem import tune_host_allocator  # torch-free: `medsup tasks` must not import torch
 
     tune_host_allocator()  # before any tensor: training and inference reuse freed memory instead of faulting it in
 

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
-import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
-
-log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -98,60 +93,3 @@ def autocast_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
     """``torch.autocast`` for ``dtype``, or a no-op when it is None."""
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
-# glibc's mallopt parameters (malloc.h) and the values medsup sets
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-#: blocks up to this size come from the heap, never from a fresh mmap: glibc's largest allowed value
-#: (HEAP_MAX_SIZE / 2 on 64-bit), and what its own dynamic threshold grows to at most
-HOST_MMAP_THRESHOLD = 32 * 1024**2
-#: free memory at the top of the heap is given back to the kernel only beyond this (mallopt takes a C int)
-HOST_TRIM_THRESHOLD = 2**31 - 1
-#: set to 0 to keep the C library's allocator settings as they are
-TUNE_ENV = "MEDSUP_TUNE_MALLOC"
-_tuned: bool | None = None
-
-
-def tune_host_allocator() -> bool:
-    """Keep freed tensor memory in the process instead of handing it back to the kernel after every step.
-
-    Why: torch's CPU tensors come from glibc's ``malloc``, which by default returns free memory at the top of
-    its heap to the kernel once it passes a threshold (128 KiB at first, raised as mmapped blocks are freed),
-    so the next step's activations of the same sizes page-fault in again, zero-filled page by page. Setting
-    ``M_MMAP_THRESHOLD`` (32 MiB: blocks up to that size from the heap) and ``M_TRIM_THRESHOLD`` (2 GiB) once per
-    process keeps those pages mapped: 1.12x the quick preset's CPU training step and 1.24x a CPU sliding
-    window, whose minor faults drop from 7.5 M to 0.2 M (``bench/host_alloc.py``). The cost: memory freed
-    inside the process is kept for its own reuse rather than returned, so its resident size stays near its
-    peak (+0-4 % peak RSS there).
-
-    Does nothing (and returns False) off glibc, when ``MEDSUP_TUNE_MALLOC=0``, when the environment already
-    sets ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` or preloads another allocator (jemalloc,
-    tcmalloc, mimalloc): an explicit choice wins. Idempotent; returns whether the settings are in force.
-    """
-    global _tuned
-    if _tuned is not None:
-        return _tuned
-    _tuned = False
-    if os.environ.get(TUNE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
-        log.debug("host allocator left as it is (%s=0)", TUNE_ENV)
-        return False
-    preload = os.environ.get("LD_PRELOAD", "")
-    if any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")) or any(
-            name in preload for name in ("jemalloc", "tcmalloc", "mimalloc")):
-        log.debug("host allocator left as the environment sets it")
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-        gnu = ctypes.CDLL(None).gnu_get_libc_version  # glibc only: musl and macOS have no mallopt like it
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    gnu.restype = ctypes.c_char_p
-    if mallopt(_M_MMAP_THRESHOLD, HOST_MMAP_THRESHOLD) != 1 or mallopt(_M_TRIM_THRESHOLD, HOST_TRIM_THRESHOLD) != 1:
-        log.debug("glibc %s refused the malloc settings", gnu().decode())
-        return False
-    _tuned = True
-    log.debug("glibc %s malloc: mmap threshold %d MiB, trim threshold %d MiB", gnu().decode(),
-              HOST_MMAP_THRESHOLD >> 20, HOST_TRIM_THRESHOLD >> 20)
-    return True

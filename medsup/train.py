@@ -41,11 +41,12 @@ from medsup.data.memo import CaseMemo
 from medsup.data.planning import Plan
 from medsup.data.splits import fold_split, save_splits
 from medsup.data.transforms import background_value, eval_transforms, train_random_transforms, train_transforms
-from medsup.device import cache_threads, loader_workers, resolve_device, tune_host_allocator
+from medsup.device import cache_threads, loader_workers, resolve_device
 from medsup.engine.handlers import BestTracker, EpochMetrics, GradNorms, LossEpoch, PolyLR
 from medsup.engine.steps import StepEvents, make_train_step
 from medsup.engine.validation import summarise, validate
 from medsup.evaluation.history import HISTORY, VALIDATION, read_validation, write_history, write_validation
+from medsup.hostmem import tune_host_allocator
 from medsup.inference.window import SlidingWindow, sliding_window_logits
 from medsup.losses import build_loss, heads_may_go_unused
 from medsup.models.unet import DeepSupervisedUNet, build_model

@@ -18,8 +18,9 @@ import torch
 from medsup.data.io import Geometry, ImageReadError, Volume, read_image
 from medsup.data.resample import SlabResampler, argmax_reduce, push_array
 from medsup.data.transforms import background_value, preprocess_volume
-from medsup.device import autocast, autocast_dtype, tune_host_allocator
+from medsup.device import autocast, autocast_dtype
 from medsup.evaluation.metrics import voxel_ml
+from medsup.hostmem import tune_host_allocator
 from medsup.inference.bundle import Bundle
 from medsup.inference.postprocess import PostprocessRules, apply_rules, bincount_slabs, task_rules
 from medsup.inference.window import SlidingWindow, TileHook
