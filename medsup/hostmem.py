@@ -7,7 +7,6 @@ that must start without importing torch (``medsup tasks``, the container health 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 
@@ -35,8 +34,9 @@ def tune_host_allocator() -> bool:
     ``M_MMAP_THRESHOLD`` (32 MiB: blocks up to that size from the heap) and ``M_TRIM_THRESHOLD`` (2 GiB) once per
     process keeps those pages mapped: 1.12x the quick preset's CPU training step and 1.24x a CPU sliding
     window, whose minor faults drop from 7.5 M to 0.2 M (``bench/host_alloc.py``). The cost: memory freed
-    inside the process is kept for its own reuse rather than returned, so its resident size stays near its
-    peak (+0-4 % peak RSS there).
+    inside the process is kept for its own reuse rather than returned, so its resident size stays near the
+    heap's fullest: +0-4 % peak RSS in those benches, ~190 MB (+10 %) for a 1000-slice CT at 1.6 mm
+    (``bench/infer_memory.py``).
 
     Does nothing (and returns False) off glibc, when ``MEDSUP_TUNE_MALLOC=0``, when the environment already
     sets ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` or preloads another allocator (jemalloc,
@@ -55,9 +55,9 @@ def tune_host_allocator() -> bool:
         log.debug("host allocator left as the environment sets it")
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)  # the symbols already loaded into this process, libc's among them
         mallopt = libc.mallopt
-        gnu = ctypes.CDLL(None).gnu_get_libc_version  # glibc only: musl and macOS have no mallopt like it
+        gnu = libc.gnu_get_libc_version  # glibc only: musl and macOS have no mallopt like glibc's
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
