@@ -181,11 +181,9 @@ def _check_safely(case: Case, allowed: set[int], tol: float,
     a case that passed before with the same files and settings is taken from ``memo`` without reading it."""
     settings = {"allowed": sorted(allowed), "tolerance": tol, "medsup": medsup.__version__}
     if memo is not None and (hit := memo.get("check", case, settings)) is not None:
-        g, record = hit[0]["geometry"], hit[0]
-        geometry = Geometry(tuple(g["shape"]), tuple(g["spacing"]), tuple(g["origin"]),
-                            tuple(g["direction"]))
-        return [], CaseStats(case.case_id, geometry, {int(k): v for k, v in record["fractions"].items()},
-                             (record["hu"][0], record["hu"][1]))
+        record = hit[0]
+        return [], CaseStats(case.case_id, Geometry.from_dict(record["geometry"]),
+                             {int(k): v for k, v in record["fractions"].items()}, (record["hu"][0], record["hu"][1]))
     try:
         problems, stats = check_case(case, allowed, tol)
         if memo is not None and stats is not None:  # only a pass is memoised: a problem is read again each time

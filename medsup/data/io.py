@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import logging
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import nibabel.orientations as nio
@@ -111,6 +113,12 @@ class Geometry:
         if not np.allclose(self.direction, other.direction, rtol=0, atol=tol):
             problems.append(f"direction {_fmt(self.direction)} != {_fmt(other.direction)}")
         return problems
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Geometry:
+        """Inverse of :meth:`as_dict` (its derived ``orientation`` is ignored)."""
+        return cls(shape=_triple_int(data["shape"]), spacing=_triple(data["spacing"]), origin=_triple(data["origin"]),
+                   direction=tuple(float(v) for v in data["direction"]))
 
     def as_dict(self) -> dict[str, list[float] | list[int] | str]:
         """JSON-ready view."""
