@@ -39,7 +39,8 @@ def tune_host_allocator() -> bool:
     (``bench/infer_memory.py``).
 
     Does nothing (and returns False) off glibc, when ``MEDSUP_TUNE_MALLOC=0``, when the environment already
-    sets ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` or preloads another allocator (jemalloc,
+    sets ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` (or their ``GLIBC_TUNABLES`` forms,
+    ``glibc.malloc.mmap_threshold`` / ``glibc.malloc.trim_threshold``) or preloads another allocator (jemalloc,
     tcmalloc, mimalloc): an explicit choice wins. Idempotent; returns whether the settings are in force.
     """
     global _tuned
@@ -50,8 +51,10 @@ def tune_host_allocator() -> bool:
         log.debug("host allocator left as it is (%s=0)", TUNE_ENV)
         return False
     preload = os.environ.get("LD_PRELOAD", "")
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
     if any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")) or any(
-            name in preload for name in ("jemalloc", "tcmalloc", "mimalloc")):
+            name in preload for name in ("jemalloc", "tcmalloc", "mimalloc")) or any(
+            f"glibc.malloc.{name}" in tunables for name in ("mmap_threshold", "trim_threshold")):
         log.debug("host allocator left as the environment sets it")
         return False
     try:
