@@ -23,6 +23,7 @@ HOST_TRIM_THRESHOLD = 2**31 - 1
 #: set to 0 to keep the C library's allocator settings as they are
 TUNE_ENV = "MEDSUP_TUNE_MALLOC"
 _tuned: bool | None = None
+_libc: ctypes.CDLL | None = None
 
 
 def tune_host_allocator() -> bool:
@@ -57,6 +58,7 @@ def tune_host_allocator() -> bool:
             f"glibc.malloc.{name}" in tunables for name in ("mmap_threshold", "trim_threshold")):
         log.debug("host allocator left as the environment sets it")
         return False
+    global _libc
     try:
         libc = ctypes.CDLL(None)  # the symbols already loaded into this process, libc's among them
         mallopt = libc.mallopt
@@ -68,7 +70,24 @@ def tune_host_allocator() -> bool:
     if mallopt(_M_MMAP_THRESHOLD, HOST_MMAP_THRESHOLD) != 1 or mallopt(_M_TRIM_THRESHOLD, HOST_TRIM_THRESHOLD) != 1:
         log.debug("glibc %s refused the malloc settings", gnu().decode())
         return False
-    _tuned = True
+    _tuned, _libc = True, libc
     log.debug("glibc %s malloc: mmap threshold %d MiB, trim threshold %d MiB", gnu().decode(),
               HOST_MMAP_THRESHOLD >> 20, HOST_TRIM_THRESHOLD >> 20)
     return True
+
+
+def release_free_heap() -> bool:
+    """Hand the heap's free pages back to the kernel now (glibc ``malloc_trim(0)``), where
+    :func:`tune_host_allocator` keeps them: between two phases that allocate differently.
+
+    Why: inference's sliding window and export leave a few hundred MB of freed tiles and slabs in the heap,
+    kept for the next tile; postprocessing then allocates whole-volume arrays (above the mmap threshold, so
+    not from that free heap) on top of them: the case's peak. One trim per case costs a few hundred ms of
+    page faults when the next case's network stage grows the heap again. Returns whether memory was
+    released; does nothing when the allocator was left as it is.
+    """
+    if not _tuned or _libc is None:
+        return False
+    trim = _libc.malloc_trim
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return bool(trim(0))

@@ -4,7 +4,9 @@ chosen by :mod:`medsup.inference.postprocess_fit`; a model bundle carries them a
 
 Written for full-size CT on the host: work happens inside the bounding box of the region, component ids are
 uint16 when they fit, and everything else goes slab by slab, so the peak is the label map, one boolean map
-and one component map (``np.bincount`` or ``==`` on whole arrays would add int64 and boolean copies).
+and one component map (``np.bincount`` or ``==`` on whole arrays would add int64 and boolean copies); where
+the region is every foreground class (liver + tumour) the label map itself is labelled and the boolean map
+is not made either.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ def bincount_slabs(array: np.ndarray, length: int, chunk: int = 16) -> np.ndarra
 
 
 def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """26-connected components of a boolean mask: ``(ids, count)``, ids uint16 when they fit, else int32."""
+    """26-connected components of a mask (boolean, or any integer array: non-zero is foreground):
+    ``(ids, count)``, ids uint16 when they fit, else int32."""
     structure = np.ones((3, 3, 3), bool)
     try:
         ids, n = ndimage.label(mask, structure=structure, output=np.uint16)
@@ -49,7 +52,7 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
 
 
 def bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
-    """The smallest box (one slice per axis) holding every True voxel of a non-empty ``mask``."""
+    """The smallest box (one slice per axis) holding every True (non-zero) voxel of a non-empty ``mask``."""
     box = []
     for axis in range(mask.ndim):
         hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
@@ -67,11 +70,23 @@ def postprocess(labels: np.ndarray, organ_classes: Sequence[int], lesion_classes
     """
     if not organ_classes:
         return labels
-    region = np.zeros(labels.shape, dtype=bool)
-    for c in (*organ_classes, *lesion_classes):
-        region |= labels == c
-    if not region.any():
+    classes = {*organ_classes, *lesion_classes}
+    top = int(labels.max())
+    if top == 0:
         return labels
+    if classes >= set(range(1, top + 1)):
+        # every foreground class is in the region (liver: organ + tumour): ``ndimage.label`` takes the uint8
+        # map itself (non-zero = feature) and no boolean copy of the volume is made
+        region = labels
+    else:
+        region = np.empty(labels.shape, dtype=bool)
+        for k in range(0, labels.shape[2], chunk):  # slab by slab: ``labels == c`` would add a full boolean map
+            part, out = labels[..., k:k + chunk], region[..., k:k + chunk]
+            np.equal(part, organ_classes[0], out=out)
+            for c in (*organ_classes[1:], *lesion_classes):
+                out |= part == c
+        if not region.any():
+            return labels
     box = bounding_box(region)
     ids, n = label_components(region[box])
     del region  # ids != 0 is the region from here on

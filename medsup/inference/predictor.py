@@ -20,7 +20,7 @@ from medsup.data.resample import SlabResampler, argmax_reduce, push_array
 from medsup.data.transforms import background_value, preprocess_volume
 from medsup.device import autocast, autocast_dtype
 from medsup.evaluation.metrics import voxel_ml
-from medsup.hostmem import tune_host_allocator
+from medsup.hostmem import release_free_heap, tune_host_allocator
 from medsup.inference.bundle import Bundle
 from medsup.inference.postprocess import PostprocessRules, apply_rules, bincount_slabs, task_rules
 from medsup.inference.window import SlidingWindow, TileHook
@@ -152,6 +152,9 @@ class Predictor:
             log.warning("%s: stitching on the GPU ran out of memory; stitching on the CPU instead", prepared.path)
             torch.cuda.empty_cache()
             labels, export, logits = self._stream(prepared, network, torch.device("cpu"), on_tiles)
+        # the tiles' and slabs' freed memory, kept in the heap for the next tile, would otherwise lie beneath
+        # postprocessing's whole-volume arrays: the case's peak (bench/infer_memory.py)
+        release_free_heap()
         t1 = time.perf_counter()
         if self.rules is not None:
             labels = apply_rules(labels, self.rules, self.task.organ_classes, self.task.lesion_classes,

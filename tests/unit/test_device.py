@@ -56,7 +56,8 @@ def test_free_memory_is_read_and_no_more_than_the_machine_has() -> None:
 
 
 # One 28 MiB tensor written and freed, and what glibc's mallinfo2 says about it. Tuned (mmap threshold 32 MiB,
-# fixed), it comes from the heap and stays there once freed, ready for the next step. With glibc's defaults it
+# fixed), it comes from the heap and stays there once freed, ready for the next step, until
+# release_free_heap (between inference's network stage and postprocessing) hands it back. With glibc's defaults it
 # is mmapped (its threshold starts at 128 KiB and only rises when a freed mmapped chunk was bigger, which
 # nothing before this block did in a fresh process) and handed back to the kernel on free, so the next step
 # faults those pages in again. (An earlier version of this test freed 24 x 4 MiB blocks and asked how much of
@@ -64,7 +65,7 @@ def test_free_memory_is_read_and_no_more_than_the_machine_has() -> None:
 # CI machine; whether one block was mmapped does not.)
 _HEAP = """
 import ctypes, torch
-from medsup.hostmem import tune_host_allocator
+from medsup.hostmem import release_free_heap, tune_host_allocator
 class Info(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
                                                       "fsmblks", "uordblks", "fordblks", "keepcost")]
@@ -75,7 +76,12 @@ before = info()
 block = torch.ones(7 * 2**20)
 mapped = info().hblkhd - before.hblkhd
 del block
-print(tuned, mapped >> 20, (info().fordblks - before.fordblks) >> 20)
+kept = (info().fordblks - before.fordblks) >> 20
+def rss_mb():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) >> 10
+resident = rss_mb()
+released = release_free_heap()
+print(tuned, mapped >> 20, kept, released, resident - rss_mb())
 """
 glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt settings are glibc's")
 
@@ -88,13 +94,15 @@ def _child(code: str, **env: str) -> subprocess.CompletedProcess[str]:
 
 
 @glibc_only
-def test_the_tuned_allocator_keeps_freed_tensor_memory_in_the_heap() -> None:
-    tuned, mapped_mb, kept_mb = _child(_HEAP).stdout.split()
+def test_the_tuned_allocator_keeps_freed_tensor_memory_in_the_heap_until_released() -> None:
+    tuned, mapped_mb, kept_mb, released, dropped_mb = _child(_HEAP).stdout.split()
     assert (tuned, int(mapped_mb)) == ("True", 0)  # from the heap, not mmapped
     assert int(kept_mb) >= 24  # freed, and (nearly all: other small chunks come and go) kept as free heap
-    tuned, mapped_mb, kept_mb = _child(_HEAP, MEDSUP_TUNE_MALLOC="0").stdout.split()
+    assert released == "True" and int(dropped_mb) >= 24  # release_free_heap hands the pages back
+    tuned, mapped_mb, kept_mb, released, _ = _child(_HEAP, MEDSUP_TUNE_MALLOC="0").stdout.split()
     assert (tuned, int(mapped_mb)) == ("False", 28)  # glibc's default: mmapped ...
     assert int(kept_mb) <= 4  # ... and unmapped on free
+    assert released == "False"  # nothing of medsup's to undo
 
 
 @glibc_only

@@ -38,6 +38,30 @@ def test_keeps_the_largest_organ_and_the_lesions_that_touch_it() -> None:
     np.testing.assert_array_equal(out, expected)
 
 
+def _reference_postprocess(labels: np.ndarray, classes: list[int]) -> np.ndarray:
+    """The rule written plainly on whole arrays."""
+    region = np.isin(labels, classes)
+    ids, n = ndimage.label(region, structure=np.ones((3, 3, 3), bool))
+    out = labels.copy()
+    if n > 1:
+        sizes = np.bincount(ids.ravel())
+        sizes[0] = 0
+        out[region & (ids != sizes.argmax())] = 0
+    return out
+
+
+@pytest.mark.parametrize(("organ", "lesion"), [([1], [2]), ([1], [2, 3]), ([1], []), ([2], [3])])
+def test_region_of_some_or_all_foreground_classes(organ: list[int], lesion: list[int]) -> None:
+    # all classes in the region: the label map is labelled itself; a class outside it (3 here, or 1 when the
+    # organ is 2) is never removed and does not join the region's components
+    rng = np.random.default_rng(2)  # blobs of classes 1-3 in background, many of them islands
+    labels = np.digitize(ndimage.zoom(rng.random((10, 8, 12)), 3, order=1), [0.6, 0.75, 0.85]).astype(np.uint8)
+    labels = np.asfortranarray(labels)  # as predictions are made
+    expected = _reference_postprocess(labels, [*organ, *lesion])
+    assert (expected != labels).sum() > 100  # the rule removes something in every case
+    np.testing.assert_array_equal(postprocess(labels.copy(), organ, lesion, chunk=4), expected)
+
+
 def test_empty_and_organless_maps_are_left_alone() -> None:
     empty = np.zeros((8, 8, 8), np.uint8)
     np.testing.assert_array_equal(postprocess(empty.copy(), [1], [2]), empty)
