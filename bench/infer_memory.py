@@ -1,8 +1,9 @@
 """Peak host memory of `medsup infer` on a full-size CT, as a multiple of the raw volume.
 
 Runs in child processes that each report their own peak RSS (VmHWM): a baseline child that only imports
-the inference stack, then `medsup infer` on a synthetic 512 x 512 x N int16 CT. Prints the raw size, both
-peaks and the ratio (peak above baseline / raw). The model is randomly initialised (memory, not accuracy,
+the inference stack, then `medsup infer` on a synthetic 512 x 512 x N int16 CT (``--cases K``: a folder of
+K such CTs, the batch job, whose next case is read and preprocessed while the current one runs). Prints the
+raw size, both peaks and the ratio (peak above baseline / raw). The model is randomly initialised (memory, not accuracy,
 is measured) and planned at --spacing mm so the network part stays CPU-sized; reading, resampling and export still work
 on the full-resolution grid.
 
@@ -84,31 +85,38 @@ def main() -> None:
     parser.add_argument("--spacing", type=float, default=1.6, help="plan spacing of the random model (mm)")
     parser.add_argument("--gz", action="store_true", help="write the CT as .nii.gz (default: .nii)")
     parser.add_argument("--device", default="cpu", help="medsup infer --device: cpu | cuda (host RSS either way)")
+    parser.add_argument("--cases", type=int, default=1, help="CTs in the input folder (> 1: a batch with prefetch)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         bundle = make_bundle(root / "bundle", args.spacing)
-        ct = root / ("ct.nii.gz" if args.gz else "ct.nii")
+        cts = root / "cts"
+        cts.mkdir()
+        ct = cts / ("ct.nii.gz" if args.gz else "ct.nii")
         raw = make_ct(ct, args.slices)
+        for i in range(1, args.cases):  # the same file under other names: the batch reads each from disk
+            (cts / f"ct{i}{ct.name[2:]}").hardlink_to(ct)
         imports = "import torch, monai, medsup.cli, medsup.inference.api, medsup.inference.predictor"
         baseline, proc = run_child(imports, [], root)
         if proc.returncode:
             raise SystemExit(proc.stderr)
         t0 = time.perf_counter()
         infer = "from medsup.cli import app; app()"
-        peak, proc = run_child(infer, ["-q", "infer", "-i", str(ct), "-o", str(root / "out"), "--model",
+        source = cts if args.cases > 1 else ct
+        peak, proc = run_child(infer, ["-q", "infer", "-i", str(source), "-o", str(root / "out"), "--model",
                                        str(bundle), "--device", args.device, "--json"], root)
         seconds = time.perf_counter() - t0
         if proc.returncode:
             raise SystemExit(proc.stdout + proc.stderr)
-        case = json.loads(proc.stdout)["cases"][0]
+        cases = json.loads(proc.stdout)["cases"]
     raw_mb = raw / 2**20
-    print(f"volume 512x512x{args.slices} int16 ({ct.name}): {raw_mb:.0f} MB raw; model planned at {args.spacing} mm, "
-          f"device {args.device}")
+    print(f"volume 512x512x{args.slices} int16 ({ct.name}{f' x {args.cases} cases' if args.cases > 1 else ''}): "
+          f"{raw_mb:.0f} MB raw each; model planned at {args.spacing} mm, device {args.device}")
     print(f"peak RSS: imports only {baseline:.0f} MB, medsup infer {peak:.0f} MB ({seconds:.0f} s)")
     print(f"peak above imports / raw volume: {(peak - baseline) / raw_mb:.2f}x   (total / raw: {peak / raw_mb:.2f}x)")
-    print("seconds per stage:", case["seconds"])
+    for case in cases:
+        print("seconds per stage:", case["seconds"])
 
 
 if __name__ == "__main__":

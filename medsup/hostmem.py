@@ -36,8 +36,9 @@ def tune_host_allocator() -> bool:
     process keeps those pages mapped: 1.12x the quick preset's CPU training step and 1.24x a CPU sliding
     window, whose minor faults drop from 7.5 M to 0.2 M (``bench/host_alloc.py``). The cost: memory freed
     inside the process is kept for its own reuse rather than returned, so its resident size stays near the
-    heap's fullest: +0-4 % peak RSS in those benches, ~190 MB (+10 %) for a 1000-slice CT at 1.6 mm
-    (``bench/infer_memory.py``).
+    heap's fullest: +0-4 % peak RSS in those benches. Inference hands it back once per case before
+    postprocessing (:func:`release_free_heap`), which puts its peak below glibc's defaults
+    (``bench/infer_memory.py``: 1.73x vs 2.21x the raw volume of a 1000-slice CT).
 
     Does nothing (and returns False) off glibc, when ``MEDSUP_TUNE_MALLOC=0``, when the environment already
     sets ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` (or their ``GLIBC_TUNABLES`` forms,
