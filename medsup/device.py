@@ -29,6 +29,9 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 CPU_LOADER_WORKERS = 0
 MIN_GPU_LOADER_WORKERS = 2
 MAX_GPU_LOADER_WORKERS = 12  # nnU-Net's default number of augmentation processes
+#: the cache fill runs before the first step, so it may take the cores the step will use: 2 on the 2-core CPU
+#: machines, where the in-process loader (0 workers) would otherwise fill it alone
+MIN_CACHE_THREADS = 2
 
 
 def usable_cpus() -> int:
@@ -60,7 +63,7 @@ def loader_workers(requested: int | None, device: torch.device, ranks_per_node: 
 def cache_threads(workers: int, cpus: int | None = None) -> int:
     """Threads that fill the training cache (decode, resample, write) before the first step: the loader's
     worker count, but at least 2 where there are 2 cores, as the step does not run yet and so takes none."""
-    return max(1, workers, min(MIN_GPU_LOADER_WORKERS, cpus if cpus is not None else usable_cpus()))
+    return max(1, workers, min(MIN_CACHE_THREADS, cpus if cpus is not None else usable_cpus()))
 
 
 def available_memory_bytes() -> int | None:
