@@ -9,15 +9,16 @@ folder) and this tree one after the other, in alternating order, with the same d
 overrides (registration off; validation off unless ``--validate``), each a fresh process as a user runs it.
 Every epoch but the first (which fills the preprocessing cache) is read from the log line
 ``epoch i/n: ..., X s``. Prints the median seconds per iteration of each tree, the samples/s, and the ratio
-baseline / current (> 1: this tree trains faster), with the spread over repeats, and each process's whole
+baseline / current (> 1: this tree trains faster), with the spread over repeats, each process's whole
 wall time (start-up, caching, the untimed first epoch, the validations with ``--validate``, and the end
-included). ``--current-set`` adds overrides for this tree only (to compare one setting against the
-baseline).
+included) and, with ``--validate``, the median seconds of one validation (``val.seconds`` of its history).
+``--current-set`` adds overrides for this tree only (to compare one setting against the baseline).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -33,9 +34,10 @@ REPO = Path(__file__).resolve().parents[1]
 EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+): .*, ([\d.]+) s$")
 
 
-def train_seconds(tree: Path, args: argparse.Namespace, extra: list[str], out: Path) -> tuple[list[float], float]:
-    """Seconds of each epoch after the first, and of the whole process, from one ``medsup train`` run of the
-    code in ``tree``."""
+def train_seconds(tree: Path, args: argparse.Namespace, extra: list[str], out: Path
+                  ) -> tuple[list[float], float, list[float]]:
+    """Seconds of each epoch after the first, of the whole process, and of each validation, from one
+    ``medsup train`` run of the code in ``tree``."""
     # validation off unless --validate: then the preset's own val_every (and the validation at the end)
     validation = [] if args.validate else [f"train.val_every={args.epochs + 1}"]
     overrides = [f"train.epochs={args.epochs}", f"train.iterations_per_epoch={args.iterations}", *validation,
@@ -55,7 +57,9 @@ def train_seconds(tree: Path, args: argparse.Namespace, extra: list[str], out: P
               if (m := EPOCH_LINE.search(line.strip()))]
     if len(epochs) != args.epochs:
         raise RuntimeError(f"{tree}: expected {args.epochs} epoch lines, found {len(epochs)}:\n{proc.stderr[-3000:]}")
-    return [seconds for epoch, seconds in epochs if epoch > 1], wall
+    history = json.loads((out / "history.json").read_text(encoding="utf-8"))
+    validations = [float(row["val.seconds"]) for row in history if "val.seconds" in row]
+    return [seconds for epoch, seconds in epochs if epoch > 1], wall, validations
 
 
 def main() -> None:
@@ -83,14 +87,16 @@ def main() -> None:
         try:
             per_it: dict[str, list[float]] = {"baseline": [], "current": []}
             walls: dict[str, list[float]] = {"baseline": [], "current": []}
+            vals: dict[str, list[float]] = {"baseline": [], "current": []}
             for repeat in range(args.repeats):
                 order = ["baseline", "current"] if repeat % 2 == 0 else ["current", "baseline"]
                 for name in order:
                     tree, extra = (base_tree, []) if name == "baseline" else (REPO, args.current_set)
                     out = Path(tmp) / f"{name}{repeat}" / "run"
-                    seconds, wall = train_seconds(tree, args, extra, out)
+                    seconds, wall, validations = train_seconds(tree, args, extra, out)
                     per_it[name].append(statistics.median(seconds) / args.iterations)
                     walls[name].append(wall)
+                    vals[name] += validations
                     log.info("repeat %d %s: %s s per epoch", repeat, name, ", ".join(f"{s:.1f}" for s in seconds))
                     if batch is None:
                         batch = _batch_size(out)
@@ -99,24 +105,27 @@ def main() -> None:
     ratios = [b / c for b, c in zip(per_it["baseline"], per_it["current"], strict=True)]
     log.info("\n%s preset, task %s, %d x %d iterations per run (first epoch untimed), %d repeats, batch %s",
              args.preset, args.task, args.epochs, args.iterations, args.repeats, batch)
-    log.info("| tree | s/iteration (median) | samples/s | per repeat | process wall s (median) |")
-    log.info("|---|---|---|---|---|")
+    log.info("| tree | s/iteration (median) | samples/s | per repeat | process wall s (median) | "
+             "s per validation (median of n) |")
+    log.info("|---|---|---|---|---|---|")
     for name, rev in (("baseline", args.baseline_rev), ("current", "this tree")):
         med = statistics.median(per_it[name])
         samples = f"{(batch or 0) / med:.2f}" if batch else "-"
-        log.info("| %s (%s) | %.3f | %s | %s | %.1f |", name, rev, med, samples,
-                 ", ".join(f"{x:.3f}" for x in per_it[name]), statistics.median(walls[name]))
+        val = f"{statistics.median(vals[name]):.2f} ({len(vals[name])})" if vals[name] else "-"
+        log.info("| %s (%s) | %.3f | %s | %s | %.1f | %s |", name, rev, med, samples,
+                 ", ".join(f"{x:.3f}" for x in per_it[name]), statistics.median(walls[name]), val)
     log.info("\nbaseline / current: median %.2fx (repeats: %s)", statistics.median(ratios),
              ", ".join(f"{r:.2f}" for r in ratios))
     wall_ratios = [b / c for b, c in zip(walls["baseline"], walls["current"], strict=True)]
     log.info("baseline / current process wall: median %.2fx (repeats: %s)", statistics.median(wall_ratios),
              ", ".join(f"{r:.2f}" for r in wall_ratios))
+    if vals["baseline"] and vals["current"]:
+        log.info("baseline / current validation: median %.2fx", statistics.median(vals["baseline"])
+                 / statistics.median(vals["current"]))
 
 
 def _batch_size(out: Path) -> int | None:
     """The batch size the run planned (plan.json in its output folder)."""
-    import json
-
     try:
         return int(json.loads((out / "plan.json").read_text(encoding="utf-8"))["batch_size"])
     except (OSError, KeyError, ValueError):

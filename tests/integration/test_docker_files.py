@@ -261,7 +261,8 @@ def test_entrypoint_is_the_medsup_console_script() -> None:
         entrypoint = exec_form(df.final.last("ENTRYPOINT") or "")
         cmd = exec_form(df.final.last("CMD") or "[]")
         assert entrypoint == ["medsup"], path.name
-        proc = subprocess.run([str(script), *cmd], capture_output=True, text=True, check=False, timeout=60)
+        proc = subprocess.run([str(script), *cmd], capture_output=True, encoding="utf-8", errors="replace",
+                              check=False, timeout=60)
         assert proc.returncode == 0 and "train" in proc.stdout, proc.stdout + proc.stderr
 
 

@@ -203,6 +203,20 @@ def test_fitted_postprocessing_travels_with_the_bundle(trained: tuple[Path, Path
         load_bundle(strict)
 
 
+def test_cpu_inference_runs_channels_last_and_agrees_with_the_default_layout(trained: tuple[Path, Path]) -> None:
+    cpu = torch.device("cpu")
+    bundle = load_bundle(trained[0])
+    predictor = Predictor(bundle, cpu, PredictOptions())
+    weights = [p for p in predictor.network.parameters() if p.dim() == 5 and p.shape[1] > 1]
+    assert weights and all(w.is_contiguous(memory_format=torch.channels_last_3d) for w in weights)
+    default = bundle.network(cpu)  # torch's layout: the comparison below is between two layouts
+    assert not any(p.is_contiguous(memory_format=torch.channels_last_3d)
+                   for p in default.parameters() if p.dim() == 5 and p.shape[1] > 1 and p.shape[2] > 1)
+    x = torch.randn(2, 1, *bundle.plan.patch_size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        torch.testing.assert_close(predictor.network(x), default(x), rtol=1e-4, atol=1e-4)
+
+
 def test_postprocess_command_refits_a_bundle(trained: tuple[Path, Path], tmp_path: Path) -> None:
     bundle, data = trained
     copy = tmp_path / "model"

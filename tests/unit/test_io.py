@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import locale
 import math
 import os
 import time
@@ -33,7 +34,20 @@ def test_round_trip_keeps_geometry(tmp_path: Path, suffix: str) -> None:
 
 
 def write_dicom_series(volume: Volume, folder: Path) -> None:
-    """Write ``volume`` as a CT DICOM series, one file per k-slice, the way scanners do."""
+    """Write ``volume`` as a CT DICOM series, one file per k-slice, the way scanners do.
+
+    SimpleITK's DICOM writer (GDCM) sets the whole process's C locale to "C": text decoded with the locale's
+    encoding later in the same test process (``subprocess.run(text=True)``) would then be ASCII. The caller's
+    locale is put back afterwards (medsup reads DICOM but never writes it; its reader leaves the locale be).
+    """
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        _write_dicom_slices(volume, folder)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_dicom_slices(volume: Volume, folder: Path) -> None:
     image = to_sitk(volume.array.astype(np.int16), volume.geometry)
     folder.mkdir(parents=True)
     writer = sitk.ImageFileWriter()
