@@ -99,9 +99,8 @@ def inference_memory_format(device: torch.device) -> torch.memory_format:
     Channels-last (NDHWC) on a CPU: oneDNN runs its 3-D convolutions on that layout without reordering every
     activation: a sliding-window call of 2 tiles 1.36x faster for the 1.6 mm CPU plan and 1.34x for the
     reference liver filters, 1.04x for a tiny 4..16-filter network (``bench/infer_layout.py``; logits equal
-    to 5e-4). Training keeps ``train.channels_last``
-    (forward + backward gained nothing on a CPU). CUDA keeps the default layout until the same bench has run
-    on a GPU.
+    to 5e-4). Training keeps ``train.channels_last`` (forward + backward gained nothing on a CPU). CUDA keeps
+    the default layout until the same bench has run on a GPU.
     """
     return torch.channels_last_3d if device.type == "cpu" else torch.contiguous_format
 

@@ -235,6 +235,7 @@ def _fit(cfg: Config, plan: Plan, labels: dict[int, str], cases: dict[str, Any],
         copy = build_model(cfg, plan).to(dev)
         copy.load_state_dict(model.state_dict())
         return copy.to(memory_format=val_format)  # type: ignore[call-overload]
+
     fg_names = [labels[c] for c in sorted(labels) if c != 0]
     fg_classes = [c for c in sorted(labels) if c != 0]
     lesion_classes = get_task(cfg.task).lesion_classes
