@@ -25,18 +25,12 @@ import time
 
 import torch
 from _setup import add_threads_option, start
+from infer_e2e import PLANS as E2E_PLANS
 
 log = logging.getLogger("bench.infer_layout")
 
-PLANS: dict[str, tuple[str, list[str]]] = {
-    "cpu": ("liver", ["plan.target_spacing=[1.6, 1.6, 1.6]", "plan.patch_size=[64, 64, 64]", "plan.base_filters=8",
-                      "plan.max_stages=4", "plan.max_filters=64"]),
-    "coarse": ("liver", ["plan.target_spacing=[5, 5, 5]", "plan.patch_size=[32, 32, 32]", "plan.base_filters=4",
-                         "plan.max_stages=3", "plan.max_filters=16"]),
-    "liver64": ("liver", ["plan.patch_size=[64, 64, 64]"]),
-    "liver": ("liver", []),
-    "lung": ("lung", []),
-}
+#: infer_e2e's plans (cpu, coarse, liver, lung) and the reference liver filters on a CPU-sized patch
+PLANS: dict[str, tuple[str, list[str]]] = {**E2E_PLANS, "liver64": ("liver", ["plan.patch_size=[64, 64, 64]"])}
 
 
 def main() -> None:
@@ -71,12 +65,12 @@ def main() -> None:
 
     log.info("%s, %d torch threads, torch %s; %d tiles per call, medians of %d", device, torch.get_num_threads(),
              torch.__version__, args.tiles, args.repeats)
-    plans = {name: (PLANS[name][0], PLANS[name][1], default_plan(load(*PLANS[name])))
-             for name in (n.strip() for n in names)}
+    configs = {name: load(*PLANS[name]) for name in (n.strip() for n in names)}
+    plans = {name: default_plan(cfg) for name, cfg in configs.items()}  # before the table: planning logs
     rows = []
-    for name, (task, overrides, plan) in plans.items():
+    for name, plan in plans.items():
         torch.manual_seed(0)
-        default = build_model(load(task, overrides), plan).to(device).eval()
+        default = build_model(configs[name], plan).to(device).eval()
         last = copy.deepcopy(default).to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
         x = torch.randn(args.tiles, 1, *plan.patch_size, device=device)
         for amp in [a.strip() == "on" for a in args.amp.split(",")]:

@@ -45,7 +45,7 @@ def tune_host_allocator() -> bool:
     ``glibc.malloc.mmap_threshold`` / ``glibc.malloc.trim_threshold``) or preloads another allocator (jemalloc,
     tcmalloc, mimalloc): an explicit choice wins. Idempotent; returns whether the settings are in force.
     """
-    global _tuned
+    global _tuned, _libc
     if _tuned is not None:
         return _tuned
     _tuned = False
@@ -59,7 +59,6 @@ def tune_host_allocator() -> bool:
             f"glibc.malloc.{name}" in tunables for name in ("mmap_threshold", "trim_threshold")):
         log.debug("host allocator left as the environment sets it")
         return False
-    global _libc
     try:
         libc = ctypes.CDLL(None)  # the symbols already loaded into this process, libc's among them
         mallopt = libc.mallopt
@@ -67,6 +66,7 @@ def tune_host_allocator() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int  # release_free_heap
     gnu.restype = ctypes.c_char_p
     if mallopt(_M_MMAP_THRESHOLD, HOST_MMAP_THRESHOLD) != 1 or mallopt(_M_TRIM_THRESHOLD, HOST_TRIM_THRESHOLD) != 1:
         log.debug("glibc %s refused the malloc settings", gnu().decode())
@@ -89,6 +89,4 @@ def release_free_heap() -> bool:
     """
     if not _tuned or _libc is None:
         return False
-    trim = _libc.malloc_trim
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return bool(trim(0))
+    return bool(_libc.malloc_trim(0))

@@ -106,8 +106,7 @@ class InstanceNorm3d(nn.InstanceNorm3d):
     batch-norm kernel is slower than ``group_norm``'s on these shapes (``group_norm`` 2.2-5x faster forward
     and backward on the quick preset's feature maps: ``bench/norm_kernel.py``). CUDA keeps ``instance_norm``
     (cuDNN; under autocast ``group_norm`` would run in float32), as do unbatched inputs and running
-    statistics. Same parameters and
-    state-dict keys as ``nn.InstanceNorm3d``, so checkpoints load either way.
+    statistics. Same parameters and state-dict keys as ``nn.InstanceNorm3d``, so checkpoints load either way.
     """
 
     def forward(self, input: Tensor) -> Tensor:
