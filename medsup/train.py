@@ -226,15 +226,19 @@ def _fit(cfg: Config, plan: Plan, labels: dict[int, str], cases: dict[str, Any],
     train_format = torch.channels_last_3d if cfg.train.channels_last else torch.contiguous_format
     val_format = inference_memory_format(dev)
 
-    def validation_net() -> torch.nn.Module:
-        # validation predicts as `medsup infer` does, in the inference layout (on a CPU channels-last, ~1.35x
-        # per sliding-window call: bench/infer_layout.py), from a copy of the weights where training keeps
-        # another layout: so validation Dice, the postprocessing fit and the bundle's inference agree
+    def inference_model() -> DeepSupervisedUNet:
+        # validation and the end-of-training figures predict as `medsup infer` does, in the inference layout (on
+        # a CPU channels-last, ~1.35x per sliding-window call: bench/infer_layout.py), from a copy of the weights
+        # where training keeps another layout: so validation Dice, the postprocessing fit, the figures and the
+        # bundle's inference agree
         if val_format == train_format:
-            return net
+            return model
         copy = build_model(cfg, plan).to(dev)
         copy.load_state_dict(model.state_dict())
         return copy.to(memory_format=val_format)  # type: ignore[call-overload]
+
+    def validation_net() -> torch.nn.Module:
+        return net if val_format == train_format else inference_model()  # net: the compiled / distributed one
 
     fg_names = [labels[c] for c in sorted(labels) if c != 0]
     fg_classes = [c for c in sorted(labels) if c != 0]
@@ -328,7 +332,7 @@ def _fit(cfg: Config, plan: Plan, labels: dict[int, str], cases: dict[str, Any],
         if cfg.tracking.register_best and tracker.run_id:
             model_version = _register(tracker, bundle, cfg.task, best.best)
         if cfg.train.figures:
-            _figures(output, history, last_validation, model, cfg, plan, dev, tracker)
+            _figures(output, history, last_validation, inference_model(), cfg, plan, dev, tracker)
     # the other ranks wait for rank 0's export: a rank that tears its process group down and exits while rank 0
     # still holds it open can abort in gloo's teardown ("terminate called without an active exception", exit
     # -6), which torchrun reports as a failed run (seen in ~1 of 5 two-rank CPU runs before this barrier)

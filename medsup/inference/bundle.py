@@ -17,6 +17,7 @@ import torch
 from medsup.checkpoint import CheckpointError, load_checkpoint
 from medsup.config import Config, ConfigError, from_json
 from medsup.data.planning import Plan
+from medsup.device import inference_memory_format
 from medsup.inference.postprocess import RULES_FILE, PostprocessRules
 from medsup.models.unet import DeepSupervisedUNet, build_model
 
@@ -39,13 +40,18 @@ class Bundle:
     postprocessing: PostprocessRules | None = None
 
     def network(self, device: torch.device) -> DeepSupervisedUNet:
-        """The U-Net with the bundle's weights, in eval mode on ``device``."""
+        """The U-Net with the bundle's weights, in eval mode on ``device`` and in its inference layout.
+
+        Every prediction from a bundle (``medsup infer``, the MLflow pyfunc model, the figures) runs the layout
+        of :func:`medsup.device.inference_memory_format`: channels-last on a CPU, ~1.35x per sliding-window call
+        (``bench/infer_layout.py``).
+        """
         model = build_model(self.cfg, self.plan)
         try:
             model.load_state_dict(self.weights)
         except RuntimeError as err:
             raise BundleError(f"{self.source}: weights do not fit the planned network ({err})") from None
-        return model.to(device).eval()
+        return model.to(device, memory_format=inference_memory_format(device)).eval()  # type: ignore[call-overload]
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready summary for reports."""

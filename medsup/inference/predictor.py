@@ -18,7 +18,7 @@ import torch
 from medsup.data.io import Geometry, ImageReadError, Volume, read_image
 from medsup.data.resample import SlabResampler, argmax_reduce, push_array
 from medsup.data.transforms import background_value, preprocess_volume
-from medsup.device import autocast, autocast_dtype, inference_memory_format
+from medsup.device import autocast, autocast_dtype
 from medsup.evaluation.metrics import voxel_ml
 from medsup.hostmem import release_free_heap, tune_host_allocator
 from medsup.inference.bundle import Bundle
@@ -86,9 +86,7 @@ class Predictor:
         # export free and reallocate the same large blocks for every tile and slab (bench/host_alloc.py)
         tune_host_allocator()
         self.bundle, self.device, self.options = bundle, device, options
-        self.network = bundle.network(device)
-        # channels-last on a CPU: oneDNN's convolutions ~1.35x faster per call (bench/infer_layout.py)
-        self.network.to(memory_format=inference_memory_format(device))  # type: ignore[call-overload]
+        self.network = bundle.network(device)  # in the inference layout: channels-last on a CPU
         if options.exit_level is not None and not 0 <= options.exit_level < self.network.num_heads:
             raise ValueError(f"--exit-level must be in 0..{self.network.num_heads - 1} for this model "
                              f"(0 = full resolution), got {options.exit_level}")

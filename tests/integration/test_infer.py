@@ -20,6 +20,7 @@ from medsup.inference.api import InferRequest, infer
 from medsup.inference.bundle import BundleError, load_bundle
 from medsup.inference.postprocess import task_rules
 from medsup.inference.predictor import PredictOptions, Predictor
+from medsup.models.unet import build_model
 from medsup.train import run_training
 from tests.conftest import make_volume, write_msd
 from tests.unit.test_io import write_dicom_series
@@ -207,9 +208,13 @@ def test_cpu_inference_runs_channels_last_and_agrees_with_the_default_layout(tra
     cpu = torch.device("cpu")
     bundle = load_bundle(trained[0])
     predictor = Predictor(bundle, cpu, PredictOptions())
-    weights = [p for p in predictor.network.parameters() if p.dim() == 5 and p.shape[1] > 1]
-    assert weights and all(w.is_contiguous(memory_format=torch.channels_last_3d) for w in weights)
-    default = bundle.network(cpu)  # torch's layout: the comparison below is between two layouts
+    # every prediction from a bundle (infer, pyfunc, figures) gets the layout from Bundle.network itself
+    for network in (predictor.network, bundle.network(cpu)):
+        weights = [p for p in network.parameters() if p.dim() == 5 and p.shape[1] > 1]
+        assert weights and all(w.is_contiguous(memory_format=torch.channels_last_3d) for w in weights)
+    default = build_model(bundle.cfg, bundle.plan)  # torch's layout: the comparison below is between two layouts
+    default.load_state_dict(bundle.weights)
+    default.eval()
     assert not any(p.is_contiguous(memory_format=torch.channels_last_3d)
                    for p in default.parameters() if p.dim() == 5 and p.shape[1] > 1 and p.shape[2] > 1)
     x = torch.randn(2, 1, *bundle.plan.patch_size, generator=torch.Generator().manual_seed(0))
