@@ -32,8 +32,8 @@ log = logging.getLogger("bench.dataload")
 
 
 def main() -> None:
+    from medsup.data.loaders import training_loaders
     from medsup.device import usable_cpus
-    from medsup.train import _loaders
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_loader_options(parser)
@@ -53,7 +53,7 @@ def main() -> None:
     # the memory cache (its copy and its cached items are what is measured; bench/train_cache.py compares disk)
     cfg, plan, cases, split = loader_setup(args, "train.cache=memory")
     t0 = time.perf_counter()
-    loader, _ = _loaders(cfg, plan, cases, split, torch.device(args.device))
+    loader, _ = training_loaders(cfg, plan, cases, split, torch.device(args.device))
     cache_s = time.perf_counter() - t0
 
     load_s, n_load = _steady_seconds(loader)

@@ -45,7 +45,6 @@ def child(part: str, args: argparse.Namespace) -> dict[str, Any]:
     from medsup.inference.window import SlidingWindow
     from medsup.losses import build_loss
     from medsup.models.unet import build_model
-    from medsup.train import _optimizer
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -56,7 +55,7 @@ def child(part: str, args: argparse.Namespace) -> dict[str, Any]:
     cpu = torch.device("cpu")
     times = []
     if part == "train":
-        step = steps.make_train_step(model, build_loss(cfg), _optimizer(cfg, model), cpu, amp=False,
+        step = steps.make_train_step(model, build_loss(cfg), steps.build_optimizer(cfg, model), cpu, amp=False,
                                      grad_clip=cfg.train.grad_clip)
         engine = Engine(step)
         g = torch.Generator().manual_seed(0)

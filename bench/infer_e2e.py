@@ -439,9 +439,9 @@ def make_bundle(folder: Path, plan_name: str) -> dict[str, Any]:
 
     from medsup.config import load
     from medsup.data.planning import default_plan
+    from medsup.inference.bundle import write_bundle
     from medsup.models.unet import build_model
     from medsup.tasks import get_task
-    from medsup.train import write_bundle
 
     task, overrides = PLANS[plan_name]
     cfg = load(task, overrides)

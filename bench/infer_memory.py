@@ -53,9 +53,9 @@ def make_bundle(folder: Path, spacing: float) -> Path:
 
     from medsup.config import load
     from medsup.data.planning import default_plan
+    from medsup.inference.bundle import write_bundle
     from medsup.models.unet import build_model
     from medsup.tasks import get_task
-    from medsup.train import write_bundle
 
     cfg = load("liver", [f"plan.target_spacing=[{spacing}, {spacing}, {spacing}]", "plan.patch_size=[64, 64, 64]",
                          "plan.base_filters=8", "plan.max_stages=4", "plan.max_filters=64"])

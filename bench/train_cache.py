@@ -5,7 +5,7 @@
         --set "plan.target_spacing=[0.77,0.77,0.77]" --set "plan.patch_size=[128,128,128]" --workers 1 --threads 1
 
 For each mode a fresh process builds the training and validation loaders exactly as ``medsup train`` does
-(``medsup.train._loaders``) and draws ``--batches`` training batches:
+(``medsup.data.loaders.training_loaders``) and draws ``--batches`` training batches:
 
 - ``memory``: MONAI's ``CacheDataset`` preprocesses every case into RAM at the start (what every run,
   resume and fold pays);
@@ -50,13 +50,13 @@ def child(args: argparse.Namespace) -> dict[str, float]:
     import torch
     from dataload import _steady_seconds
 
-    from medsup.train import _loaders
+    from medsup.data.loaders import training_loaders
 
     cache = "memory" if args.child == "memory" else "disk"
     cfg, plan, cases, split = loader_setup(args, f"train.cache={cache}", f"train.cache_dir={args.cache_dir}")
     torch.manual_seed(cfg.seed)
     started = time.perf_counter()
-    loader, _ = _loaders(cfg, plan, cases, split, torch.device("cpu"))
+    loader, _ = training_loaders(cfg, plan, cases, split, torch.device("cpu"))
     ready = time.perf_counter() - started
     seconds, measured = _steady_seconds(loader)
     store = sum(p.stat().st_size for p in Path(args.cache_dir).rglob("*.npy"))

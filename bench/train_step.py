@@ -104,13 +104,13 @@ class LoaderFeed:
 
     def __init__(self, cfg: Any, plan: Any, data: Path, device: torch.device) -> None:
         from medsup.data.datalist import load_datalist
+        from medsup.data.loaders import training_loaders
         from medsup.data.splits import make_splits
-        from medsup.train import _loaders
 
         cases = {c.case_id: c for c in load_datalist(data).labelled}
         split = make_splits(sorted(cases), max(2, min(cfg.data.num_folds, len(cases))), cfg.seed)[0]
         t0 = time.perf_counter()
-        self.loader, _ = _loaders(cfg, plan, cases, split, device)
+        self.loader, _ = training_loaders(cfg, plan, cases, split, device)
         self.cache_s = time.perf_counter() - t0
         self.workers = self.loader.num_workers
         self.it = iter(self.loader)
@@ -139,7 +139,6 @@ def medsup_runner(cfg: Any, plan: Any, device: torch.device, *, amp: bool, compi
     import medsup.engine.steps as steps
     from medsup.losses import build_loss
     from medsup.models.unet import build_model
-    from medsup.train import _optimizer
 
     torch.manual_seed(0)
     model = build_model(cfg, plan).to(device)
@@ -147,7 +146,7 @@ def medsup_runner(cfg: Any, plan: Any, device: torch.device, *, amp: bool, compi
         model = model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
     net: Any = torch.compile(model) if compile_ else model
     loss_fn = build_loss(cfg)
-    optimizer = _optimizer(cfg, model)
+    optimizer = steps.build_optimizer(cfg, model)
     # medsup's autocast_dtype turns AMP off on CPU; the bench asks for bf16 there to see what it would give
     real_dtype = steps.autocast_dtype
     steps.autocast_dtype = lambda dev, enabled: (torch.bfloat16 if dev.type == "cpu" and enabled  # type: ignore[assignment]

@@ -9,12 +9,9 @@ cases are sharded per rank, metrics all-reduced, and only rank 0 logs to MLflow 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -22,12 +19,10 @@ from pathlib import Path
 from typing import Any, cast
 
 import ignite.distributed as idist
-import monai
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
-from monai.data import CacheDataset, DataLoader, Dataset
-from monai.transforms import Compose
+from monai.data import CacheDataset
 
 import medsup
 from medsup.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -35,23 +30,25 @@ from medsup.config import Config, from_json
 from medsup.data import preprocessed as pre
 from medsup.data.check import check_dataset
 from medsup.data.datalist import load_datalist
-from medsup.data.files import atomic_path
 from medsup.data.fingerprint import plan_dataset
+from medsup.data.loaders import training_loaders
 from medsup.data.memo import CaseMemo
 from medsup.data.planning import Plan
 from medsup.data.splits import fold_split, save_splits
-from medsup.data.transforms import background_value, eval_transforms, train_random_transforms, train_transforms
-from medsup.device import cache_threads, inference_memory_format, loader_workers, resolve_device
+from medsup.data.transforms import background_value
+from medsup.device import inference_memory_format, resolve_device
 from medsup.engine.handlers import BestTracker, EpochMetrics, GradNorms, LossEpoch, PolyLR
-from medsup.engine.steps import StepEvents, make_train_step
+from medsup.engine.steps import StepEvents, build_optimizer, make_train_step
 from medsup.engine.validation import summarise, validate
 from medsup.evaluation.history import HISTORY, VALIDATION, read_validation, write_history, write_validation
 from medsup.hostmem import tune_host_allocator
+from medsup.inference.bundle import write_bundle
 from medsup.inference.window import SlidingWindow, sliding_window_logits
 from medsup.losses import build_loss, heads_may_go_unused
 from medsup.models.unet import DeepSupervisedUNet, build_model
 from medsup.tasks import get_task
 from medsup.tracking import RunTracker, check_reachable, resolve_tracking_uri
+from medsup.tracking.run_info import plan_params, run_tags
 
 log = logging.getLogger(__name__)
 
@@ -167,9 +164,9 @@ def _train(cfg: Config, opts: _Options) -> TrainResult:
     )
     with tracker:
         if checkpoint is None:
-            tracker.log_params({**cfg.flat(), **{f"planned.{k}": v for k, v in _flat_plan(plan).items()},
+            tracker.log_params({**cfg.flat(), **{f"planned.{k}": v for k, v in plan_params(plan).items()},
                                 "data.dir": str(opts.data_dir.resolve()), "data.fold_used": fold})
-        tracker.set_tags({**_tags(cfg, plan, fold, dev, output, uri), "seed": str(cfg.seed),
+        tracker.set_tags({**run_tags(cfg, plan, fold, dev, output, idist.get_world_size()), "seed": str(cfg.seed),
                           "n_train": str(len(split["train"])), "n_val": str(len(split["val"]))})
         for name in ("config.json", "plan.json", "splits.json"):
             if rank0:
@@ -189,7 +186,12 @@ def _fit(cfg: Config, plan: Plan, labels: dict[int, str], cases: dict[str, Any],
     elif dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
-    train_loader, val_items = _loaders(cfg, plan, cases, split, dev)
+    try:
+        train_loader, val_items = training_loaders(cfg, plan, cases, split, dev, rank=idist.get_rank(),
+                                                   world=idist.get_world_size(),
+                                                   nproc_per_node=idist.get_nproc_per_node())
+    except pre.PreprocessError as err:
+        raise TrainingError(str(err)) from None
     # what train.num_workers: null and train.cache: auto chose
     tracker.set_tags({"num_workers": str(train_loader.num_workers),
                       "train_cache": "memory" if isinstance(train_loader.dataset, CacheDataset) else "disk"})
@@ -200,7 +202,7 @@ def _fit(cfg: Config, plan: Plan, labels: dict[int, str], cases: dict[str, Any],
     if cfg.train.compile:
         net = torch.compile(net)  # type: ignore[assignment]
     loss_fn = build_loss(cfg)
-    optimizer = _optimizer(cfg, model)
+    optimizer = build_optimizer(cfg, model)
     step = make_train_step(net, loss_fn, optimizer, dev, amp=cfg.train.amp, grad_clip=cfg.train.grad_clip,
                            channels_last=cfg.train.channels_last)
     trainer = Engine(step)
@@ -422,80 +424,6 @@ def _register(tracker: RunTracker, bundle: Path, task: str, score: float) -> int
     return version
 
 
-def write_bundle(folder: Path, weights: dict[str, torch.Tensor], cfg: Config, plan: Plan,
-                 labels: dict[int, str]) -> Path:
-    """A self-describing model folder: weights + resolved config + plan + label map + versions."""
-    folder.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(folder / "weights.pt", {"model": weights})
-    for name, text in (
-        ("config.json", cfg.to_json()),
-        ("plan.json", plan.model_dump_json(indent=2)),
-        ("labels.json", json.dumps({str(k): v for k, v in sorted(labels.items())}, indent=2)),
-        ("versions.json", json.dumps(_versions(), indent=2)),
-    ):
-        with atomic_path(folder / name) as tmp:
-            tmp.write_text(text + "\n", encoding="utf-8")
-    return folder
-
-
-def _loaders(cfg: Config, plan: Plan, cases: dict[str, Any], split: dict[str, list[str]],
-             dev: torch.device) -> tuple[Any, Any]:
-    rank, world = idist.get_rank(), idist.get_world_size()
-    train_ids = split["train"][rank::world] or split["train"]
-    val_ids = split["val"][rank::world]
-    if cfg.train.val_max_cases:
-        val_ids = val_ids[: cfg.train.val_max_cases]
-    workers = loader_workers(cfg.train.num_workers, dev, idist.get_nproc_per_node())
-    train_ds, val_ds = _datasets(cfg, plan, [cases[c] for c in train_ids], [cases[c] for c in val_ids], workers,
-                                 rank)
-    generator = torch.Generator().manual_seed(cfg.seed + rank)
-    sampler = torch.utils.data.RandomSampler(
-        train_ds, replacement=True, num_samples=cfg.train.iterations_per_epoch * plan.batch_size, generator=generator
-    )
-    train_loader = DataLoader(train_ds, batch_size=plan.batch_size, sampler=sampler, num_workers=workers,
-                              pin_memory=dev.type == "cuda", persistent_workers=workers > 0, drop_last=True)
-    val_loader = DataLoader(val_ds, batch_size=1, num_workers=0)
-    return train_loader, val_loader
-
-
-def _datasets(cfg: Config, plan: Plan, train_cases: list[Any], val_cases: list[Any], workers: int,
-              rank: int) -> tuple[Any, Any]:
-    """Training cases through :func:`train_transforms`, validation cases through :func:`eval_transforms`: cached
-    in memory (MONAI's ``CacheDataset``) or preprocessed once on disk and memory-mapped
-    (:mod:`medsup.data.preprocessed`), per ``train.cache``."""
-    threads = cache_threads(workers)
-    if pre.choose_cache(cfg, plan, train_cases, val_cases, idist.get_nproc_per_node()) == "disk":
-        try:
-            stores = {kind: pre.open_store(cfg, plan, [*train_cases, *val_cases], kind) for kind in ("train", "eval")}
-            pre.fill_store(stores["train"], cfg, plan, train_cases, workers=threads)
-            pre.fill_store(stores["eval"], cfg, plan, val_cases, workers=threads)
-        except pre.PreprocessError as err:
-            raise TrainingError(str(err)) from None
-        train_tf = Compose([pre.LoadPreprocessedd(stores["train"]), *train_random_transforms(cfg, plan)])
-        train_tf.set_random_state(cfg.seed + rank)
-        return (Dataset([{pre.CASE_KEY: c.case_id} for c in train_cases], train_tf),
-                Dataset([{pre.CASE_KEY: c.case_id} for c in val_cases], pre.LoadPreprocessedd(stores["eval"])))
-    train_tf = train_transforms(cfg, plan, pre.foreground_classes(cfg))
-    train_tf.set_random_state(cfg.seed + rank)
-    item = lambda c: {"image": str(c.image), "label": str(c.label)}  # noqa: E731
-    # copy_cache=False: MONAI deep-copies the whole cached case for every sample by default (0.15-0.3 GB for
-    # a 512x512 CT at the liver plan's spacing, 3 bytes a voxel) only to crop a patch from it; the patch crop
-    # copies the patch instead, so the cache stays untouched (bench/dataload.py measures both)
-    train_ds = CacheDataset([item(c) for c in train_cases], train_tf, cache_rate=cfg.train.cache_rate,
-                            num_workers=threads, progress=False, copy_cache=False)
-    val_ds = CacheDataset([item(c) for c in val_cases], eval_transforms(plan), cache_rate=cfg.train.cache_rate,
-                          num_workers=threads, progress=False)
-    return train_ds, val_ds
-
-
-def _optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
-    t = cfg.train
-    if t.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
-                               nesterov=True)
-    return torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-
-
 def _device(name: str) -> torch.device:
     try:
         return resolve_device(name, idist.get_local_rank() if idist.get_world_size() > 1 else 0)
@@ -552,33 +480,3 @@ def _plan(cfg: Config, opts: _Options, output: Path, checkpoint: dict[str, Any] 
         plan_dataset(opts.data_dir, cfg, output / "plan.json", memo)
     idist.barrier()
     return Plan.load(output / "plan.json")
-
-
-def _flat_plan(plan: Plan) -> dict[str, Any]:
-    data = plan.model_dump(mode="json")
-    norm = data.pop("normalization")
-    return {**data, **{f"normalization.{k}": v for k, v in norm.items()}}
-
-
-def _versions() -> dict[str, str]:
-    return {"medsup": medsup.__version__, "torch": torch.__version__, "monai": monai.__version__,
-            "python": platform.python_version()}
-
-
-def _git_sha() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             encoding="utf-8", errors="replace", timeout=5)
-        return out.stdout.strip() if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def _tags(cfg: Config, plan: Plan, fold: int, dev: torch.device, output: Path, uri: str) -> dict[str, str]:
-    versions = _versions()
-    return {
-        "task": cfg.task, "fold": str(fold), "git_sha": _git_sha(), "data_fingerprint": plan.fingerprint_hash,
-        "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
-        "world_size": str(idist.get_world_size()), "loss_scheme": cfg.loss.scheme,
-        "medsup.output_dir": str(output), **{f"version.{k}": v for k, v in versions.items()},
-    }

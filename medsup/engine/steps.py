@@ -9,6 +9,7 @@ import torch
 from ignite.engine import Engine, EventEnum
 from torch import nn
 
+from medsup.config import Config
 from medsup.device import autocast, autocast_dtype
 from medsup.losses import DeepSupervisionLoss
 
@@ -22,6 +23,15 @@ class StepEvents(EventEnum):
     """
 
     GRADS_READY = "grads_ready"
+
+
+def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    """``train.optimizer``: SGD with Nesterov momentum (nnU-Net's) or AdamW, at ``train.lr`` (PolyLR moves it)."""
+    t = cfg.train
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
+                               nesterov=True)
+    return torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
 
 
 def prepare(batch: dict[str, Any], device: torch.device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:

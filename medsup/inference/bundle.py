@@ -8,14 +8,18 @@ it and never reads the current ``configs/``.
 from __future__ import annotations
 
 import json
+import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import monai
 import torch
 
-from medsup.checkpoint import CheckpointError, load_checkpoint
+import medsup
+from medsup.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from medsup.config import Config, ConfigError, from_json
+from medsup.data.files import atomic_path
 from medsup.data.planning import Plan
 from medsup.device import inference_memory_format
 from medsup.inference.postprocess import RULES_FILE, PostprocessRules
@@ -59,6 +63,29 @@ class Bundle:
                 "target_spacing": list(self.plan.target_spacing), "patch_size": list(self.plan.patch_size),
                 "postprocessing": self.postprocessing.describe(self.labels) if self.postprocessing else "task rule",
                 "versions": self.versions}
+
+
+def software_versions() -> dict[str, str]:
+    """The versions a bundle records (``versions.json``) and a run tags: medsup, torch, monai, python."""
+    return {"medsup": medsup.__version__, "torch": torch.__version__, "monai": monai.__version__,
+            "python": platform.python_version()}
+
+
+def write_bundle(folder: Path, weights: dict[str, torch.Tensor], cfg: Config, plan: Plan,
+                 labels: dict[int, str]) -> Path:
+    """Write a bundle folder: ``weights.pt`` + resolved ``config.json`` + ``plan.json`` + ``labels.json`` +
+    ``versions.json``, each file atomically; returns ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(folder / "weights.pt", {"model": weights})
+    for name, text in (
+        ("config.json", cfg.to_json()),
+        ("plan.json", plan.model_dump_json(indent=2)),
+        ("labels.json", json.dumps({str(k): v for k, v in sorted(labels.items())}, indent=2)),
+        ("versions.json", json.dumps(software_versions(), indent=2)),
+    ):
+        with atomic_path(folder / name) as tmp:
+            tmp.write_text(text + "\n", encoding="utf-8")
+    return folder
 
 
 def load_bundle(path: Path | str) -> Bundle:

@@ -42,7 +42,7 @@ u/io = unit/test_io, u/check = unit/test_check, i/infer = integration/test_infer
 | disk really full (256 kB tmpfs) in batch inference | batch stops: 1 error, the rest "not_run", exit 1 | R |
 
 The model here is an untrained tiny bundle (the smoke preset's network, random weights, written with
-:func:`medsup.train.write_bundle`): these tests exercise reading, validation, writing and signals, not
+:func:`medsup.inference.bundle.write_bundle`): these tests exercise reading, validation, writing and signals, not
 segmentation quality, and it costs a second instead of a training run (``integration/test_infer`` has the
 trained one).
 """
@@ -59,9 +59,9 @@ import torch
 
 from medsup.config import load
 from medsup.data.planning import default_plan
+from medsup.inference.bundle import write_bundle
 from medsup.models.unet import build_model
 from medsup.tasks import get_task
-from medsup.train import write_bundle
 
 
 @pytest.fixture(scope="session")

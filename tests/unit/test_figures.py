@@ -21,9 +21,9 @@ from medsup.evaluation.figures import curve_figures, grad_norm_curves, training_
 from medsup.evaluation.history import read_history, read_validation, write_history, write_validation
 from medsup.evaluation.overlays import CaseView, case_view, focus_point, overlay_figure, plane
 from medsup.evaluation.run_figures import best_and_worst
+from medsup.inference.bundle import write_bundle
 from medsup.models.topology import Topology
 from medsup.models.unet import DeepSupervisedUNet, build_model
-from medsup.train import write_bundle
 from tests.conftest import make_volume
 
 LABELS = {0: "background", 1: "organ", 2: "lesion"}

@@ -14,9 +14,9 @@ from monai.data import MetaTensor
 from medsup.config import load
 from medsup.data.datalist import load_datalist
 from medsup.data.fingerprint import plan_dataset
+from medsup.data.loaders import training_loaders
 from medsup.data.splits import make_splits
 from medsup.data.transforms import FG_LOCATIONS, ForegroundOversampledCropd
-from medsup.train import _loaders
 
 PATCH = (8, 8, 8)
 SHAPE = (40, 40, 40)
@@ -98,7 +98,7 @@ def loaders(data: Path, out: Path, *overrides: str) -> tuple[Any, Any]:
     split = make_splits(sorted(cases), cfg.data.num_folds, cfg.seed)[0]
     # without workers MONAI's DataLoader seeds the transforms from the global generator, which training seeds
     torch.manual_seed(cfg.seed)
-    return _loaders(cfg, plan, cases, split, torch.device("cpu"))
+    return training_loaders(cfg, plan, cases, split, torch.device("cpu"))
 
 
 def train_loader(data: Path, out: Path, *overrides: str) -> Any:

@@ -20,7 +20,7 @@ from medsup.data.datalist import Case, load_datalist
 from medsup.data.fingerprint import plan_dataset
 from medsup.data.planning import Plan
 from medsup.data.transforms import FG_LOCATIONS, train_cached_transforms
-from medsup.train import TrainingError
+from medsup.train import TrainingError, run_training
 from tests.unit.test_patch_sampler import loaders
 
 FG = [1, 2]  # the tiny task's foreground classes
@@ -175,8 +175,15 @@ def test_loader_workers_read_the_store(msd_dataset: Path, tmp_path: Path) -> Non
 def test_a_cache_folder_that_cannot_be_written_is_named(msd_dataset: Path, tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder", encoding="utf-8")
-    with pytest.raises(TrainingError, match=f"cannot write the preprocessed cache in {blocker}/.*train.cache_dir"):
-        loaders(msd_dataset, tmp_path, "train.cache=disk", f"train.cache_dir={blocker / 'pre'}")
+    expected = f"cannot write the preprocessed cache in {blocker}/.*train.cache_dir"
+    settings = ("train.cache=disk", f"train.cache_dir={blocker / 'pre'}")
+    with pytest.raises(pre.PreprocessError, match=expected):
+        loaders(msd_dataset, tmp_path, *settings)
+    # training refuses with the same message, as a TrainingError (what the CLI reports), before its first step
+    cfg = load("tiny", ["train.num_workers=0", "train.epochs=1", *settings])
+    with pytest.raises(TrainingError, match=expected):
+        run_training(cfg, msd_dataset, output=tmp_path / "run", tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_real_lung_ct_preprocessed_once_as_the_memory_cache_holds_it(realdata: Path, tmp_path: Path) -> None:
