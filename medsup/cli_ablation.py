@@ -44,9 +44,10 @@ def summarize(
     """Tables (convergence, low data, gradient flow, early exit), a figure and a generated default-scheme
     paragraph from the ablation's MLflow runs (and arm records), written atomically to OUT/ablation.md."""
     from medsup.config import ConfigError, load
-    from medsup.evaluation.ablation import CLASS_PREFIX, GRAD_KEY, task_metric, write_report
+    from medsup.evaluation.ablation import CLASS_PREFIX, GRAD_KEY, task_metric
     from medsup.evaluation.ablation import summarize as summarize_runs
     from medsup.evaluation.ablation_records import read_records
+    from medsup.evaluation.ablation_report import write_report
     from medsup.tracking import TrackingUnavailable, resolve_tracking_uri
     from medsup.tracking.experiments import RESTORED_FROM, experiment_runs
 

@@ -28,18 +28,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from medsup.data.files import atomic_path, write_json
-from medsup.evaluation.ablation import (
-    GRAD_KEY,
-    NUMBERS,
-    Arm,
-    ExitResult,
-    Summary,
-    fmt,
-    grad_mean,
-    load_summary,
-    mean_std,
-    reached_cell,
-)
+from medsup.evaluation.ablation import GRAD_KEY, NUMBERS, Arm, ExitResult, Summary, load_summary, mean_std
+from medsup.evaluation.ablation_report import fmt, grad_mean, reached_cell
 
 log = logging.getLogger(__name__)
 

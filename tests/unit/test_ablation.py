@@ -22,9 +22,7 @@ from medsup.evaluation.ablation import (
     load_summary,
     metric_class,
     read_early_exit,
-    render,
     summarize,
-    write_report,
 )
 from medsup.evaluation.ablation_overview import (
     find_reports,
@@ -35,6 +33,7 @@ from medsup.evaluation.ablation_overview import (
     write_overview,
 )
 from medsup.evaluation.ablation_records import read_record, read_records, record_path, write_record
+from medsup.evaluation.ablation_report import render, write_report
 from medsup.tracking.experiments import RunRecord
 
 
