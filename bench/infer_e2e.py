@@ -456,7 +456,8 @@ def make_bundle(folder: Path, plan_name: str) -> dict[str, Any]:
 
 def make_ct(path: Path, slices: int, size: int = 512) -> None:
     """A ``size x size x slices`` int16 CT-like volume (LPS, 0.8 x 0.8 x 1 mm), a body ellipse with noise."""
-    from medsup.data.io import Geometry, write_image
+    from medsup.data.geometry import Geometry
+    from medsup.data.io import write_image
 
     rng = np.random.default_rng(slices)
     i, j = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")

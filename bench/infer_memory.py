@@ -66,7 +66,8 @@ def make_bundle(folder: Path, spacing: float) -> Path:
 
 def make_ct(path: Path, slices: int) -> int:
     """A 512 x 512 x ``slices`` int16 CT-like volume (LPS, 0.8 x 0.8 x 1 mm); returns its raw bytes."""
-    from medsup.data.io import Geometry, write_image
+    from medsup.data.geometry import Geometry
+    from medsup.data.io import write_image
 
     rng = np.random.default_rng(0)
     i, j = np.meshgrid(np.arange(512), np.arange(512), indexing="ij")

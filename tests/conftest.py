@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medsup.data.io import Geometry, Volume, write_volume
+from medsup.data.geometry import Geometry, Volume
+from medsup.data.io import write_volume
 
 REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
 

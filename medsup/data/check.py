@@ -18,7 +18,8 @@ import numpy as np
 import medsup
 from medsup.config import Config
 from medsup.data.datalist import Case, Problem, load_datalist
-from medsup.data.io import Geometry, ImageReadError, read_header, read_image
+from medsup.data.geometry import Geometry
+from medsup.data.io import ImageReadError, read_header, read_image
 from medsup.data.memo import CaseMemo
 from medsup.tasks import get_task
 

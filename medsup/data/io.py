@@ -1,31 +1,22 @@
-"""Image readers and writers that keep geometry exactly, plus exact reorientation.
+"""Image readers and writers that keep geometry exactly.
 
-Conventions (used everywhere in medsup):
-- Arrays are indexed ``(i, j, k)``: ``array[i, j, k]`` is the voxel at ITK index ``(i, j, k)`` (x fastest in the
-  file). This is nibabel's and MONAI's order, so an array plus :meth:`Geometry.affine` is what MONAI expects.
-- :class:`Geometry` holds ITK's description (spacing, origin and direction in LPS world mm).
-  :meth:`Geometry.affine` gives the RAS voxel-to-world matrix (nibabel / MONAI convention).
-- Orientation codes name the direction each array axis *increases toward* (nibabel's convention): ``RAS``
-  means i runs toward the patient's Right, j toward Anterior, k toward Superior.
-
-Every format goes through SimpleITK (NIfTI, NRRD, MHA/MHD, DICOM series folders) so one code path decides
-geometry. The header is read and validated before any pixel is, so a header claiming a terabyte-sized volume
-fails fast without allocating it, and so does one claiming far more pixel data than its file can hold
-(:mod:`medsup.data.filecheck` also refuses FIFOs, dangling symlinks and headers ITK misreads or chokes on).
-Writes are atomic (:func:`medsup.data.files.atomic_path`): a temp file in the target folder, then a rename.
+Arrays are indexed ``(i, j, k)`` with a :class:`~medsup.data.geometry.Geometry` in ITK terms (conventions:
+:mod:`medsup.data.geometry`). Every format goes through SimpleITK (NIfTI, NRRD, MHA/MHD, DICOM series
+folders) so one code path decides geometry. The header is read and validated before any pixel is, so a
+header claiming a terabyte-sized volume fails fast without allocating it, and so does one claiming far more
+pixel data than its file can hold (:mod:`medsup.data.filecheck` also refuses FIFOs, dangling symlinks and
+headers ITK misreads or chokes on). Writes are atomic (:func:`medsup.data.files.atomic_path`): a temp file in
+the target folder, then a rename.
 """
 
 from __future__ import annotations
 
 import logging
 import zlib
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import nibabel as nib
-import nibabel.orientations as nio
 import numpy as np
 import SimpleITK as sitk
 from nibabel.filebasedimages import ImageFileError
@@ -41,130 +32,12 @@ from medsup.data.filecheck import (
     check_source,
 )
 from medsup.data.files import IMAGE_SUFFIXES, atomic_path, image_suffix
+from medsup.data.geometry import Geometry, Volume
 
 log = logging.getLogger(__name__)
 
 #: the largest volume a header may claim before we refuse to allocate it (voxels)
 MAX_VOXELS = 2_000_000_000
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """Voxel grid of a 3-D image in ITK terms.
-
-    Attributes:
-        shape: voxels along ``(i, j, k)``.
-        spacing: mm between voxel centres along ``(i, j, k)``.
-        origin: world position (LPS, mm) of voxel ``(0, 0, 0)``.
-        direction: 3x3 direction cosines, row-major as ITK stores them; column ``a`` is axis ``a``'s unit
-            vector in LPS.
-    """
-
-    shape: tuple[int, int, int]
-    spacing: tuple[float, float, float]
-    origin: tuple[float, float, float]
-    direction: tuple[float, ...]
-
-    @property
-    def direction_matrix(self) -> np.ndarray:
-        """Direction cosines as a (3, 3) array."""
-        return np.asarray(self.direction, dtype=np.float64).reshape(3, 3)
-
-    def affine(self) -> np.ndarray:
-        """(4, 4) voxel-index -> RAS world (mm) matrix, as nibabel and MONAI use."""
-        lps = np.eye(4)
-        lps[:3, :3] = self.direction_matrix * np.asarray(self.spacing)[None, :]
-        lps[:3, 3] = self.origin
-        return _LPS_TO_RAS @ lps
-
-    @classmethod
-    def from_affine(cls, affine: np.ndarray, shape: tuple[int, ...]) -> Geometry:
-        """Inverse of :meth:`affine` for a (4, 4) RAS affine and a 3-D shape."""
-        lps = _LPS_TO_RAS @ np.asarray(affine, dtype=np.float64)
-        spacing = np.linalg.norm(lps[:3, :3], axis=0)
-        if np.any(spacing <= 0):
-            raise ValueError(f"affine has a zero-length axis: {affine.tolist()}")
-        direction = lps[:3, :3] / spacing[None, :]
-        return cls(
-            shape=_triple_int(shape),
-            spacing=_triple(spacing),
-            origin=_triple(lps[:3, 3]),
-            direction=tuple(float(v) for v in direction.ravel()),
-        )
-
-    @property
-    def orientation(self) -> str:
-        """Orientation code, e.g. ``"LPS"`` or ``"RAS"`` (direction each axis increases toward)."""
-        return "".join(nio.aff2axcodes(self.affine()))
-
-    def mismatches(self, other: Geometry, tol: float = 1e-3) -> list[str]:
-        """Human-readable differences from ``other`` (empty when they describe the same grid).
-
-        Spacing is compared relative to its size (``tol`` per mm), origin in mm, direction in cosines.
-        """
-        problems = []
-        if self.shape != other.shape:
-            problems.append(f"shape {list(self.shape)} != {list(other.shape)}")
-        if not np.allclose(self.spacing, other.spacing, rtol=tol, atol=tol):
-            problems.append(f"spacing {_fmt(self.spacing)} != {_fmt(other.spacing)}")
-        if not np.allclose(self.origin, other.origin, rtol=0, atol=max(tol, 1e-4) * 10):
-            problems.append(f"origin {_fmt(self.origin)} != {_fmt(other.origin)}")
-        if not np.allclose(self.direction, other.direction, rtol=0, atol=tol):
-            problems.append(f"direction {_fmt(self.direction)} != {_fmt(other.direction)}")
-        return problems
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Geometry:
-        """Inverse of :meth:`as_dict` (its derived ``orientation`` is ignored)."""
-        return cls(shape=_triple_int(data["shape"]), spacing=_triple(data["spacing"]), origin=_triple(data["origin"]),
-                   direction=tuple(float(v) for v in data["direction"]))
-
-    def as_dict(self) -> dict[str, list[float] | list[int] | str]:
-        """JSON-ready view."""
-        return {
-            "shape": list(self.shape),
-            "spacing": list(self.spacing),
-            "origin": list(self.origin),
-            "direction": list(self.direction),
-            "orientation": self.orientation,
-        }
-
-
-@dataclass(frozen=True)
-class Volume:
-    """A 3-D scalar image: ``array`` of shape ``(I, J, K)`` and its :class:`Geometry`."""
-
-    array: np.ndarray
-    geometry: Geometry
-
-    def reoriented(self, code: str) -> Volume:
-        """Exact reorientation (axis permutation and flips, no interpolation) to ``code`` (e.g. ``"RAS"``).
-
-        The world position of every voxel is unchanged; only the array order and the affine change.
-        """
-        current = nio.io_orientation(self.geometry.affine())
-        target = nio.axcodes2ornt(tuple(code.upper()))
-        transform = nio.ornt_transform(current, target)
-        if np.array_equal(transform, [[0, 1], [1, 1], [2, 1]]):
-            return self
-        array = nio.apply_orientation(self.array, transform)
-        affine = self.geometry.affine() @ nio.inv_ornt_aff(transform, self.array.shape)
-        return Volume(array, Geometry.from_affine(affine, array.shape))
-
-
-def _fmt(values: tuple[float, ...]) -> str:
-    return "[" + ", ".join(f"{v:.4g}" for v in values) + "]"
-
-
-def _triple(values: object) -> tuple[float, float, float]:
-    a, b, c = (float(v) for v in values)  # type: ignore[attr-defined]
-    return (a, b, c)
-
-
-def _triple_int(values: object) -> tuple[int, int, int]:
-    a, b, c = (int(v) for v in values)  # type: ignore[attr-defined]
-    return (a, b, c)
 
 
 def is_image_path(path: Path) -> bool:
@@ -231,22 +104,8 @@ def _check_header(path: Path, size: tuple[int, ...], spacing: tuple[float, ...],
         raise ImageReadError(f"{path}: direction cosines {direction3.round(4).tolist()} are not orthonormal")
 
 
-def _geometry(size: tuple[int, ...], spacing: tuple[float, ...], origin: tuple[float, ...],
-              direction: tuple[float, ...]) -> Geometry:
-    """Geometry from ITK header values; a 4-D image with one time point keeps its spatial 3-D part."""
-    cosines = np.asarray(direction, dtype=np.float64)
-    if cosines.size == 16:
-        cosines = cosines.reshape(4, 4)[:3, :3]
-    return Geometry(
-        shape=_triple_int(size[:3]),
-        spacing=_triple(spacing[:3]),
-        origin=_triple(origin[:3]),
-        direction=tuple(float(v) for v in cosines.ravel()),
-    )
-
-
 def _geometry_of(image: sitk.Image) -> Geometry:
-    return _geometry(image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+    return Geometry.from_itk(image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
 
 
 def read_header(path: Path | str) -> Header:
@@ -273,7 +132,7 @@ def read_header(path: Path | str) -> Header:
     size, spacing, direction = reader.GetSize(), reader.GetSpacing(), reader.GetDirection()
     _check_header(path, size, spacing, direction, reader.GetNumberOfComponents())
     check_data_size(path, image_suffix(path), size, reader.GetPixelID())
-    geom = _geometry(size, spacing, reader.GetOrigin(), direction)
+    geom = Geometry.from_itk(size, spacing, reader.GetOrigin(), direction)
     return Header(path, geom, sitk.GetPixelIDValueAsString(reader.GetPixelID()))
 
 
@@ -311,7 +170,7 @@ def _series_header(path: Path) -> Header:
         # ITK's rule: coincident first and last positions leave the slice spacing undefined (1)
         spacing[2] = distance / (len(files) - 1) if distance > 1e-12 else 1.0
     _check_header(path, tuple(size), tuple(spacing), first.GetDirection(), first.GetNumberOfComponents())
-    geom = _geometry(tuple(size), tuple(spacing), origin, first.GetDirection())
+    geom = Geometry.from_itk(tuple(size), tuple(spacing), origin, first.GetDirection())
     return Header(path, geom, sitk.GetPixelIDValueAsString(first.GetPixelID()))
 
 

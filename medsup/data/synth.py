@@ -27,7 +27,8 @@ import numpy as np
 from scipy import ndimage
 
 from medsup.data import phantoms
-from medsup.data.io import Geometry, write_image
+from medsup.data.geometry import Geometry
+from medsup.data.io import write_image
 from medsup.data.lesions import liver_tumours, lung_nodules
 from medsup.data.phantoms import Phantom, Tissue
 from medsup.data.solids import Canvas, Layer, Slices

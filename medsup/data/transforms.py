@@ -37,7 +37,8 @@ from monai.transforms import (
 )
 
 from medsup.config import AugmentConfig, Config
-from medsup.data.io import Volume, read_image
+from medsup.data.geometry import Volume
+from medsup.data.io import read_image
 from medsup.data.planning import Normalization, Plan
 from medsup.data.resample import resample_to_spacing
 

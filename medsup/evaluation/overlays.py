@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from medsup.data.files import strip_suffix
-from medsup.data.io import Geometry, Volume, read_image
+from medsup.data.geometry import Geometry, Volume
+from medsup.data.io import read_image
 from medsup.evaluation.figures import pyplot, save_figure
 
 Point = tuple[int, int, int]

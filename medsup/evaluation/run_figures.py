@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from medsup.config import Config
-from medsup.data.io import Geometry, Volume
+from medsup.data.geometry import Geometry, Volume
 from medsup.data.planning import Plan
 from medsup.data.transforms import background_value, eval_transforms, preprocess_volume
 from medsup.device import autocast, autocast_dtype

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from medsup.data.io import Geometry, ImageReadError, Volume, read_image
+from medsup.data.geometry import Geometry, Volume
+from medsup.data.io import ImageReadError, read_image
 from medsup.data.resample import SlabResampler, argmax_reduce, push_array
 from medsup.data.transforms import background_value, preprocess_volume
 from medsup.device import autocast, autocast_dtype

@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 
 from medsup.cli import app
 from medsup.config import load
-from medsup.data.io import Volume, write_volume
+from medsup.data.geometry import Volume
+from medsup.data.io import write_volume
 from medsup.evaluation.evaluate import evaluate_folders
 from medsup.evaluation.metrics import volume_ml
 from tests.conftest import make_volume

@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from medsup.cli import app
 from medsup.config import load
-from medsup.data.io import Geometry, read_header, read_image, write_image
+from medsup.data.geometry import Geometry
+from medsup.data.io import read_header, read_image, write_image
 from medsup.engine.validation import dice_per_class
 from medsup.inference.api import InferRequest, infer
 from medsup.inference.bundle import BundleError, load_bundle

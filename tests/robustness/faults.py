@@ -21,7 +21,8 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from medsup.data.io import Geometry, Volume, write_image, write_volume
+from medsup.data.geometry import Geometry, Volume
+from medsup.data.io import write_image, write_volume
 from tests.conftest import make_volume
 
 NOBODY = 65534

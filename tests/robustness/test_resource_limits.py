@@ -28,7 +28,8 @@ from typer.testing import CliRunner
 from medsup.cli import app
 from medsup.data.filecheck import MAX_EXPANSION
 from medsup.data.files import atomic_path
-from medsup.data.io import Geometry, ImageReadError, read_header, read_image, write_image, write_volume
+from medsup.data.geometry import Geometry
+from medsup.data.io import ImageReadError, read_header, read_image, write_image, write_volume
 from tests.conftest import make_volume
 from tests.robustness.faults import IMAGE_FAULTS, address_space_limit, write_fault
 
@@ -90,7 +91,8 @@ _WRITER = """
 import json, sys
 import numpy as np
 from pathlib import Path
-from medsup.data.io import Geometry, write_image
+from medsup.data.geometry import Geometry
+from medsup.data.io import write_image
 from medsup.data.files import atomic_path
 out = Path(sys.argv[1])
 geometry = Geometry((40, 40, 40), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))

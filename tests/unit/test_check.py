@@ -10,7 +10,8 @@ import pytest
 from medsup.config import load
 from medsup.data.check import check_dataset
 from medsup.data.datalist import load_datalist
-from medsup.data.io import Geometry, read_image, write_image
+from medsup.data.geometry import Geometry
+from medsup.data.io import read_image, write_image
 from tests.conftest import make_volume, write_msd
 
 

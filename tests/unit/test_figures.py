@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from medsup.cli import app
 from medsup.config import load
-from medsup.data.io import Geometry, Volume, write_volume
+from medsup.data.geometry import Geometry, Volume
+from medsup.data.io import write_volume
 from medsup.data.planning import default_plan
 from medsup.evaluation.ds_panel import crop_patch, deep_supervision_panel, head_predictions, head_targets
 from medsup.evaluation.figures import curve_figures, grad_norm_curves, training_curves

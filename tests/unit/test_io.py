@@ -13,7 +13,8 @@ import pytest
 import SimpleITK as sitk
 
 from medsup.data.files import write_json
-from medsup.data.io import Geometry, ImageReadError, Volume, read_header, read_image, to_sitk, write_image
+from medsup.data.geometry import Geometry, Volume
+from medsup.data.io import ImageReadError, read_header, read_image, to_sitk, write_image
 from tests.conftest import make_volume, rotated_direction
 
 

@@ -10,7 +10,8 @@ import pytest
 from scipy import ndimage
 
 from medsup.data import phantoms
-from medsup.data.io import Geometry, Volume, read_image
+from medsup.data.geometry import Geometry, Volume
+from medsup.data.io import read_image
 from medsup.data.solids import Layer, tissue_at
 from medsup.data.synth import _Grid, generate_case, paint, synthesize
 
