@@ -40,7 +40,14 @@ from medsup.device import inference_memory_format, resolve_device
 from medsup.engine.handlers import BestTracker, EpochMetrics, GradNorms, LossEpoch, PolyLR
 from medsup.engine.steps import StepEvents, build_optimizer, make_train_step
 from medsup.engine.validation import summarise, validate
-from medsup.evaluation.history import HISTORY, VALIDATION, read_validation, write_history, write_validation
+from medsup.evaluation.history import (
+    HISTORY,
+    VALIDATION,
+    read_validation,
+    validation_rows,
+    write_history,
+    write_validation,
+)
 from medsup.hostmem import tune_host_allocator
 from medsup.inference.bundle import write_bundle
 from medsup.inference.window import SlidingWindow, sliding_window_logits
@@ -274,7 +281,7 @@ def _fit(cfg: Config, plan: Plan, labels: dict[int, str], cases: dict[str, Any],
                 gathered = cast(list[list[dict[str, Any]]], idist.all_gather(results))
                 results = [r for part in gathered for r in part]
             metrics.update(summarise(results, fg_names))
-            last_validation[:] = _validation_rows(results, case_files, fg_names)
+            last_validation[:] = validation_rows(results, case_files, fg_names)
             if rank0:
                 write_validation(output / VALIDATION, last_validation)
             metrics["val.seconds"] = time.perf_counter() - started
@@ -341,22 +348,6 @@ def _fit(cfg: Config, plan: Plan, labels: dict[int, str], cases: dict[str, Any],
     idist.barrier()
     return TrainResult(output, tracker.run_id, "", best.best, best.best_epoch, trainer.state.epoch, bundle, history,
                        model_version)
-
-
-def _validation_rows(results: list[dict[str, Any]], cases_by_image: dict[str, Any],
-                     names: list[str]) -> list[dict[str, Any]]:
-    """validate()'s results as ``validation.json`` rows: case id, image and label paths, Dice by class name and
-    the voxel counts behind it (true positives, predicted, reference: what a global Dice sums)."""
-    rows = []
-    for r in results:
-        case = cases_by_image.get(r["case"])
-        rows.append({"case": case.case_id if case else r["case"], "image": r["case"],
-                     "label": str(case.label) if case else "", "dice": dict(zip(names, r["dice"], strict=True)),
-                     "voxels": {n: dict(zip(("tp", "predicted", "reference"), c, strict=True))
-                                for n, c in zip(names, r["counts"], strict=True)},
-                     "lesions": {n: c for n, c in zip(names, r.get("lesions") or [None] * len(names), strict=True)
-                                 if c is not None}})
-    return rows
 
 
 def _figures(output: Path, history: list[dict[str, float]], validation: list[dict[str, Any]],

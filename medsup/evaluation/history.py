@@ -2,8 +2,10 @@
 
 - ``history.json`` after every epoch: one object per epoch, ``{"epoch": 1.0, "train.loss.total": ...,
   "val.dice.liver": ...}``, the same points the MLflow run receives;
-- ``validation.json`` after every validation: the last validation per case, ``[{"case", "image", "label",
-  "dice": {class: value}}]`` (what ``medsup figures --run DIR --cases`` redraws the case figures from).
+- ``validation.json`` after every validation: the last validation per case (:func:`validation_rows`),
+  ``[{"case", "image", "label", "dice": {class: value}, "voxels": {class: {"tp", "predicted", "reference"}},
+  "lesions": {lesion class: counts}}]`` (what ``medsup figures --run DIR --cases`` redraws the case figures
+  from).
 
 Non-finite values are stored as ``null`` (strict JSON) and read back as NaN.
 """
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,24 @@ def write_history(path: Path, history: Sequence[dict[str, float]]) -> Path:
 def write_validation(path: Path, cases: Sequence[dict[str, Any]]) -> Path:
     """Write the last validation's per-case results (``case``, ``image``, ``label``, ``dice`` by class)."""
     return _write(path, list(cases))
+
+
+def validation_rows(results: Sequence[dict[str, Any]], cases_by_image: Mapping[str, Any],
+                    names: Sequence[str]) -> list[dict[str, Any]]:
+    """:func:`medsup.engine.validation.validate`'s results as ``validation.json`` rows: case id (from
+    ``cases_by_image``: image path -> datalist case), image and label paths, Dice by class name (``names``:
+    the foreground classes in order), the voxel counts behind it (true positives, predicted, reference: what a
+    global Dice sums) and, for lesion classes, the lesion-wise detection counts."""
+    rows = []
+    for r in results:
+        case = cases_by_image.get(r["case"])
+        rows.append({"case": case.case_id if case else r["case"], "image": r["case"],
+                     "label": str(case.label) if case else "", "dice": dict(zip(names, r["dice"], strict=True)),
+                     "voxels": {n: dict(zip(("tp", "predicted", "reference"), c, strict=True))
+                                for n, c in zip(names, r["counts"], strict=True)},
+                     "lesions": {n: c for n, c in zip(names, r.get("lesions") or [None] * len(names), strict=True)
+                                 if c is not None}})
+    return rows
 
 
 def read_validation(run_dir: Path) -> list[dict[str, Any]]:
