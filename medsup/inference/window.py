@@ -9,6 +9,8 @@ and finished slabs of logits are handed to a sink (resampling back to the input 
 The tile positions and Gaussian importance map are MONAI's (``dense_patch_slices`` scan, ``sigma_scale``
 0.125 like nnU-Net), so the blended logits equal ``SlidingWindowInferer``'s (a unit test checks it).
 Mirror TTA is done per tile, as nnU-Net does: each tile is predicted with all 8 flips and averaged.
+A tile that holds one value throughout (air, or any tissue below the CT clip) is predicted once per value and
+case and its logits reused for every other such tile (``bench/constant_tiles.py``).
 """
 
 from __future__ import annotations
@@ -17,15 +19,25 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 from functools import lru_cache
+from typing import cast
 
 import torch
 from monai.data.utils import compute_importance_map
 from torch.nn.functional import pad as torch_pad
 
+#: distinct single-value tiles whose logits a case keeps (a CT has one or two: air, the clip's floor)
+MAX_CONSTANT_TILES = 4
+
 Network = Callable[[torch.Tensor], torch.Tensor]
 Sink = Callable[[torch.Tensor], None]
 TileHook = Callable[[int, int], None]
 """``(tiles done, tiles in the volume)`` after each network call (a per-case progress bar)."""
+
+
+def constant_value(tile: torch.Tensor) -> float | None:
+    """The one value a tile holds throughout, or None (host tensors; one pass over the tile)."""
+    low, high = torch.aminmax(tile)
+    return float(low) if bool(low == high) else None
 
 
 def tile_starts(size: int, patch: int, overlap: float) -> list[int]:
@@ -64,6 +76,8 @@ class SlidingWindow:
         self.patch = (int(patch[0]), int(patch[1]), int(patch[2]))
         self.overlap, self.batch_size, self.blend, self.pad_value = overlap, max(1, batch_size), blend, pad_value
         self.flips = mirror_axes(tta)
+        #: reuse the logits of tiles that hold a single value: the same function, computed once (off: an A/B)
+        self.reuse_constant = True
 
     def run(self, image: torch.Tensor, network: Network, sink: Sink, device: torch.device,
             stitch_device: torch.device | None = None, on_tiles: TileHook | None = None) -> None:
@@ -90,17 +104,39 @@ class SlidingWindow:
         done = 0  # padded-grid slices already handed to the sink
         tiles = list(itertools.product(xs, ys))
         total, predicted = len(tiles) * len(zs), 0
+        # the logits of a tile that holds one value throughout (air, or anything below the CT clip: 0-21 % of the
+        # tiles of the real CTs at the liver plans, bench/constant_tiles.py) depend on that value alone, whatever
+        # the tile's position: predicted once per value and case, reused for every other such tile. Checked on
+        # the host only: on a GPU the check would cost a sync per tile.
+        reuse: dict[float, torch.Tensor] | None = {} if self.reuse_constant and image.device.type == "cpu" else None
         for g, z0 in enumerate(zs):
-            for b in range(0, len(tiles), self.batch_size):
-                batch = tiles[b:b + self.batch_size]
-                x = torch.cat([image[..., i:i + px, j:j + py, z0:z0 + pz] for i, j in batch])
-                out = self._predict(network, x.to(device, torch.float32, non_blocking=True)).to(stitch)
+            views = [image[..., i:i + px, j:j + py, z0:z0 + pz] for i, j in tiles]
+            values: list[float | None] = [constant_value(v) if reuse is not None else None for v in views]
+            run, keep, later = self._schedule(values, reuse)
+            for b in range(0, len(run), self.batch_size):
+                chunk = run[b:b + self.batch_size]
+                x = torch.cat([views[t] for t in chunk]).to(device, torch.float32, non_blocking=True)
+                out = self._predict(network, x).to(stitch)
                 if acc is None:
                     acc = torch.zeros((out.shape[1], X, Y, pz), device=stitch)
-                for t, (i, j) in enumerate(batch):
-                    acc[:, i:i + px, j:j + py].addcmul_(out[t], weight)
+                for n, t in enumerate(chunk):
+                    i, j = tiles[t]
+                    acc[:, i:i + px, j:j + py].addcmul_(out[n], weight)
                     count[i:i + px, j:j + py].add_(weight)
-                predicted += len(batch)
+                    if t in keep:  # a copy: a view would hold the whole batch
+                        cast(dict[float, torch.Tensor], reuse)[cast(float, values[t])] = out[n].clone()
+                predicted += len(chunk)
+                if on_tiles is not None:
+                    on_tiles(predicted, total)
+            for t in later:  # tiles of a value predicted before: its logits, without a network call
+                i, j = tiles[t]
+                kept = cast(dict[float, torch.Tensor], reuse)[cast(float, values[t])]
+                if acc is None:
+                    acc = torch.zeros((kept.shape[0], X, Y, pz), device=stitch)
+                acc[:, i:i + px, j:j + py].addcmul_(kept, weight)
+                count[i:i + px, j:j + py].add_(weight)
+            if later:
+                predicted += len(later)
                 if on_tiles is not None:
                     on_tiles(predicted, total)
             assert acc is not None
@@ -120,6 +156,28 @@ class SlidingWindow:
         k0, k1 = max(z0, lows[2]), min(z0 + slab.shape[3], lows[2] + size[2])
         if k1 > k0:
             sink(slab[:, lows[0]:lows[0] + size[0], lows[1]:lows[1] + size[1], k0 - z0:k1 - z0])
+
+    @staticmethod
+    def _schedule(values: list[float | None], reuse: dict[float, torch.Tensor] | None
+                  ) -> tuple[list[int], set[int], list[int]]:
+        """Split a group's tiles (``values``: each tile's single value or None) into ``run``, those the network
+        must see (in full batches, whatever lies between them), ``keep``, those of ``run`` whose logits are
+        kept in ``reuse`` for their value (the first tile of a value; at most ``MAX_CONSTANT_TILES`` values a
+        case), and ``later``, those that take kept logits once ``run`` is done."""
+        run: list[int] = []
+        keep: set[int] = set()
+        later: list[int] = []
+        coming: set[float] = set()
+        for t, value in enumerate(values):
+            if reuse is not None and value is not None:
+                if value in reuse or value in coming:
+                    later.append(t)
+                    continue
+                if len(reuse) + len(coming) < MAX_CONSTANT_TILES:
+                    coming.add(value)
+                    keep.add(t)
+            run.append(t)
+        return run, keep, later
 
     def _predict(self, network: Network, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, px, py, pz)`` float32 logits of tiles ``x``; with TTA the mean over the 8 mirrorings."""
