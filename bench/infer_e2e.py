@@ -149,8 +149,8 @@ def setup_medsup(model: Path, out: Path, opts: dict[str, Any]) -> Run:
     device = _device(opts["device"])
     bundle = load_bundle(model / "medsup")
     options = Predictor.options_from(bundle, overlap=opts["overlap"], sw_batch_size=opts["sw_batch_size"],
-                                     tta=opts["tta"], postprocess=False, blend="gaussian")
-    predictor = Predictor(bundle, device, options)
+                                     tta=opts["tta"], amp=opts["amp"], postprocess=False, blend="gaussian")
+    predictor = Predictor(bundle, device, options)  # bf16 with amp on CUDA and on a CPU with native bf16
     with torch.inference_mode():  # warm-up: first-call kernel selection is not part of a case
         predictor.network(torch.zeros(1, 1, *bundle.plan.patch_size, device=device))
 
@@ -529,7 +529,8 @@ def main() -> None:
     parser.add_argument("--overlap", type=float, default=0.5)
     parser.add_argument("--sw-batch-size", type=int, default=2)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    parser.add_argument("--no-amp", action="store_true", help="fp32 on CUDA too (AMP is off on CPU anyway)")
+    parser.add_argument("--no-amp", action="store_true", help="fp32 everywhere: medsup autocasts to bf16 on CUDA "
+                        "and on a CPU with native bf16 (nnU-Net and MONAI autocast on CUDA only)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads per child (default: torch's). On a machine shared with other jobs use 1: "
                         "OpenMP barriers of a 2-thread pool stall whenever a thread is descheduled (8x here)")

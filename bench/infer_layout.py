@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
     parser.add_argument("--plans", default=None, help=f"comma-separated, of {', '.join(PLANS)} (default: "
                         "cpu,coarse,liver64 on a CPU, liver,lung on CUDA)")
-    parser.add_argument("--amp", default="off", help="off | on | off,on: bf16 autocast (CUDA)")
+    parser.add_argument("--amp", default="off", help="off | on | off,on: bf16 autocast (on any device)")
     parser.add_argument("--tiles", type=int, default=2, help="tiles per call (medsup's sw_batch_size default)")
     parser.add_argument("--repeats", type=int, default=5)
     add_threads_option(parser)

@@ -15,7 +15,7 @@ achieved TFLOP/s and, with a peak (``--peak-tflops``; default 989, H100 bf16 den
 - ``data``: ``synthetic`` tensors, or the real training loader (cached preprocessing, foreground-oversampled
   crop, augmentation, ``train.num_workers`` workers) over ``--data DIR`` or a small synthetic dataset made
   here. Before each timed block the loader's prefetch queue is drained, so a block sees its steady rate.
-- ``amp``: bf16 autocast (on CPU too, where medsup's trainer leaves AMP off: the bench turns it on to see
+- ``amp``: bf16 autocast (on CPU too, where medsup's trainer stays float32: the bench turns it on to see
   whether it pays); ``compile``: ``torch.compile`` of the network (slow to compile on CPU; off by default);
   ``channels_last``: channels_last_3d for the model and the inputs.
 - ``nnunet``: nnU-Net v2's ``nnUNetTrainer.train_step`` (its PlainConvUNet with deep supervision, DC+CE with
@@ -147,7 +147,7 @@ def medsup_runner(cfg: Any, plan: Any, device: torch.device, *, amp: bool, compi
     net: Any = torch.compile(model) if compile_ else model
     loss_fn = build_loss(cfg)
     optimizer = steps.build_optimizer(cfg, model)
-    # medsup's autocast_dtype turns AMP off on CPU; the bench asks for bf16 there to see what it would give
+    # medsup trains in float32 on any CPU (autocast_dtype); the bench asks for bf16 there to see what it gives
     real_dtype = steps.autocast_dtype
     steps.autocast_dtype = lambda dev, enabled: (torch.bfloat16 if dev.type == "cpu" and enabled  # type: ignore[assignment]
                                                  else real_dtype(dev, enabled))

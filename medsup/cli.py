@@ -319,6 +319,8 @@ def infer(
     overlap: Annotated[float | None, typer.Option(help="Sliding-window overlap (default: the bundle's).")] = None,
     sw_batch_size: Annotated[int | None, typer.Option(help="Windows per forward pass.")] = None,
     tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help="Mirror TTA (all 8 flips).")] = None,
+    amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="bf16 network on CUDA and on CPUs with native "
+                                             "bf16 (default: the bundle's train.amp).")] = None,
     postprocess: Annotated[bool | None, typer.Option("--postprocess/--no-postprocess",
                                                      help="Postprocessing: the bundle's fitted rules, else the "
                                                      "task rule.")] = None,
@@ -341,7 +343,7 @@ def infer(
         model_path, version = bundle_for(model, tracking_uri)
         request = InferRequest(
             inputs=inputs, output_dir=output, model=model, model_path=model_path, recursive=recursive, fmt=fmt,
-            device=device, overlap=overlap, sw_batch_size=sw_batch_size, tta=tta, postprocess=postprocess,
+            device=device, overlap=overlap, sw_batch_size=sw_batch_size, tta=tta, amp=amp, postprocess=postprocess,
             exit_level=exit_level, resume=resume, fail_fast=fail_fast, probabilities=probabilities,
             shard=parse_shard(shard) if shard else None, report=report, model_version=version,
         )

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from medsup.device import autocast, autocast_dtype
+from medsup.device import autocast, inference_autocast_dtype
 from medsup.engine.steps import prepare
 from medsup.evaluation.metrics import dice_from_counts, lesion_detection, overlap_counts, pooled_detection
 
@@ -73,7 +73,7 @@ def validate(model: nn.Module, cases: Iterable[dict[str, Any]],
     classes of ``lesion_classes`` also get lesion-wise detection on this grid, whose voxel size is ``spacing``.
     """
     model.eval()
-    dtype = autocast_dtype(device, amp)
+    dtype = inference_autocast_dtype(device, amp)  # as `medsup infer` predicts: bf16 on a CPU that has it
     results = []
     for batch in cases:
         image, label = prepare(batch, device, channels_last=False)

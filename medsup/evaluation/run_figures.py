@@ -25,7 +25,7 @@ from medsup.config import Config
 from medsup.data.geometry import Geometry, Volume
 from medsup.data.planning import Plan
 from medsup.data.transforms import background_value, eval_transforms, preprocess_volume
-from medsup.device import autocast, autocast_dtype
+from medsup.device import autocast, inference_autocast_dtype
 from medsup.evaluation.ds_panel import deep_supervision_panel
 from medsup.evaluation.figures import FIGURES, curve_figures
 from medsup.evaluation.overlays import case_view, overlay_figure
@@ -69,7 +69,7 @@ def predict_case(model: DeepSupervisedUNet, plan: Plan, image: Path, label: Path
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), autocast(device, autocast_dtype(device, amp)):
+        with torch.inference_mode(), autocast(device, inference_autocast_dtype(device, amp)):
             logits = sliding_window_logits(img.as_tensor()[None].to(device), model, window)
     finally:
         model.train(was_training)

@@ -37,6 +37,7 @@ class InferRequest:
     overlap: float | None = None
     sw_batch_size: int | None = None
     tta: bool | None = None
+    amp: bool | None = None
     postprocess: bool | None = None
     exit_level: int | None = None
     resume: bool = False
@@ -76,7 +77,7 @@ def infer(request: InferRequest, progress: BatchProgress | None = None) -> Batch
     bundle = load_bundle(request.model_path)
     device = resolve_device(request.device, int(os.environ.get("LOCAL_RANK", "0")))
     options = Predictor.options_from(bundle, overlap=request.overlap, sw_batch_size=request.sw_batch_size,
-                                     tta=request.tta, postprocess=request.postprocess,
+                                     tta=request.tta, amp=request.amp, postprocess=request.postprocess,
                                      exit_level=request.exit_level, probabilities=request.probabilities)
     found = [pair for spec in request.inputs for pair in discover_inputs(spec, request.recursive)]
     jobs = plan_outputs(found, request.output_dir, request.fmt)
@@ -86,12 +87,12 @@ def infer(request: InferRequest, progress: BatchProgress | None = None) -> Batch
     report_path = request.report or request.output_dir / "report.json"
     if count > 1:  # each shard keeps its own report; rank 0 merges under torchrun
         report_path = report_path.with_name(f"{report_path.stem}.shard{index}of{count}{report_path.suffix}")
+    predictor = Predictor(bundle, device, options)
     report = BatchReport(header={
         "model": request.model, "model_version": request.model_version, "bundle": bundle.describe(),
-        "medsup_version": medsup.__version__, "device": str(device),
+        "medsup_version": medsup.__version__, "device": str(device), "network_dtype": predictor.network_dtype,
         "settings": {**options.__dict__, "format": request.fmt, "shard": f"{index}/{count}"},
     })
-    predictor = Predictor(bundle, device, options)
     log.info("%d case(s) for shard %d/%d on %s", len(jobs), index, count, device)
     with sigterm_exits_cleanly():  # a killed job leaves no temp file in OUT
         run_batch(predictor, jobs, report, report_path, resume=request.resume, fail_fast=request.fail_fast,

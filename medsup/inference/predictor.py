@@ -19,7 +19,7 @@ from medsup.data.geometry import Geometry, Volume
 from medsup.data.io import ImageReadError, read_image
 from medsup.data.resample import SlabResampler, argmax_reduce, push_array
 from medsup.data.transforms import background_value, preprocess_volume
-from medsup.device import autocast, autocast_dtype
+from medsup.device import autocast, dtype_name, inference_autocast_dtype
 from medsup.evaluation.metrics import voxel_ml
 from medsup.hostmem import release_free_heap, tune_host_allocator
 from medsup.inference.bundle import Bundle
@@ -88,6 +88,9 @@ class Predictor:
         tune_host_allocator()
         self.bundle, self.device, self.options = bundle, device, options
         self.network = bundle.network(device)  # in the inference layout: channels-last on a CPU
+        #: the network's autocast dtype (None: float32): bf16 on CUDA and on a CPU with native bf16, if ``amp``
+        self.dtype = inference_autocast_dtype(device, options.amp)
+        log.info("network on %s in %s", device, self.network_dtype)
         if options.exit_level is not None and not 0 <= options.exit_level < self.network.num_heads:
             raise ValueError(f"--exit-level must be in 0..{self.network.num_heads - 1} for this model "
                              f"(0 = full resolution), got {options.exit_level}")
@@ -102,6 +105,11 @@ class Predictor:
             self.rules = fitted or task_rules(self.task.organ_classes)
             log.info("postprocessing (%s): %s", "fitted on the validation cases" if fitted else "the task rule",
                      self.rules.describe(bundle.labels))
+
+    @property
+    def network_dtype(self) -> str:
+        """The dtype the network computes in: ``bfloat16``, ``float16`` or ``float32`` (the batch report's)."""
+        return dtype_name(self.dtype)
 
     @classmethod
     def options_from(cls, bundle: Bundle, **overrides: Any) -> PredictOptions:
@@ -139,7 +147,7 @@ class Predictor:
         opts, dev = self.options, self.device
         t0 = time.perf_counter()
         level = opts.exit_level
-        dtype = autocast_dtype(dev, opts.amp)
+        dtype = self.dtype
 
         def network(x: torch.Tensor) -> torch.Tensor:
             # autocast around the network only: the resampling in the sink needs float32 coordinates

@@ -15,6 +15,7 @@ import torch
 
 from medsup.config import Config
 from medsup.data.planning import Plan
+from medsup.device import autocast_dtype, dtype_name, inference_autocast_dtype
 from medsup.inference.bundle import software_versions
 
 
@@ -27,10 +28,14 @@ def plan_params(plan: Plan) -> dict[str, Any]:
 
 def run_tags(cfg: Config, plan: Plan, fold: int, device: torch.device, output: Path, world_size: int) -> dict[str, str]:
     """Tags of a training run: what ran (task, fold, loss scheme, data fingerprint, git sha, versions), where
-    (device name, world size) and where its files are (``medsup.output_dir``)."""
+    (device name, the network's dtypes in training and validation, world size) and where its files are
+    (``medsup.output_dir``)."""
     return {
         "task": cfg.task, "fold": str(fold), "git_sha": git_sha(), "data_fingerprint": plan.fingerprint_hash,
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        # train.amp asks for autocast; what it gives depends on the device (training on a CPU: float32)
+        "train_dtype": dtype_name(autocast_dtype(device, cfg.train.amp)),
+        "validation_dtype": dtype_name(inference_autocast_dtype(device, cfg.train.amp)),
         "world_size": str(world_size), "loss_scheme": cfg.loss.scheme,
         "medsup.output_dir": str(output), **{f"version.{k}": v for k, v in software_versions().items()},
     }

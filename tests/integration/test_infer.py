@@ -16,6 +16,7 @@ from medsup.cli import app
 from medsup.config import load
 from medsup.data.geometry import Geometry
 from medsup.data.io import read_header, read_image, write_image
+from medsup.device import CPU_BF16_ENV, cpu_has_native_bf16
 from medsup.engine.validation import dice_per_class
 from medsup.inference.api import InferRequest, infer
 from medsup.inference.bundle import BundleError, load_bundle
@@ -221,6 +222,36 @@ def test_cpu_inference_runs_channels_last_and_agrees_with_the_default_layout(tra
     x = torch.randn(2, 1, *bundle.plan.patch_size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         torch.testing.assert_close(predictor.network(x), default(x), rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_network_runs_bf16_where_the_cpu_has_it_and_labels_agree_with_float32(
+        trained: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(CPU_BF16_ENV, "1")  # as on a CPU with AVX512-BF16 or AMX, whichever CPU runs this
+    cpu_has_native_bf16.cache_clear()
+    try:
+        bundle, data = trained
+        cpu, case = torch.device("cpu"), sorted((data / "imagesTr").glob("*.nii.gz"))[0]
+        labels, dtypes = {}, {}
+        for amp in (True, False):
+            predictor = Predictor(load_bundle(bundle), cpu, PredictOptions(amp=amp))
+            seen: list[torch.dtype] = []
+            conv = next(m for m in predictor.network.modules() if isinstance(m, torch.nn.Conv3d))
+            conv.register_forward_hook(lambda _m, _i, out, seen=seen: seen.append(out.dtype))
+            labels[amp] = predictor.predict(predictor.prepare(case)).labels
+            dtypes[amp] = (predictor.network_dtype, set(seen))
+        assert dtypes == {True: ("bfloat16", {torch.bfloat16}), False: ("float32", {torch.float32})}
+        assert np.mean(labels[True] == labels[False]) > 0.995
+        assert dice_per_class(labels[True], labels[False], [1])[0] > 0.98
+        # the batch report says which; `--no-amp` keeps float32 on any CPU
+        for flags, expected in (([], "bfloat16"), (["--no-amp"], "float32")):
+            out = tmp_path / (flags[0][2:] if flags else "amp")
+            result = runner.invoke(app, ["infer", "-i", str(case), "-o", str(out), "--model", str(bundle),
+                                         "--device", "cpu", "--json", *flags])
+            assert result.exit_code == 0, result.output
+            report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+            assert (report["network_dtype"], report["settings"]["amp"]) == (expected, not flags)
+    finally:
+        cpu_has_native_bf16.cache_clear()
 
 
 def test_postprocess_command_refits_a_bundle(trained: tuple[Path, Path], tmp_path: Path) -> None:

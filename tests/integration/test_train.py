@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from medsup.checkpoint import load_checkpoint
 from medsup.cli import app
 from medsup.config import load
+from medsup.device import cpu_has_native_bf16
 from medsup.train import TrainingError, run_training
 from tests.conftest import write_msd
 
@@ -49,6 +50,9 @@ def test_train_two_epochs_to_sqlite(tiny_data: Path, tmp_path: Path) -> None:
     for tag in ("task", "fold", "git_sha", "data_fingerprint", "version.torch", "version.monai", "device"):
         assert tags.get(tag), tag
     assert tags["num_workers"] == "0"  # the smoke preset's, as the loader used it
+    # train.amp is on: a CPU trains in float32 and validates in bf16 where it has bf16 in hardware
+    assert tags["train_dtype"] == "float32"
+    assert tags["validation_dtype"] == ("bfloat16" if cpu_has_native_bf16() else "float32")
     keys = _metric_keys(client, result.run_id)
     metrics = run.data.metrics
     heads = load_checkpoint(result.output_dir / "checkpoints" / "last.pt")["model"]

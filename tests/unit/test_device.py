@@ -1,5 +1,6 @@
-"""Device choices: the training loader's worker count when ``train.num_workers`` is null (auto), the free
-memory that decides ``train.cache: auto``, and the host allocator settings every medsup process makes."""
+"""Device choices: the network's dtype on a CPU (inference in bf16 where native, training in float32), the
+training loader's worker count when ``train.num_workers`` is null (auto), the free memory that decides
+``train.cache: auto``, and the host allocator settings every medsup process makes."""
 
 from __future__ import annotations
 
@@ -7,13 +8,28 @@ import os
 import platform
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from ignite.engine import Engine
 
 from medsup.config import load
-from medsup.device import available_memory_bytes, cache_threads, loader_workers, usable_cpus
+from medsup.device import (
+    CPU_BF16_ENV,
+    autocast_dtype,
+    available_memory_bytes,
+    cache_threads,
+    cpu_has_native_bf16,
+    inference_autocast_dtype,
+    loader_workers,
+    usable_cpus,
+)
+from medsup.engine.steps import make_train_step
+from medsup.losses import build_loss
+from medsup.models.topology import Topology
+from medsup.models.unet import DeepSupervisedUNet
 
 CUDA, CPU = torch.device("cuda", 0), torch.device("cpu")
 
@@ -120,3 +136,48 @@ def test_every_cli_command_tunes_the_allocator_first() -> None:
     out = _child("import sys; from medsup.cli import main; "
                  "sys.argv = ['medsup', '-v', 'config', 'show', '--task', 'tiny']; main()")
     assert "malloc: mmap threshold 32 MiB" in out.stderr
+
+
+@pytest.fixture
+def cpu_bf16(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str | None], None]]:
+    """Set ``$MEDSUP_CPU_BF16`` (None: unset) and forget the cached probe; forgotten again afterwards."""
+
+    def set_to(value: str | None) -> None:
+        if value is None:
+            monkeypatch.delenv(CPU_BF16_ENV, raising=False)
+        else:
+            monkeypatch.setenv(CPU_BF16_ENV, value)
+        cpu_has_native_bf16.cache_clear()
+
+    yield set_to
+    cpu_has_native_bf16.cache_clear()
+
+
+def test_inference_on_a_cpu_is_bf16_only_where_the_cpu_has_it_and_amp_is_on(
+        cpu_bf16: Callable[[str | None], None]) -> None:
+    cpu_bf16("1")
+    assert inference_autocast_dtype(CPU, True) is torch.bfloat16
+    assert inference_autocast_dtype(CPU, False) is None  # --no-amp / train.amp false
+    assert autocast_dtype(CPU, True) is None  # training stays float32 on a CPU
+    cpu_bf16("0")
+    assert inference_autocast_dtype(CPU, True) is None
+    cpu_bf16(None)  # the probe: this machine's flags, as torch reads them
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert cpu_has_native_bf16() is native
+    assert inference_autocast_dtype(CPU, True) is (torch.bfloat16 if native else None)
+
+
+def test_a_training_step_on_a_bf16_cpu_stays_float32(cpu_bf16: Callable[[str | None], None]) -> None:
+    cpu_bf16("1")  # as on a CPU with AVX512-BF16 or AMX, whichever CPU runs this
+    torch.manual_seed(0)
+    net = DeepSupervisedUNet(1, 3, Topology(((3, 3, 3),) * 3, ((1, 1, 1), (2, 2, 2), (2, 2, 2)), (4, 8, 16)))
+    before = [p.detach().clone() for p in net.parameters()]
+    dtypes: list[torch.dtype] = []
+    net.get_submodule(next(n for n, m in net.named_modules() if isinstance(m, torch.nn.Conv3d))
+                      ).register_forward_hook(lambda _m, _i, out: dtypes.append(out.dtype))
+    step = make_train_step(net, build_loss(load("tiny")), torch.optim.SGD(net.parameters(), lr=0.1), CPU, amp=True)
+    batch = {"image": torch.randn(2, 1, 16, 16, 16), "label": (torch.rand(2, 1, 16, 16, 16) * 3).floor()}
+    step(Engine(step), batch)
+    # bf16 training on a CPU was faster but learnt less in 3 of 3 seeds (BENCHMARKS.md): train.amp leaves it
+    assert set(dtypes) == {torch.float32}
+    assert any(not torch.equal(p, b) for p, b in zip(net.parameters(), before, strict=True))
