@@ -77,7 +77,7 @@ def main() -> None:
             references = {Path(r["image"]): Path(r["label"]) for r in rows}
         cases = args.cases or list(references) or real_cases(args.realdata)
         arms = {amp: Predictor(bundle, device, PredictOptions(amp=amp)) for amp in (False, True)}
-        classes = [c for c in range(1, len(bundle.labels))]
+        classes = sorted(c for c in bundle.labels if c != 0)
         names = [bundle.labels[c] for c in classes]
         log.info("%s, %d torch threads, torch %s; plan: spacing %s, patch %s, filters %s; arms %s; medians of %d",
                  device, torch.get_num_threads(), torch.__version__, list(bundle.plan.target_spacing),
@@ -93,8 +93,7 @@ def main() -> None:
                 for amp, arm in arms.items():
                     prediction = arm.predict(prepared)
                     network[amp].append(prediction.seconds["network"])
-                    whole[amp].append(sum(v for k, v in prediction.seconds.items() if k != "read"
-                                          and k != "preprocess"))
+                    whole[amp].append(sum(v for k, v in prediction.seconds.items() if k not in ("read", "preprocess")))
             agree = float(np.mean(labels[True] == labels[False]))
             between = dice_per_class(labels[True], labels[False], classes)
             ref = ""

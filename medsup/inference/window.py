@@ -19,7 +19,6 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 from functools import lru_cache
-from typing import cast
 
 import torch
 from monai.data.utils import compute_importance_map
@@ -108,11 +107,12 @@ class SlidingWindow:
         # tiles of the real CTs at the liver plans, bench/constant_tiles.py) depend on that value alone, whatever
         # the tile's position: predicted once per value and case, reused for every other such tile. Checked on
         # the host only: on a GPU the check would cost a sync per tile.
-        reuse: dict[float, torch.Tensor] | None = {} if self.reuse_constant and image.device.type == "cpu" else None
+        check = self.reuse_constant and image.device.type == "cpu"
+        kept: dict[float, torch.Tensor] = {}  # value -> the logits of a tile holding only it
         for g, z0 in enumerate(zs):
             views = [image[..., i:i + px, j:j + py, z0:z0 + pz] for i, j in tiles]
-            values: list[float | None] = [constant_value(v) if reuse is not None else None for v in views]
-            run, keep, later = self._schedule(values, reuse)
+            values = [constant_value(v) if check else None for v in views]
+            run, keep, later = self._schedule(values, kept)
             for b in range(0, len(run), self.batch_size):
                 chunk = run[b:b + self.batch_size]
                 x = torch.cat([views[t] for t in chunk]).to(device, torch.float32, non_blocking=True)
@@ -124,22 +124,19 @@ class SlidingWindow:
                     acc[:, i:i + px, j:j + py].addcmul_(out[n], weight)
                     count[i:i + px, j:j + py].add_(weight)
                     if t in keep:  # a copy: a view would hold the whole batch
-                        cast(dict[float, torch.Tensor], reuse)[cast(float, values[t])] = out[n].clone()
+                        kept[keep[t]] = out[n].clone()
                 predicted += len(chunk)
                 if on_tiles is not None:
                     on_tiles(predicted, total)
-            for t in later:  # tiles of a value predicted before: its logits, without a network call
+            assert acc is not None  # a later tile's value was predicted in this group's run or an earlier one
+            for t, value in later:  # tiles of a value predicted before: its logits, without a network call
                 i, j = tiles[t]
-                kept = cast(dict[float, torch.Tensor], reuse)[cast(float, values[t])]
-                if acc is None:
-                    acc = torch.zeros((kept.shape[0], X, Y, pz), device=stitch)
-                acc[:, i:i + px, j:j + py].addcmul_(kept, weight)
+                acc[:, i:i + px, j:j + py].addcmul_(kept[value], weight)
                 count[i:i + px, j:j + py].add_(weight)
             if later:
                 predicted += len(later)
                 if on_tiles is not None:
                     on_tiles(predicted, total)
-            assert acc is not None
             # slices below the next group's start get no more tiles: they are final
             end = zs[g + 1] if g + 1 < len(zs) else Z
             finished = (acc[..., : end - z0] / count[..., : end - z0])
@@ -158,24 +155,23 @@ class SlidingWindow:
             sink(slab[:, lows[0]:lows[0] + size[0], lows[1]:lows[1] + size[1], k0 - z0:k1 - z0])
 
     @staticmethod
-    def _schedule(values: list[float | None], reuse: dict[float, torch.Tensor] | None
-                  ) -> tuple[list[int], set[int], list[int]]:
+    def _schedule(values: Sequence[float | None], kept: dict[float, torch.Tensor]
+                  ) -> tuple[list[int], dict[int, float], list[tuple[int, float]]]:
         """Split a group's tiles (``values``: each tile's single value or None) into ``run``, those the network
-        must see (in full batches, whatever lies between them), ``keep``, those of ``run`` whose logits are
-        kept in ``reuse`` for their value (the first tile of a value; at most ``MAX_CONSTANT_TILES`` values a
-        case), and ``later``, those that take kept logits once ``run`` is done."""
+        must see (in full batches, whatever lies between them), ``keep``, those of ``run`` whose logits are to
+        be kept for their value (tile -> value: the first tile of a value not ``kept`` yet; at most
+        ``MAX_CONSTANT_TILES`` values a case), and ``later``, ``(tile, value)`` pairs that take kept logits
+        once ``run`` is done."""
         run: list[int] = []
-        keep: set[int] = set()
-        later: list[int] = []
-        coming: set[float] = set()
+        keep: dict[int, float] = {}
+        later: list[tuple[int, float]] = []
         for t, value in enumerate(values):
-            if reuse is not None and value is not None:
-                if value in reuse or value in coming:
-                    later.append(t)
+            if value is not None:
+                if value in kept or value in keep.values():
+                    later.append((t, value))
                     continue
-                if len(reuse) + len(coming) < MAX_CONSTANT_TILES:
-                    coming.add(value)
-                    keep.add(t)
+                if len(kept) + len(keep) < MAX_CONSTANT_TILES:
+                    keep[t] = value
             run.append(t)
         return run, keep, later
 
