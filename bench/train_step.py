@@ -18,6 +18,11 @@ achieved TFLOP/s and, with a peak (``--peak-tflops``; default 989, H100 bf16 den
 - ``amp``: bf16 autocast (on CPU too, where medsup's trainer stays float32: the bench turns it on to see
   whether it pays); ``compile``: ``torch.compile`` of the network (slow to compile on CPU; off by default);
   ``channels_last``: channels_last_3d for the model and the inputs.
+- ``host_reads``: when the host reads from the device. ``deferred`` is medsup's trainer: the loss checks its
+  finiteness every ``train.sync_every`` steps and the loss is read as often (the progress bar); the epoch's
+  sums stay on the device. ``step`` is what it did before: the finiteness check inside every loss call (the
+  host waits for the forward before it can queue the backward) and the loss and its parts read after every
+  step. On a CPU both are the same work; on a GPU ``step`` drains the queue twice a step.
 - ``nnunet``: nnU-Net v2's ``nnUNetTrainer.train_step`` (its PlainConvUNet with deep supervision, DC+CE with
   its 1/2^i weights, SGD 0.99 Nesterov, clip 12) on synthetic tensors; only where ``nnunetv2`` imports (run
   this script with ``.venv-bench/bin/python``, see BENCHMARKS.md).
@@ -132,7 +137,8 @@ class LoaderFeed:
 
 
 def medsup_runner(cfg: Any, plan: Any, device: torch.device, *, amp: bool, compile_: bool, channels_last: bool,
-                  feed: Iterator[Any], drain: Callable[[], None] | None) -> tuple[Callable[[int], float], float]:
+                  feed: Iterator[Any], drain: Callable[[], None] | None, per_step_reads: bool = False,
+                  ) -> tuple[Callable[[int], float], float]:
     """medsup's real training step for one configuration; returns ``(block, flops per step)``."""
     from ignite.engine import Engine
 
@@ -146,6 +152,8 @@ def medsup_runner(cfg: Any, plan: Any, device: torch.device, *, amp: bool, compi
         model = model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
     net: Any = torch.compile(model) if compile_ else model
     loss_fn = build_loss(cfg)
+    every = 1 if per_step_reads else cfg.train.sync_every
+    loss_fn.check_every = every
     optimizer = steps.build_optimizer(cfg, model)
     # medsup trains in float32 on any CPU (autocast_dtype); the bench asks for bf16 there to see what it gives
     real_dtype = steps.autocast_dtype
@@ -162,13 +170,22 @@ def medsup_runner(cfg: Any, plan: Any, device: torch.device, *, amp: bool, compi
     flops = count_flops(lambda: step(engine, next(feed)))
     optimizer.zero_grad(set_to_none=True)
 
+    done = 0
+
     def block(n: int) -> float:
+        nonlocal done
         if drain is not None:
             drain()
         _sync(device)
         t0 = time.perf_counter()
         for _ in range(n):
-            step(engine, next(feed))
+            out = step(engine, next(feed))
+            done += 1
+            if per_step_reads:  # before train.sync_every: the loss and its parts (the epoch sums) every step
+                float(out["loss"])
+                _ = loss_fn.last_parts
+            elif done % every == 0:  # the progress bar's read
+                float(out["loss"])
         _sync(device)
         return time.perf_counter() - t0
 
@@ -267,6 +284,8 @@ def main() -> None:
                         "one --tasks value); default: a synthetic set made here")
     parser.add_argument("--cases", type=int, default=3, help="cases of the synthetic dataset")
     parser.add_argument("--workers", type=int, default=None, help="loader workers (default: the config's)")
+    parser.add_argument("--host-reads", default="deferred",
+                        help="deferred (medsup's trainer, train.sync_every) | step (every step, as before) | both")
     parser.add_argument("--nnunet", default="auto", help="auto (when nnunetv2 imports) | off")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="peak for MFU (default 989 = H100 bf16 dense on CUDA, none on CPU)")
@@ -302,19 +321,24 @@ def main() -> None:
                 feed = LoaderFeed(cfg, plan, data, device)
                 notes.append(f"{task}: data pipeline: {data} ({feed.workers} workers), caching took "
                              f"{feed.cache_s:.1f} s")
-            for use_data, amp, comp, cl in itertools.product(_axis(args.data), _axis(args.amp), _axis(args.compile),
-                                                             _axis(args.channels_last)):
+            reads = [r.strip() for r in args.host_reads.replace("both", "step,deferred").split(",") if r.strip()]
+            for use_data, amp, comp, cl, read in itertools.product(_axis(args.data), _axis(args.amp),
+                                                                   _axis(args.compile), _axis(args.channels_last),
+                                                                   reads):
                 src: Iterator[Any] = feed if use_data and feed is not None else synthetic_batches(plan, device)
                 block, flops = medsup_runner(cfg, plan, device, amp=amp, compile_=comp, channels_last=cl, feed=src,
-                                             drain=feed.drain if use_data and feed is not None else None)
+                                             drain=feed.drain if use_data and feed is not None else None,
+                                             per_step_reads=read == "step")
                 name = {"task": task, "step": "medsup", "data": "loader" if use_data else "synthetic",
                         "amp": "bf16" if amp else "fp32", "compile": "on" if comp else "off",
-                        "channels_last": "on" if cl else "off"}
+                        "channels_last": "on" if cl else "off",
+                        "host_reads": read if read == "step" else f"every {cfg.train.sync_every}"}
                 runners.append(Runner(name, block, plan.batch_size, flops))
             if args.nnunet != "off":
                 # nnU-Net's step autocasts (fp16 + GradScaler) whenever it runs on CUDA and never on CPU
-                name = {"task": task, "step": "nnunet", "data": "synthetic",
-                        "amp": "fp16" if device.type == "cuda" else "fp32", "compile": "off", "channels_last": "off"}
+                name = {"task": task, "step": "nnunet", "data": "synthetic",  # its step reads the loss every step
+                        "amp": "fp16" if device.type == "cuda" else "fp32", "compile": "off", "channels_last": "off",
+                        "host_reads": "step"}
                 if nnunet_reason is None:
                     block, flops = nnunet_runner(plan, device)
                     runners.append(Runner(name, block, plan.batch_size, flops))
@@ -331,7 +355,7 @@ def main() -> None:
     for note in notes:
         print(note)
     print()
-    cols = ["task", "step", "data", "amp", "compile", "channels_last"]
+    cols = ["task", "step", "data", "amp", "compile", "channels_last", "host_reads"]
     print("| " + " | ".join(cols) + " | it/s | patches/s | vs first row | GFLOP/step | TFLOP/s | MFU |")
     print("|---" * (len(cols) + 6) + "|")
     first: dict[str, float] = {}

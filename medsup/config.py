@@ -138,6 +138,7 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     deterministic: bool = False
     grad_norm_every: Annotated[int, Field(ge=0)] = 10
+    sync_every: Annotated[int, Field(ge=1)] = 10
     figures: bool = True
 
 

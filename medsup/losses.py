@@ -56,14 +56,25 @@ class LossParts:
 
     def as_metrics(self, prefix: str = "loss") -> dict[str, float]:
         """Flat ``{name: value}`` for metric logging: ``loss.total``, ``loss.head1``, ``loss.weight1``, ..."""
-        out = {f"{prefix}.total": self.total}
-        if self.scheme == "dsn":
-            out[f"{prefix}.alpha"] = self.alpha
-        for i, (raw, w, on) in enumerate(zip(self.raw, self.weights, self.active, strict=True)):
-            out[f"{prefix}.head{i}"] = raw
-            out[f"{prefix}.weight{i}"] = w
-            out[f"{prefix}.active{i}"] = float(on)
-        return out
+        values = [self.total, *self.raw, *self.weights, *(float(a) for a in self.active)]
+        return parts_metrics(values, self.scheme, self.alpha, prefix)
+
+
+def parts_metrics(values: Sequence[float], scheme: str, alpha: float, prefix: str = "loss") -> dict[str, float]:
+    """Name the values of :meth:`DeepSupervisionLoss.last_values` (one call's, or their mean over an epoch, where
+    ``active{i}`` becomes the share of calls in which head i was active): ``{prefix}.total``, ``{prefix}.alpha``
+    (``dsn`` only), then per head ``{prefix}.head{i}``, ``.weight{i}``, ``.active{i}``."""
+    heads, rest = divmod(len(values) - 1, 3)
+    if rest or heads < 1:
+        raise ValueError(f"expected 1 + 3 x heads values (total, raw, weights, active), got {len(values)}")
+    out = {f"{prefix}.total": float(values[0])}
+    if scheme == "dsn":
+        out[f"{prefix}.alpha"] = alpha
+    for i in range(heads):
+        out[f"{prefix}.head{i}"] = float(values[1 + i])
+        out[f"{prefix}.weight{i}"] = float(values[1 + heads + i])
+        out[f"{prefix}.active{i}"] = float(values[1 + 2 * heads + i])
+    return out
 
 
 def nnunet_weights(num_heads: int, zero_coarsest: bool = False) -> list[float]:
@@ -137,16 +148,30 @@ class DeepSupervisionLoss(nn.Module):
     The relative DSN hinge keeps a running mean of each companion's loss; it is updated from detached values
     only while the module is in training mode and gradients are enabled (never from validation batches). It is
     the module's extra state: ``state_dict()`` holds it, and a resumed training restores it.
+
+    A non-finite head loss raises :class:`FloatingPointError` naming the head, from the call that makes
+    ``check_every`` calls since the last check (:meth:`check_finite`). Between checks the host reads nothing
+    back: the first bad call is remembered on the loss's device, so on a GPU the steps queue back to back
+    instead of draining the queue in the middle of each step. ``check_every=1`` checks every call.
     """
 
-    def __init__(self, cfg: LossConfig, head_loss: HeadLoss) -> None:
+    def __init__(self, cfg: LossConfig, head_loss: HeadLoss, check_every: int = 1) -> None:
         super().__init__()
+        if check_every < 1:
+            raise ValueError(f"check_every must be >= 1, got {check_every}")
         self.cfg = cfg
         self.head_loss = head_loss
+        self.check_every = check_every
         self.epoch = 0
         self._running: Tensor | None = None  # (H,) running-mean loss per head, relative hinge only
         self._last: tuple[Tensor, ...] | None = None  # detached parts of the last call, floats made lazily
         self._last_epoch = 0
+        self._calls = 0
+        # since the last check, on the device: (number of the first call with a non-finite head loss, 0 for none;
+        # that call's head losses (H,)); the head shapes of those calls name the head in the error
+        self._first_bad: tuple[Tensor, Tensor] | None = None
+        self._shapes: list[list[int]] = []
+        self._weights: tuple[tuple[float, ...], torch.device, Tensor] | None = None
 
     def get_extra_state(self) -> Tensor:
         """The relative hinge's running mean loss per head, ``(H,)``; empty ``(0,)`` before its first update."""
@@ -190,9 +215,9 @@ class DeepSupervisionLoss(nn.Module):
             (self._head(logits, label) if w > 0 else self._head_no_grad(logits, label)).float()
             for logits, w in zip(heads, weights, strict=True)
         ])
-        self._check_finite(raw, heads)
+        self._record_finite(raw, heads)
 
-        w = raw.new_tensor(weights)
+        w = self._weights_tensor(weights, raw)
         gamma = torch.zeros_like(raw)
         active = w > 0
         terms = raw
@@ -205,6 +230,14 @@ class DeepSupervisionLoss(nn.Module):
         self._last = (total.detach(), raw.detach(), w, active, gamma)
         self._last_epoch = self.epoch
         return total
+
+    def last_values(self) -> Tensor | None:
+        """The last call's reported parts as one detached vector ``(1 + 3H,)`` on its device, read without a host
+        sync: total, then per head its raw loss, weight and active flag (0/1); :func:`parts_metrics` names them."""
+        if self._last is None:
+            return None
+        total, raw, w, active, _ = self._last
+        return torch.cat([total.reshape(1), raw, w, active.to(raw.dtype)])
 
     @property
     def last_parts(self) -> LossParts | None:
@@ -259,16 +292,50 @@ class DeepSupervisionLoss(nn.Module):
                 raise ValueError(f"head {i} logits {list(h.shape)} differ from head 0 {list(full.shape)} "
                                  f"in batch or classes")
 
-    def _check_finite(self, raw: Tensor, heads: list[Tensor]) -> None:
-        if bool(torch.isfinite(raw).all()):  # one sync per step; a silent NaN would poison the run instead
+    def _weights_tensor(self, weights: list[float], like: Tensor) -> Tensor:
+        # a tensor made from host values and copied to a GPU blocks the host until the GPU's queue drains: make it
+        # once per value (the weights change at most once an epoch)
+        key = tuple(weights)
+        if self._weights is None or self._weights[0] != key or self._weights[1] != like.device:
+            self._weights = (key, like.device, like.new_tensor(weights))
+        return self._weights[2]
+
+    def _record_finite(self, raw: Tensor, heads: list[Tensor]) -> None:
+        """Remember, on the device, the first call since the last check whose head losses ``raw`` (H,) are not all
+        finite; check on the host every ``check_every`` calls."""
+        shapes = [list(h.shape) for h in heads]
+        if self._first_bad is not None and (shapes != self._shapes or self._first_bad[1].device != raw.device):
+            self.check_finite()  # another head layout or device: settle the calls made with the old one
+            self._first_bad = None
+        self._shapes = shapes
+        self._calls += 1
+        raw = raw.detach()
+        if self._first_bad is None:
+            self._first_bad = (torch.zeros((), dtype=torch.long, device=raw.device), torch.zeros_like(raw))
+        call, bad_raw = self._first_bad
+        first = (call == 0) & ~torch.isfinite(raw).all()
+        self._first_bad = (torch.where(first, self._calls, call), torch.where(first, raw, bad_raw))
+        if self._calls % self.check_every == 0:
+            self.check_finite()
+
+    def check_finite(self) -> None:
+        """Raise :class:`FloatingPointError` if a call since the last check had a non-finite head loss, naming
+        the first such call's head, its scale and its logits' shape. One host sync; a silent NaN would poison
+        the run instead. The trainer calls this at every epoch's end, before validating or checkpointing."""
+        if self._first_bad is None:
             return
-        full = heads[0].shape[2:]
-        bad = [i for i, v in enumerate(raw.tolist()) if not math.isfinite(v)]
+        call, raw = self._first_bad
+        n = int(call)
+        if n == 0:
+            return
+        values = raw.tolist()
+        bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
         i = bad[0]
-        scale = [f // s for f, s in zip(full, heads[i].shape[2:], strict=True)]
+        full = self._shapes[0][2:]
+        scale = [f // s for f, s in zip(full, self._shapes[i][2:], strict=True)]
         raise FloatingPointError(
-            f"loss of head {i} (scale {scale}, logits {list(heads[i].shape)}) is {raw[i].item()} "
-            f"(non-finite heads: {bad})"
+            f"loss of head {i} (scale {scale}, logits {self._shapes[i]}) is {values[i]} "
+            f"(non-finite heads: {bad}; call {n} of the loss)"
         )
 
 
@@ -292,7 +359,7 @@ def downsample_label(label: Tensor, size: Sequence[int], mode: str = "nearest") 
 
 def build_loss(cfg: Config) -> DeepSupervisionLoss:
     """The deep-supervision loss of ``cfg.loss`` over a per-head MONAI DiceCE (softmax, one-hot labels); an unset
-    ``loss.dsn_end_epoch`` becomes ``train.epochs``."""
+    ``loss.dsn_end_epoch`` becomes ``train.epochs``; the finiteness check runs every ``train.sync_every`` calls."""
     c = cfg.loss
     if c.dsn_end_epoch is None:
         c = c.model_copy(update={"dsn_end_epoch": cfg.train.epochs})
@@ -306,4 +373,4 @@ def build_loss(cfg: Config) -> DeepSupervisionLoss:
         smooth_nr=c.smooth,
         smooth_dr=c.smooth,
     )
-    return DeepSupervisionLoss(c, dice_ce)
+    return DeepSupervisionLoss(c, dice_ce, check_every=cfg.train.sync_every)

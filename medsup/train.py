@@ -37,7 +37,7 @@ from medsup.data.planning import Plan
 from medsup.data.splits import fold_split, save_splits
 from medsup.data.transforms import background_value
 from medsup.device import inference_memory_format, resolve_device
-from medsup.engine.handlers import BestTracker, EpochMetrics, GradNorms, LossEpoch, PolyLR
+from medsup.engine.handlers import BestTracker, attach_step_handlers
 from medsup.engine.steps import StepEvents, build_optimizer, make_train_step
 from medsup.engine.validation import summarise, validate
 from medsup.evaluation.history import (
@@ -214,16 +214,8 @@ def _fit(cfg: Config, plan: Plan, labels: dict[int, str], cases: dict[str, Any],
                            channels_last=cfg.train.channels_last)
     trainer = Engine(step)
     trainer.register_events(*StepEvents)
-    total_iterations = cfg.train.epochs * cfg.train.iterations_per_epoch
-    trainer.add_event_handler(Events.ITERATION_STARTED, PolyLR(optimizer, cfg.train.lr, total_iterations,
-                                                                cfg.train.poly_exponent))
-    trainer.add_event_handler(Events.EPOCH_STARTED, LossEpoch(loss_fn))
-    epoch_metrics = EpochMetrics(loss_fn, optimizer, plan.batch_size)
-    trainer.add_event_handler(Events.EPOCH_STARTED, epoch_metrics.started_epoch)
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, epoch_metrics.iteration)
-    grad_norms = GradNorms(model.named_stages(), cfg.train.grad_norm_every) if cfg.train.grad_norm_every else None
-    if grad_norms is not None:  # train.grad_norm.<stage>: encoder0.., decoder0.., head0.., total
-        grad_norms.attach(trainer)
+    epoch_metrics, grad_norms = attach_step_handlers(trainer, cfg, model.named_stages(), loss_fn, optimizer,
+                                                     plan.batch_size)
     best = BestTracker("val.dice", cfg.train.early_stop_patience)
     history: list[dict[str, float]] = []
     window = SlidingWindow(plan.patch_size, cfg.infer.overlap, cfg.infer.sw_batch_size, cfg.infer.blend,
@@ -299,7 +291,7 @@ def _fit(cfg: Config, plan: Plan, labels: dict[int, str], cases: dict[str, Any],
                  f", dice {dice}" if dice else "", metrics["train.epoch_seconds"])
 
     if rank0 and sys.stderr.isatty():  # a live bar for people; logs stay line-based for files and CI
-        _attach_progress(trainer, history)
+        _attach_progress(trainer, history, cfg.train.sync_every)
 
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
@@ -323,6 +315,13 @@ def _fit(cfg: Config, plan: Plan, labels: dict[int, str], cases: dict[str, Any],
                      trainer.state.epoch, cfg.train.epochs)
         else:
             trainer.run(train_loader, max_epochs=cfg.train.epochs)
+    except FloatingPointError as err:  # the loss's finiteness check: before this epoch validated or saved anything
+        raise TrainingError(
+            f"training diverged in epoch {trainer.state.epoch} (checked at iteration {trainer.state.iteration}, "
+            f"every train.sync_every = {cfg.train.sync_every} and at each epoch's end): {err}. Nothing of this "
+            f"epoch was saved; {ckpt_dir / 'last.pt'}, if there, holds the epoch before. A lower train.lr, "
+            "train.grad_clip or train.amp=false may help"
+        ) from None
     except torch.cuda.OutOfMemoryError:
         raise TrainingError(
             f"out of GPU memory with patch {list(plan.patch_size)} x batch {plan.batch_size}: lower "
@@ -361,16 +360,18 @@ def _figures(output: Path, history: list[dict[str, float]], validation: list[dic
         tracker.log_artifact(path, "figures")
 
 
-def _attach_progress(trainer: Engine, history: list[dict[str, float]]) -> None:
-    """tqdm bar per epoch (loss, ETA); the last validation Dice per class is shown beside the loss."""
+def _attach_progress(trainer: Engine, history: list[dict[str, float]], every: int) -> None:
+    """tqdm bar per epoch (loss, ETA), moved every ``every`` iterations (reading the loss makes the host wait
+    for the GPU); the last validation Dice per class is shown beside the loss."""
     from ignite.handlers import ProgressBar
 
-    def shown(output: dict[str, float]) -> dict[str, float]:
+    def shown(output: dict[str, torch.Tensor]) -> dict[str, float]:
         last = next((h for h in reversed(history) if "val.dice" in h), {})
         dice = {k.removeprefix("val.dice."): round(v, 3) for k, v in last.items() if k.startswith("val.dice.")}
-        return {"loss": output["loss"], **dice}
+        return {"loss": float(output["loss"]), **dice}
 
-    ProgressBar(persist=False).attach(trainer, output_transform=shown)
+    ProgressBar(persist=False).attach(trainer, output_transform=shown,
+                                      event_name=Events.ITERATION_COMPLETED(every=every))
 
 
 def _fit_postprocessing(bundle: Path, cases: list[tuple[Path, Path]], cfg: Config, dev: torch.device,

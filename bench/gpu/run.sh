@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU figures of BENCHMARKS.md (issue #7) on the lent GPU machine, in two device calls whose step limits
-# add up to ~6.5 (train) and ~5.5 (infer) minutes, so that both and the machine's start fit a session's 15 minutes
+# add up to ~7 (train) and ~5.5 (infer) minutes, so that both and the machine's start fit a session's 15 minutes
 # of device time (the steps are ordered by what issue #7 needs most; a step cut by its limit still leaves its log):
 #   device run  carry [".gpu-kit"]  command "bash bench/gpu/run.sh train"   CUDA tests, train_step, norm_kernel, dataload
 #   device run  carry [".gpu-kit"]  command "bash bench/gpu/run.sh infer"   infer_e2e (nnU-Net, MONAI), memory, layout
@@ -53,7 +53,7 @@ command -v nvidia-smi >/dev/null && nvidia-smi >> "$OUT/env.log" 2>&1  # in env.
 
 if [ "$PART" = train ]; then
     if [ "$QUICK" = 1 ]; then
-        step train-step 300 "$PY" bench/train_step.py --device "$DEVICE" --quick
+        step train-step 300 "$PY" bench/train_step.py --device "$DEVICE" --quick --host-reads both
         step norm-kernel 120 "$PY" bench/norm_kernel.py --device "$DEVICE" --repeats 3
         step synth 15 "$PY" -m medsup synth --task liver --cases 4 --out /tmp/liver_synth --test-cases 0
         step dataload 120 "$PY" bench/dataload.py --data /tmp/liver_synth --preset quick --batches 12 \
@@ -63,8 +63,12 @@ if [ "$PART" = train ]; then
         # it/s, patches/s, TFLOP/s, MFU of the liver and lung plans: fp32 vs bf16 autocast, nnU-Net's step beside
         step train-step 100 "$PY" bench/train_step.py --device cuda --tasks liver,lung --iters 20 --repeats 3 \
             --amp off,on --compile off --channels-last off
-        step train-step-compile 50 "$PY" bench/train_step.py --device cuda --tasks liver --iters 20 --repeats 3 \
-            --amp on --compile on --channels-last off --nnunet off
+        # the host reading the loss every step (as before train.sync_every) vs every 10: does the GPU queue drain?
+        # then torch.compile (one log: $OUT brings back 8 files)
+        step train-step-more 80 bash -c "$PY bench/train_step.py --device cuda --tasks liver --iters 30 \
+            --repeats 3 --amp on --compile off --channels-last off --host-reads both --nnunet off; \
+            $PY bench/train_step.py --device cuda --tasks liver --iters 20 --repeats 3 --amp on --compile on \
+            --channels-last off --nnunet off"
         # instance norm on CUDA as torch runs it vs group_norm (what medsup runs on a CPU): should CUDA switch?
         step norm-kernel 25 "$PY" bench/norm_kernel.py --device cuda --preset '' --amp off,on --repeats 7
         # the real loader (12 workers) feeding the liver step: does it starve the GPU? (synth first, same log)

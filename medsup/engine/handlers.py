@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import defaultdict
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -14,11 +13,32 @@ import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 
+from medsup.config import Config
 from medsup.engine.steps import StepEvents
-from medsup.losses import DeepSupervisionLoss
+from medsup.losses import DeepSupervisionLoss, parts_metrics
 
 log = logging.getLogger(__name__)
 LogFn = Callable[[dict[str, float], int], None]
+
+
+def attach_step_handlers(trainer: Engine, cfg: Config, stages: dict[str, torch.nn.Module],
+                         loss_fn: DeepSupervisionLoss, optimizer: torch.optim.Optimizer, batch_size: int,
+                         ) -> tuple[EpochMetrics, GradNorms | None]:
+    """What runs around every training step: the poly LR, the loss's epoch, the epoch's loss parts and (with
+    ``train.grad_norm_every``) the gradient norms of ``stages`` (the network's ``named_stages()``). None of
+    them reads from the device per step: the host reads at :meth:`EpochMetrics.compute` and
+    :meth:`GradNorms.compute`, and the loss's own check every ``train.sync_every`` steps."""
+    total_iterations = cfg.train.epochs * cfg.train.iterations_per_epoch
+    trainer.add_event_handler(Events.ITERATION_STARTED, PolyLR(optimizer, cfg.train.lr, total_iterations,
+                                                                cfg.train.poly_exponent))
+    trainer.add_event_handler(Events.EPOCH_STARTED, LossEpoch(loss_fn))
+    epoch_metrics = EpochMetrics(loss_fn, optimizer, batch_size)
+    trainer.add_event_handler(Events.EPOCH_STARTED, epoch_metrics.started_epoch)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, epoch_metrics.iteration)
+    grad_norms = GradNorms(stages, cfg.train.grad_norm_every) if cfg.train.grad_norm_every else None
+    if grad_norms is not None:  # train.grad_norm.<stage>: encoder0.., decoder0.., head0.., total
+        grad_norms.attach(trainer)
+    return epoch_metrics, grad_norms
 
 
 class PolyLR:
@@ -46,34 +66,41 @@ class LossEpoch:
 
 class EpochMetrics:
     """Average the loss parts over an epoch's iterations; report loss per head, weights, hinge flags,
-    LR, epoch time and samples/s. Values are all-reduced across DDP ranks."""
+    LR, epoch time and samples/s. Values are all-reduced across DDP ranks.
+
+    The parts are summed on the loss's device and read once, at :meth:`compute`: a read per iteration would
+    make the host wait for each GPU step. :meth:`compute` first runs the loss's finiteness check, so a NaN
+    stops the run before this epoch is validated, logged or checkpointed.
+    """
 
     def __init__(self, loss_fn: DeepSupervisionLoss, optimizer: torch.optim.Optimizer, batch_size: int) -> None:
         self.loss_fn, self.optimizer, self.batch_size = loss_fn, optimizer, batch_size
-        self.sums: dict[str, float] = defaultdict(float)
+        self.sums: torch.Tensor | None = None  # (1 + 3H,) float64 on the loss's device: DeepSupervisionLoss.last_values
         self.count = 0
         self.started = time.perf_counter()
 
     def started_epoch(self, engine: Engine) -> None:
-        self.sums.clear()
+        self.sums = None
         self.count = 0
         self.started = time.perf_counter()
 
     def iteration(self, engine: Engine) -> None:
-        parts = self.loss_fn.last_parts
-        if parts is None:
+        values = self.loss_fn.last_values()
+        if values is None:
             return
-        for key, value in parts.as_metrics("train.loss").items():
-            self.sums[key] += value
+        values = values.double()
+        self.sums = values if self.sums is None else self.sums + values
         self.count += 1
 
     def compute(self, engine: Engine) -> dict[str, float]:
+        self.loss_fn.check_finite()
         seconds = time.perf_counter() - self.started
-        keys = sorted(self.sums)
-        values = torch.tensor([self.sums[k] / max(1, self.count) for k in keys], dtype=torch.float64)
-        if idist.get_world_size() > 1:
-            values = cast(torch.Tensor, idist.all_reduce(values)) / idist.get_world_size()
-        out = dict(zip(keys, values.tolist(), strict=True))
+        out: dict[str, float] = {}
+        if self.sums is not None:
+            mean = (self.sums / self.count).cpu()
+            if idist.get_world_size() > 1:
+                mean = cast(torch.Tensor, idist.all_reduce(mean)) / idist.get_world_size()
+            out = parts_metrics(mean.tolist(), self.loss_fn.cfg.scheme, self.loss_fn.alpha, "train.loss")
         out["train.lr"] = float(self.optimizer.param_groups[0]["lr"])
         out["train.epoch_seconds"] = seconds
         out["train.samples_per_s"] = self.count * self.batch_size * idist.get_world_size() / max(seconds, 1e-9)
@@ -133,8 +160,11 @@ class GradNorms:
         self.params = {name: [p for p in m.parameters() if p.requires_grad] for name, m in modules.items()}
         self.every, self.prefix = every, prefix
         self.names = [*self.params, "total"]
-        self.sums = torch.zeros(len(self.names), dtype=torch.float64)
-        self.count = 0
+        self.device = next((p.device for params in self.params.values() for p in params), torch.device("cpu"))
+        # summed on the parameters' device and read once an epoch: a read per measurement would make the host
+        # wait for the GPU's queue
+        self.sums = torch.zeros(len(self.names), dtype=torch.float64, device=self.device)
+        self.counted = torch.zeros((), dtype=torch.long, device=self.device)
         self.seen = 0
 
     def attach(self, engine: Engine) -> None:
@@ -144,12 +174,17 @@ class GradNorms:
 
     def started_epoch(self, engine: Engine) -> None:
         self.sums.zero_()
-        self.count = self.seen = 0
+        self.counted.zero_()
+        self.seen = 0
+
+    @property
+    def count(self) -> int:
+        """Measurements summed this epoch (one host sync)."""
+        return int(self.counted)
 
     def measure(self) -> torch.Tensor:
-        """``(len(names),)`` float64 on the CPU: each module's gradient norm, then the total."""
-        device = next((p.device for params in self.params.values() for p in params), torch.device("cpu"))
-        zero = torch.zeros((), device=device)
+        """``(len(names),)`` float64 on the parameters' device: each module's gradient norm, then the total."""
+        zero = torch.zeros((), device=self.device)
         parts = []
         for params in self.params.values():
             grads = [torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32) for p in params
@@ -157,21 +192,21 @@ class GradNorms:
             parts.append(torch.linalg.vector_norm(torch.stack(grads)) if grads else zero)
         norms = torch.stack(parts) if parts else zero.reshape(0)
         total = torch.linalg.vector_norm(norms).reshape(1)
-        return torch.cat([norms, total]).to("cpu", torch.float64)  # one device sync per measurement
+        return torch.cat([norms, total]).double()
 
     def sample(self, engine: Engine) -> None:
         seen, self.seen = self.seen, self.seen + 1
         if seen % self.every:
             return
         norms = self.measure()
-        if not bool(torch.isfinite(norms).all()):
-            return
-        self.sums += norms
-        self.count += 1
+        finite = torch.isfinite(norms).all()  # an fp16 overflow step is skipped, decided on the device
+        self.sums += torch.where(finite, norms, 0.0)
+        self.counted += finite
 
     def compute(self) -> dict[str, float]:
         """Mean norms of this epoch's measurements (empty before the first)."""
-        if not self.count:
+        count = self.count
+        if not count:
             return {}
-        means = (self.sums / self.count).tolist()
+        means = (self.sums / count).tolist()
         return {f"{self.prefix}.{name}": value for name, value in zip(self.names, means, strict=True)}

@@ -56,17 +56,19 @@ def make_train_step(
     amp: bool = True,
     grad_clip: float = 12.0,
     channels_last: bool = False,
-) -> Callable[[Engine, dict[str, Any]], dict[str, float]]:
+) -> Callable[[Engine, dict[str, Any]], dict[str, torch.Tensor]]:
     """Forward, deep-supervision loss, backward, unscale, :attr:`StepEvents.GRADS_READY`, clip, step.
-    Returns ``{"loss": float}``.
+    Returns ``{"loss": detached scalar tensor}`` on ``device``.
 
     fp16 uses a GradScaler; bf16 and fp32 need none. The step never sees the heads: the model returns its
-    list of logits and the loss takes it whole.
+    list of logits and the loss takes it whole. Nothing in it reads from the device (with bf16 or fp32; the
+    fp16 GradScaler's step does, to skip an overflow): on a GPU the host queues the next step while this one
+    runs. Whoever wants the loss as a number pays that sync (the progress bar, every ``train.sync_every``).
     """
     dtype = autocast_dtype(device, amp)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
-    def step(engine: Engine, batch: dict[str, Any]) -> dict[str, float]:
+    def step(engine: Engine, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         model.train()
         image, label = prepare(batch, device, channels_last)
         optimizer.zero_grad(set_to_none=True)
@@ -81,7 +83,7 @@ def make_train_step(
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         scaler.step(optimizer)
         scaler.update()
-        return {"loss": loss.item()}
+        return {"loss": loss.detach()}
 
     step.scaler = scaler  # type: ignore[attr-defined]  # checkpointed with the rest of the state
     return step

@@ -7,10 +7,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from ignite.engine import Engine, Events
 
 from medsup.config import load
 from medsup.data.io import read_header, read_image
+from medsup.engine.handlers import attach_step_handlers
+from medsup.engine.steps import StepEvents, build_optimizer, make_train_step
 from medsup.inference.api import InferRequest, infer
+from medsup.losses import build_loss
+from medsup.models.topology import Topology
+from medsup.models.unet import DeepSupervisedUNet
 from medsup.train import run_training
 from tests.conftest import write_msd
 
@@ -52,3 +58,44 @@ def test_cuda_inference_with_tta(cuda_run: tuple[Path, Path], tmp_path: Path) ->
     bundle, data = cuda_run
     labels = _infer(bundle, data, tmp_path / "tta", "cuda", tta=True)
     assert all(lab.max() >= 1 for lab in labels)
+
+
+@pytest.mark.parametrize("amp", [True, False])
+def test_training_steps_do_not_wait_for_the_gpu_between_checks(amp: bool) -> None:
+    """Between the loss's finiteness checks (every ``train.sync_every`` steps) neither the step nor its
+    handlers (LR, epoch loss sums, gradient norms) make the host wait for the GPU: with
+    ``set_sync_debug_mode("error")`` any synchronising call raises. The CPU test in tests/unit/test_host_reads.py
+    sees only part of this (no ``.tolist()``, no device copies)."""
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    cfg = load("tiny", ["train.sync_every=4", "train.grad_norm_every=1", "train.iterations_per_epoch=9",
+                        "train.epochs=1", "loss.scheme=dsn", "loss.dsn_gamma_mode=relative"])
+    net = DeepSupervisedUNet(1, 3, Topology(((3, 3, 3),) * 3, ((1, 1, 1), (2, 2, 2), (2, 2, 2)), (8, 16, 32))).to(dev)
+    loss_fn = build_loss(cfg)
+    optimizer = build_optimizer(cfg, net)
+    trainer = Engine(make_train_step(net, loss_fn, optimizer, dev, amp=amp, grad_clip=cfg.train.grad_clip))
+    trainer.register_events(*StepEvents)
+    epoch_metrics, _ = attach_step_handlers(trainer, cfg, net.named_stages(), loss_fn, optimizer, 2)
+    strict: list[int] = []
+
+    @trainer.on(Events.ITERATION_STARTED)  # after PolyLR: the whole step and the handlers after it are checked
+    def _strict(engine: Engine) -> None:
+        it = engine.state.iteration
+        if it > 1 and it % 4:  # the first step makes the head weights; every 4th checks the loss
+            torch.cuda.set_sync_debug_mode("error")
+            strict.append(it)
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def _relax(engine: Engine) -> None:
+        torch.cuda.set_sync_debug_mode("default")
+
+    g = torch.Generator().manual_seed(0)
+    batches = [{"image": torch.randn(2, 1, 32, 32, 32, generator=g).pin_memory(),
+                "label": (torch.rand(2, 1, 32, 32, 32, generator=g) * 3).floor().pin_memory()} for _ in range(9)]
+    try:
+        trainer.run(batches, max_epochs=1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert strict == [2, 3, 5, 6, 7, 9]
+    metrics = epoch_metrics.compute(trainer)
+    assert 0 < metrics["train.loss.total"] < 10

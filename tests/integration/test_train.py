@@ -111,6 +111,25 @@ def test_none_scheme_logs_a_single_supervised_head(tiny_data: Path, tmp_path: Pa
     assert metrics["train.grad_norm.head1"] == 0.0 and metrics["train.grad_norm.head0"] > 0  # no gradient
 
 
+@pytest.mark.parametrize(("sync_every", "checked_at"), [(2, 2), (1000, 5)])
+def test_a_diverging_run_stops_before_saving_the_epoch(tiny_data: Path, tmp_path: Path, sync_every: int,
+                                                        checked_at: int) -> None:
+    """lr 1e30 makes the loss NaN by the 2nd step: the loss's check (every train.sync_every steps, and at the
+    epoch's end before validation and checkpoint) stops the run, naming the head and the first bad call."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load("tiny", ["train.lr=1e30", f"train.sync_every={sync_every}", "train.iterations_per_epoch=5"],
+               presets=["smoke"])
+    with pytest.raises(TrainingError, match=rf"diverged in epoch 1 \(checked at iteration {checked_at},.*"
+                                            r"loss of head \d \(scale .* is nan .*call 2 of the loss") as err:
+        run_training(cfg, tiny_data, output=tmp_path / "run", tracking_uri=uri)
+    assert "Nothing of this epoch was saved" in str(err.value)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert "train.loss.total" not in runs[0].data.metrics
+
+
 def test_train_against_live_server(tiny_data: Path, tmp_path: Path, mlflow_server: str) -> None:
     cfg = load("tiny", ["train.epochs=1"], presets=["smoke"])
     result = run_training(cfg, tiny_data, output=tmp_path / "run", tracking_uri=mlflow_server,

@@ -210,13 +210,39 @@ def test_the_configured_downsampling_reaches_the_coarse_heads() -> None:
     assert losses["nearest"] > 0.9 and losses["max"] < 0.05
 
 
-def test_a_nan_head_raises_naming_the_head_and_its_scale() -> None:
-    loss = build_loss(load("tiny"))
-    _, label = phantom(16)
+def _heads(nan_head: int | None = None) -> list[torch.Tensor]:
     heads = [torch.randn(1, 3, 16, 16, 16), torch.randn(1, 3, 8, 8, 8), torch.randn(1, 3, 4, 4, 4)]
-    heads[2][0, 1, 0, 0, 0] = float("nan")
-    with pytest.raises(FloatingPointError, match=r"head 2 \(scale \[4, 4, 4\]"):
-        loss(heads, label)
+    if nan_head is not None:
+        heads[nan_head][0, 1, 0, 0, 0] = float("nan")
+    return heads
+
+
+def test_a_nan_head_raises_naming_the_head_and_its_scale() -> None:
+    loss = build_loss(load("tiny", ["train.sync_every=1"]))
+    _, label = phantom(16)
+    with pytest.raises(FloatingPointError, match=r"head 2 \(scale \[4, 4, 4\].*call 1 of the loss"):
+        loss(_heads(2), label)
+
+
+def test_the_finite_check_waits_for_every_nth_call_and_names_the_first_bad_one() -> None:
+    loss = build_loss(load("tiny", ["train.sync_every=4"]))
+    assert loss.check_every == 4
+    _, label = phantom(16)
+    loss(_heads(), label)
+    loss(_heads(1), label)  # the first bad call: remembered on the device, not read yet
+    loss(_heads(2), label)  # a later bad call does not replace it
+    with pytest.raises(FloatingPointError, match=r"head 1 \(scale \[2, 2, 2\].*heads: \[1\]; call 2 of"):
+        loss(_heads(), label)  # the 4th call checks
+    with pytest.raises(FloatingPointError, match="call 2 of"):
+        loss.check_finite()  # what was found stays found
+    clean = build_loss(load("tiny", ["train.sync_every=2"]))
+    for _ in range(5):
+        clean(_heads(), label)
+    clean.check_finite()  # all finite: nothing to raise
+    late = build_loss(load("tiny", ["train.sync_every=100"]))
+    late(_heads(0), label)
+    with pytest.raises(FloatingPointError, match=r"head 0 \(scale \[1, 1, 1\]"):
+        late.check_finite()  # the trainer's check at each epoch's end
 
 
 def _head_grads(scheme: str, overrides: list[str] | None = None) -> list[float]:
