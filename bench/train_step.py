@@ -15,8 +15,9 @@ achieved TFLOP/s and, with a peak (``--peak-tflops``; default 989, H100 bf16 den
 - ``data``: ``synthetic`` tensors, or the real training loader (cached preprocessing, foreground-oversampled
   crop, augmentation, ``train.num_workers`` workers) over ``--data DIR`` or a small synthetic dataset made
   here. Before each timed block the loader's prefetch queue is drained, so a block sees its steady rate.
-- ``amp``: bf16 autocast (on CPU too, where medsup's trainer stays float32: the bench turns it on to see
-  whether it pays); ``compile``: ``torch.compile`` of the network (slow to compile on CPU; off by default);
+- ``amp``: ``off``, ``on`` (``train.amp_dtype`` auto: bf16 where the GPU has it), ``bf16`` or ``fp16`` (with a
+  GradScaler, nnU-Net's choice) autocast; on CPU too, where medsup's trainer stays float32: the bench turns it
+  on to see whether it pays; ``compile``: ``torch.compile`` of the network (slow to compile on CPU; off by default);
   ``channels_last``: channels_last_3d for the model and the inputs.
 - ``host_reads``: when the host reads from the device. ``deferred`` is medsup's trainer: the loss checks its
   finiteness every ``train.sync_every`` steps and the loss is read as often (the progress bar); the epoch's
@@ -136,10 +137,14 @@ class LoaderFeed:
             next(self)
 
 
-def medsup_runner(cfg: Any, plan: Any, device: torch.device, *, amp: bool, compile_: bool, channels_last: bool,
+AMP = {"off": (False, "auto"), "on": (True, "auto"), "bf16": (True, "bfloat16"), "fp16": (True, "float16")}
+
+
+def medsup_runner(cfg: Any, plan: Any, device: torch.device, *, amp: str, compile_: bool, channels_last: bool,
                   feed: Iterator[Any], drain: Callable[[], None] | None, per_step_reads: bool = False,
                   ) -> tuple[Callable[[int], float], float]:
-    """medsup's real training step for one configuration; returns ``(block, flops per step)``."""
+    """medsup's real training step for one configuration (``amp``: a key of :data:`AMP`); returns ``(block, flops per
+    step)``."""
     from ignite.engine import Engine
 
     import medsup.engine.steps as steps
@@ -157,11 +162,17 @@ def medsup_runner(cfg: Any, plan: Any, device: torch.device, *, amp: bool, compi
     optimizer = steps.build_optimizer(cfg, model)
     # medsup trains in float32 on any CPU (autocast_dtype); the bench asks for bf16 there to see what it gives
     real_dtype = steps.autocast_dtype
-    steps.autocast_dtype = lambda dev, enabled: (torch.bfloat16 if dev.type == "cpu" and enabled  # type: ignore[assignment]
-                                                 else real_dtype(dev, enabled))
+
+    def bench_dtype(dev: torch.device, enabled: bool, choice: str = "auto") -> torch.dtype | None:
+        if dev.type == "cpu" and enabled:
+            return torch.float16 if choice == "float16" else torch.bfloat16
+        return real_dtype(dev, enabled, choice)
+
+    steps.autocast_dtype = bench_dtype  # type: ignore[assignment]
+    enabled, choice = AMP[amp]
     try:
-        step = steps.make_train_step(net, loss_fn, optimizer, device, amp=amp, grad_clip=cfg.train.grad_clip,
-                                     channels_last=channels_last)
+        step = steps.make_train_step(net, loss_fn, optimizer, device, amp=enabled, amp_dtype=choice,
+                                     grad_clip=cfg.train.grad_clip, channels_last=channels_last)
     finally:
         steps.autocast_dtype = real_dtype
     engine = Engine(step)
@@ -265,6 +276,17 @@ def make_dataset(task: str, cases: int, out: Path) -> Path:
     return synthesize(task, cases, out, seed=0, test_cases=0)
 
 
+def amp_name(device: torch.device, amp: str) -> str:
+    """The dtype a row's ``amp`` setting trains in (what :func:`medsup_runner` gives the step)."""
+    if amp == "off":
+        return "fp32"
+    if amp == "fp16":
+        return "fp16"
+    if device.type == "cuda" and amp == "on" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        return "fp16"
+    return "bf16"
+
+
 def _axis(text: str) -> list[bool]:
     return [{"off": False, "on": True}[v.strip()] for v in text.split(",") if v.strip()]
 
@@ -276,7 +298,7 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=None, help="patch/filter scale (default 0.25 CPU, 1 CUDA)")
     parser.add_argument("--iters", type=int, default=2, help="steps per timed block")
     parser.add_argument("--repeats", type=int, default=3, help="timed blocks per configuration (median reported)")
-    parser.add_argument("--amp", default="off,on", help="off | on | off,on")
+    parser.add_argument("--amp", default="off,on", help="comma list of off | on (auto) | bf16 | fp16")
     parser.add_argument("--compile", default="off", help="off | on | off,on (slow to compile on CPU)")
     parser.add_argument("--channels-last", default="off,on", help="off | on | off,on")
     parser.add_argument("--data", default="off,on", help="real data pipeline: off (synthetic tensors) | on | off,on")
@@ -322,7 +344,11 @@ def main() -> None:
                 notes.append(f"{task}: data pipeline: {data} ({feed.workers} workers), caching took "
                              f"{feed.cache_s:.1f} s")
             reads = [r.strip() for r in args.host_reads.replace("both", "step,deferred").split(",") if r.strip()]
-            for use_data, amp, comp, cl, read in itertools.product(_axis(args.data), _axis(args.amp),
+            amps = [a.strip() for a in args.amp.split(",") if a.strip()]
+            unknown = set(amps) - set(AMP)
+            if unknown:
+                parser.error(f"--amp: unknown {sorted(unknown)}; expected off, on, bf16, fp16")
+            for use_data, amp, comp, cl, read in itertools.product(_axis(args.data), amps,
                                                                    _axis(args.compile), _axis(args.channels_last),
                                                                    reads):
                 src: Iterator[Any] = feed if use_data and feed is not None else synthetic_batches(plan, device)
@@ -330,7 +356,7 @@ def main() -> None:
                                              drain=feed.drain if use_data and feed is not None else None,
                                              per_step_reads=read == "step")
                 name = {"task": task, "step": "medsup", "data": "loader" if use_data else "synthetic",
-                        "amp": "bf16" if amp else "fp32", "compile": "on" if comp else "off",
+                        "amp": amp_name(device, amp), "compile": "on" if comp else "off",
                         "channels_last": "on" if cl else "off",
                         "host_reads": read if read == "step" else f"every {cfg.train.sync_every}"}
                 runners.append(Runner(name, block, plan.batch_size, flops))

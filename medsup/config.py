@@ -123,6 +123,7 @@ class TrainConfig(_Section):
     poly_exponent: Annotated[float, Field(ge=0)] = 0.9
     grad_clip: Annotated[float, Field(ge=0)] = 12.0
     amp: bool = True
+    amp_dtype: Literal["auto", "bfloat16", "float16"] = "auto"
     compile: bool = False
     channels_last: bool = False
     foreground_oversample: Probability = 0.33

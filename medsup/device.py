@@ -103,17 +103,25 @@ def cpu_has_native_bf16() -> bool:
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
 
 
-def autocast_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
-    """Training's autocast dtype (``train.amp``): bf16 where the GPU supports it, else fp16; None (float32) on a
-    CPU or when AMP is off.
+def autocast_dtype(device: torch.device, enabled: bool, choice: str = "auto") -> torch.dtype | None:
+    """Training's autocast dtype (``train.amp``, ``train.amp_dtype`` = ``choice``): on a GPU ``auto`` is bf16
+    where the GPU supports it, else fp16 (with a GradScaler); ``bfloat16`` / ``float16`` ask for one (nnU-Net
+    trains in fp16); None (float32) on a CPU or when AMP is off.
 
     A CPU with native bf16 trains the quick preset 1.7x faster per epoch in bf16, but reached a lower
     validation Dice in each of 3 seeds (tumour most), so training on a CPU stays float32 (BENCHMARKS.md,
     ``bench/infer_dtype.py`` section). Inference takes :func:`inference_autocast_dtype`.
     """
+    if choice not in ("auto", "bfloat16", "float16"):
+        raise ValueError(f"amp dtype {choice!r}: expected auto, bfloat16 or float16")
     if not enabled or device.type != "cuda":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if choice == "float16":
+        return torch.float16
+    bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    if choice == "bfloat16" and not bf16:
+        raise ValueError(f"{torch.cuda.get_device_name(device)} has no bf16: set train.amp_dtype to float16 or auto")
+    return torch.bfloat16 if bf16 else torch.float16
 
 
 def inference_autocast_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:

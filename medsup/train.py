@@ -36,7 +36,7 @@ from medsup.data.memo import CaseMemo
 from medsup.data.planning import Plan
 from medsup.data.splits import fold_split, save_splits
 from medsup.data.transforms import background_value
-from medsup.device import inference_memory_format, resolve_device
+from medsup.device import autocast_dtype, inference_memory_format, resolve_device
 from medsup.engine.handlers import BestTracker, attach_step_handlers
 from medsup.engine.steps import StepEvents, build_optimizer, make_train_step
 from medsup.engine.validation import summarise, validate
@@ -151,6 +151,10 @@ def _train(cfg: Config, opts: _Options) -> TrainResult:
         (output / "config.json").write_text(cfg.to_json() + "\n", encoding="utf-8")
 
     dev = _device(opts.device or cfg.train.device)
+    try:  # before the MLflow run starts: a GPU without bf16 asked for it
+        autocast_dtype(dev, cfg.train.amp, cfg.train.amp_dtype)
+    except ValueError as err:
+        raise TrainingError(f"train.amp_dtype: {err}") from None
     # a resumed run goes back to the store it was started in (its checkpoint says where), unless
     # --tracking-uri or $MLFLOW_TRACKING_URI says otherwise: the default store lives beside the working
     # directory of the first start, which a resume from elsewhere would not find
@@ -210,8 +214,8 @@ def _fit(cfg: Config, plan: Plan, labels: dict[int, str], cases: dict[str, Any],
         net = torch.compile(net)  # type: ignore[assignment]
     loss_fn = build_loss(cfg)
     optimizer = build_optimizer(cfg, model)
-    step = make_train_step(net, loss_fn, optimizer, dev, amp=cfg.train.amp, grad_clip=cfg.train.grad_clip,
-                           channels_last=cfg.train.channels_last)
+    step = make_train_step(net, loss_fn, optimizer, dev, amp=cfg.train.amp, amp_dtype=cfg.train.amp_dtype,
+                           grad_clip=cfg.train.grad_clip, channels_last=cfg.train.channels_last)
     trainer = Engine(step)
     trainer.register_events(*StepEvents)
     epoch_metrics, grad_norms = attach_step_handlers(trainer, cfg, model.named_stages(), loss_fn, optimizer,

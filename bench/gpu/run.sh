@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU figures of BENCHMARKS.md (issue #7) on the lent GPU machine, in two device calls whose step limits
-# add up to ~7 (train) and ~5.5 (infer) minutes, so that both and the machine's start fit a session's 15 minutes
+# add up to ~7.5 (train) and ~5.5 (infer) minutes, so that both and the machine's start fit a session's 15 minutes
 # of device time (the steps are ordered by what issue #7 needs most; a step cut by its limit still leaves its log):
 #   device run  carry [".gpu-kit"]  command "bash bench/gpu/run.sh train"   CUDA tests, train_step, norm_kernel, dataload
 #   device run  carry [".gpu-kit"]  command "bash bench/gpu/run.sh infer"   infer_e2e (nnU-Net, MONAI), memory, layout
@@ -64,9 +64,9 @@ if [ "$PART" = train ]; then
         step train-step 100 "$PY" bench/train_step.py --device cuda --tasks liver,lung --iters 20 --repeats 3 \
             --amp off,on --compile off --channels-last off
         # the host reading the loss every step (as before train.sync_every) vs every 10: does the GPU queue drain?
-        # then torch.compile (one log: $OUT brings back 8 files)
-        step train-step-more 80 bash -c "$PY bench/train_step.py --device cuda --tasks liver --iters 30 \
-            --repeats 3 --amp on --compile off --channels-last off --host-reads both --nnunet off; \
+        # bf16 (medsup's auto) vs fp16 + GradScaler (nnU-Net's); then torch.compile (one log: 8 files come back)
+        step train-step-more 100 bash -c "$PY bench/train_step.py --device cuda --tasks liver --iters 20 \
+            --repeats 3 --amp on,fp16 --compile off --channels-last off --host-reads both --nnunet off; \
             $PY bench/train_step.py --device cuda --tasks liver --iters 20 --repeats 3 --amp on --compile on \
             --channels-last off --nnunet off"
         # instance norm on CUDA as torch runs it vs group_norm (what medsup runs on a CPU): should CUDA switch?

@@ -34,7 +34,7 @@ def run_tags(cfg: Config, plan: Plan, fold: int, device: torch.device, output: P
         "task": cfg.task, "fold": str(fold), "git_sha": git_sha(), "data_fingerprint": plan.fingerprint_hash,
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         # train.amp asks for autocast; what it gives depends on the device (training on a CPU: float32)
-        "train_dtype": dtype_name(autocast_dtype(device, cfg.train.amp)),
+        "train_dtype": dtype_name(autocast_dtype(device, cfg.train.amp, cfg.train.amp_dtype)),
         "validation_dtype": dtype_name(inference_autocast_dtype(device, cfg.train.amp)),
         "world_size": str(world_size), "loss_scheme": cfg.loss.scheme,
         "medsup.output_dir": str(output), **{f"version.{k}": v for k, v in software_versions().items()},

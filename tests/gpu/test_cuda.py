@@ -60,8 +60,8 @@ def test_cuda_inference_with_tta(cuda_run: tuple[Path, Path], tmp_path: Path) ->
     assert all(lab.max() >= 1 for lab in labels)
 
 
-@pytest.mark.parametrize("amp", [True, False])
-def test_training_steps_do_not_wait_for_the_gpu_between_checks(amp: bool) -> None:
+@pytest.mark.parametrize(("amp", "amp_dtype"), [(True, "auto"), (True, "float16"), (False, "auto")])
+def test_training_steps_do_not_wait_for_the_gpu_between_checks(amp: bool, amp_dtype: str) -> None:
     """Between the loss's finiteness checks (every ``train.sync_every`` steps) neither the step nor its
     handlers (LR, epoch loss sums, gradient norms) make the host wait for the GPU: with
     ``set_sync_debug_mode("error")`` any synchronising call raises. The CPU test in tests/unit/test_host_reads.py
@@ -73,7 +73,9 @@ def test_training_steps_do_not_wait_for_the_gpu_between_checks(amp: bool) -> Non
     net = DeepSupervisedUNet(1, 3, Topology(((3, 3, 3),) * 3, ((1, 1, 1), (2, 2, 2), (2, 2, 2)), (8, 16, 32))).to(dev)
     loss_fn = build_loss(cfg)
     optimizer = build_optimizer(cfg, net)
-    trainer = Engine(make_train_step(net, loss_fn, optimizer, dev, amp=amp, grad_clip=cfg.train.grad_clip))
+    # float16: the GradScaler's overflow skip runs in the fused optimiser, on the GPU
+    trainer = Engine(make_train_step(net, loss_fn, optimizer, dev, amp=amp, amp_dtype=amp_dtype,
+                                     grad_clip=cfg.train.grad_clip))
     trainer.register_events(*StepEvents)
     epoch_metrics, _ = attach_step_handlers(trainer, cfg, net.named_stages(), loss_fn, optimizer, 2)
     strict: list[int] = []

@@ -118,3 +118,28 @@ def test_epoch_mean_matches_the_calls() -> None:
     for key in seen[0]:
         assert out[key] == pytest.approx(sum(s[key] for s in seen) / 5, rel=1e-6), key
     assert out["train.loss.alpha"] == pytest.approx(loss_fn.alpha)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_an_fp16_overflow_is_skipped_on_the_device(optimizer: str) -> None:
+    """With the fused optimisers the GradScaler's step hands the overflow flag to the optimiser's kernel instead
+    of reading it on the host (what fp16 training on a GPU without bf16 runs every step)."""
+    torch.manual_seed(0)
+    net = torch.nn.Conv3d(1, 2, 3)
+    opt = build_optimizer(load("tiny", [f"train.optimizer={optimizer}"]), net)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    before = [p.detach().clone() for p in net.parameters()]
+    scaler.scale(net(torch.randn(1, 1, 6, 6, 6)).square().mean()).backward()
+    assert net.weight.grad is not None
+    net.weight.grad[0, 0, 0, 0, 0] = float("inf")  # an overflow in fp16
+    scaler.unscale_(opt)  # as the step does, before clipping
+    with HostReads() as mode:
+        scaler.step(opt)
+        scaler.update()
+    assert mode.ops == []
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))  # skipped
+    assert scaler.get_scale() == 512.0  # backed off
+    opt.zero_grad()
+    scaler.scale(net(torch.randn(1, 1, 6, 6, 6)).square().mean()).backward()
+    scaler.step(opt)  # a finite step moves the weights
+    assert not torch.equal(before[0], net.weight)
