@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from monai.losses import DiceCELoss
 from torch import Tensor, nn
 from torch.nn.functional import adaptive_max_pool3d, interpolate
@@ -320,11 +321,20 @@ class DeepSupervisionLoss(nn.Module):
 
     def check_finite(self) -> None:
         """Raise :class:`FloatingPointError` if a call since the last check had a non-finite head loss, naming
-        the first such call's head, its scale and its logits' shape. One host sync; a silent NaN would poison
-        the run instead. The trainer calls this at every epoch's end, before validating or checkpointing."""
+        the first such call's head, its scale and its logits' shape. One host sync (and under DDP one all-reduce,
+        so that every rank raises when one found a bad call); a silent NaN would poison the run instead. The
+        trainer calls this at every epoch's end, before validating or checkpointing."""
         if self._first_bad is None:
             return
         call, raw = self._first_bad
+        if dist.is_available() and dist.is_initialized():
+            # DDP ranks reach each check at the same call; one stopping alone would leave the others waiting in
+            # the next gradient all-reduce until the collective timed out, so all learn whether any went bad
+            anywhere = (call > 0).to(torch.int32)
+            dist.all_reduce(anywhere, op=dist.ReduceOp.MAX)
+            if int(call) == 0 and int(anywhere):
+                raise FloatingPointError(f"the loss of another DDP rank is non-finite (this rank's {self._calls} "
+                                         "calls were finite)")
         n = int(call)
         if n == 0:
             return

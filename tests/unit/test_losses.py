@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import Tensor
@@ -319,3 +321,31 @@ def test_overfits_one_synthetic_case(scheme: str) -> None:
     (first_total, first_out), (last_total, last_out) = history[0], history[-1]
     assert last_total < 0.8 * first_total, history
     assert last_out < 0.8 * first_out, history  # the full-resolution output improves under every scheme
+
+
+def _ddp_check_worker(rank: int, world: int, store: str, out: str) -> None:
+    """One of two gloo ranks: rank 1's 2nd call has a NaN head; both check at their 3rd call."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        loss = build_loss(load("tiny", ["train.sync_every=3"]))
+        _, label = phantom(16)
+        message = "no error"
+        try:
+            for call in range(1, 4):
+                loss(_heads(2 if rank == 1 and call == 2 else None), label)
+        except FloatingPointError as err:
+            message = str(err)
+        Path(out, f"rank{rank}.txt").write_text(message, encoding="utf-8")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_under_ddp_every_rank_raises_when_one_rank_went_non_finite(tmp_path: Path) -> None:
+    """A rank that stopped alone would leave the others waiting in the next gradient all-reduce."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_check_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    assert "loss of head 2 (scale [4, 4, 4]" in (tmp_path / "rank1.txt").read_text(encoding="utf-8")
+    assert "another DDP rank" in (tmp_path / "rank0.txt").read_text(encoding="utf-8")
