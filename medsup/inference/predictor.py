@@ -154,13 +154,16 @@ class Predictor:
             with autocast(dev, dtype):
                 return self.network(x, exit_level=level) if level is not None else self.network(x)
 
+        streamed = None
         try:
-            labels, export, logits = self._stream(prepared, network, dev, on_tiles)
+            streamed = self._stream(prepared, self._image_on(dev, prepared), network, dev, on_tiles)
         except torch.cuda.OutOfMemoryError:
             # the volume's stitch buffers do not fit beside the network: stitch and resample on the host
             log.warning("%s: stitching on the GPU ran out of memory; stitching on the CPU instead", prepared.path)
+        if streamed is None:  # out of the handler: its traceback no longer holds the failed try's GPU buffers
             torch.cuda.empty_cache()
-            labels, export, logits = self._stream(prepared, network, torch.device("cpu"), on_tiles)
+            streamed = self._stream(prepared, prepared.image, network, torch.device("cpu"), on_tiles)
+        labels, export, logits = streamed
         # the tiles' and slabs' freed memory, kept in the heap for the next tile, would otherwise lie beneath
         # postprocessing's whole-volume arrays: the case's peak (bench/infer_memory.py)
         release_free_heap()
@@ -184,11 +187,25 @@ class Predictor:
         seconds = {**prepared.seconds, "network": t1 - t0 - export, "export": export + t2 - t1}
         return Prediction(prepared.path, labels, prepared.geometry, seconds, volumes, level, probability)
 
-    def _stream(self, prepared: Prepared, network: Callable[[torch.Tensor], torch.Tensor],
+    @staticmethod
+    def _image_on(device: torch.device, prepared: Prepared) -> torch.Tensor:
+        """The case's image where the network runs: on a GPU one copy of the whole float16 volume (what training's
+        validation does too) instead of a copy from the host for every batch of tiles, each of which would
+        first be gathered on the host and then wait for its transfer; left on the host if the GPU has no room."""
+        if device.type != "cuda":
+            return prepared.image
+        try:
+            return prepared.image.to(device)
+        except torch.cuda.OutOfMemoryError:
+            log.info("%s: no room for the image on the GPU; its tiles are copied over batch by batch", prepared.path)
+            return prepared.image
+
+    def _stream(self, prepared: Prepared, image: torch.Tensor, network: Callable[[torch.Tensor], torch.Tensor],
                 stitch: torch.device, on_tiles: TileHook | None = None
                 ) -> tuple[np.ndarray, float, torch.Tensor | None]:
-        """Sliding window whose finished slabs go straight onto the input grid; returns ``(labels, seconds
-        spent resampling, the whole logits when probabilities are asked for else None)``."""
+        """Sliding window over ``image`` (``prepared.image`` or its copy on the network's device) whose finished
+        slabs go straight onto the input grid; returns ``(labels, seconds spent resampling, the whole logits
+        when probabilities are asked for else None)``."""
         labels, resampler = self._onto_input_grid(prepared, argmax_reduce, np.uint8, stitch)
         kept: list[torch.Tensor] = []
         export = 0.0
@@ -201,7 +218,7 @@ class Predictor:
                 kept.append(slab.cpu())
             export += time.perf_counter() - t
 
-        self.window.run(prepared.image, network, sink, self.device, stitch, on_tiles)
+        self.window.run(image, network, sink, self.device, stitch, on_tiles)
         resampler.close()
         return labels, export, torch.cat(kept, dim=3) if kept else None
 
