@@ -38,7 +38,7 @@ from medsup.data.splits import fold_split, save_splits
 from medsup.data.transforms import background_value
 from medsup.device import autocast_dtype, inference_memory_format, resolve_device
 from medsup.engine.handlers import BestTracker, attach_step_handlers
-from medsup.engine.steps import StepEvents, build_optimizer, make_train_step
+from medsup.engine.steps import StepEvents, build_optimizer, load_optimizer_state, make_train_step
 from medsup.engine.validation import summarise, validate
 from medsup.evaluation.history import (
     HISTORY,
@@ -299,7 +299,7 @@ def _fit(cfg: Config, plan: Plan, labels: dict[int, str], cases: dict[str, Any],
 
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        load_optimizer_state(optimizer, checkpoint["optimizer"])
         step.scaler.load_state_dict(checkpoint["scaler"])  # type: ignore[attr-defined]
         trainer.load_state_dict(checkpoint["trainer"])
         best.load_state_dict(checkpoint["best"])

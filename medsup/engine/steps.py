@@ -40,6 +40,17 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=True)
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Restore a checkpoint's optimiser state and hyperparameters, keeping this build's implementation
+    (``fused``, ``foreach``): a checkpoint from before :func:`build_optimizer` fused would otherwise switch it
+    back to torch's loop, which refuses the GradScaler's on-device overflow flag that a fused build is given."""
+    implementation: list[dict[str, Any]] = [{k: group[k] for k in ("fused", "foreach") if k in group}
+                                            for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, keep in zip(optimizer.param_groups, implementation, strict=True):
+        group.update(keep)
+
+
 def prepare(batch: dict[str, Any], device: torch.device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Batch dict -> plain ``(B, 1, X, Y, Z)`` image and integer label tensors on ``device``.
 

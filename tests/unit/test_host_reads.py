@@ -143,3 +143,23 @@ def test_an_fp16_overflow_is_skipped_on_the_device(optimizer: str) -> None:
     scaler.scale(net(torch.randn(1, 1, 6, 6, 6)).square().mean()).backward()
     scaler.step(opt)  # a finite step moves the weights
     assert not torch.equal(before[0], net.weight)
+
+
+def test_a_checkpoint_from_an_unfused_optimiser_resumes_fused() -> None:
+    """Optimiser state saved before the optimisers were fused: the resumed optimiser stays fused (torch's loop
+    would refuse the GradScaler's overflow flag) and takes the saved momentum and hyperparameters."""
+    from medsup.engine.steps import load_optimizer_state
+
+    torch.manual_seed(0)
+    net = torch.nn.Conv3d(1, 2, 3)
+    old = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9, nesterov=True)  # as build_optimizer was
+    net(torch.randn(1, 1, 6, 6, 6)).square().mean().backward()
+    old.step()
+    new = build_optimizer(load("tiny", ["train.optimizer=sgd"]), net)
+    load_optimizer_state(new, old.state_dict())
+    assert new.param_groups[0]["fused"] is True and new.param_groups[0]["lr"] == 0.5
+    assert torch.equal(new.state[net.weight]["momentum_buffer"], old.state[net.weight]["momentum_buffer"])
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(net(torch.randn(1, 1, 6, 6, 6)).square().mean()).backward()
+    scaler.unscale_(new)
+    scaler.step(new)  # torch's loop would assert here: it takes no found_inf
