@@ -166,6 +166,9 @@ class DeepSupervisedUNet(nn.Module):
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.topology = topology
+        # a plain tuple, computed once: forward's input check reads it, and torch.compile cannot trace the
+        # generator expressions of Topology.divisor (it fell back to eager for the whole forward)
+        self._divisor: Triple = topology.divisor
         kernels, strides, filters = topology.kernels, topology.strides, topology.filters
         norm_name, act_name = norm_spec(norm, filters), act_spec(act)
         drop = dropout or None  # MONAI would insert a no-op Dropout(p=0) layer for 0.0
@@ -199,7 +202,7 @@ class DeepSupervisedUNet(nn.Module):
     @property
     def divisor(self) -> Triple:
         """Input sizes must be divisible by this per axis (the stride product)."""
-        return self.topology.divisor
+        return self._divisor
 
     def named_stages(self) -> dict[str, nn.Module]:
         """The network's stages by stable name: ``encoder0`` (full resolution) .. ``encoder{S-1}`` (bottleneck),
