@@ -11,6 +11,7 @@ from ignite.engine import Engine, Events
 
 from medsup.config import load
 from medsup.data.io import read_header, read_image
+from medsup.device import autocast_dtype
 from medsup.engine.handlers import attach_step_handlers
 from medsup.engine.steps import StepEvents, build_optimizer, make_train_step
 from medsup.inference.api import InferRequest, infer
@@ -21,6 +22,7 @@ from medsup.train import run_training
 from tests.conftest import write_msd
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+CUDA = torch.device("cuda", 0)
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +103,15 @@ def test_training_steps_do_not_wait_for_the_gpu_between_checks(amp: bool, amp_dt
     assert strict == [2, 3, 5, 6, 7, 9]
     metrics = epoch_metrics.compute(trainer)
     assert 0 < metrics["train.loss.total"] < 10
+
+
+def test_amp_dtype_on_a_gpu() -> None:
+    native = torch.cuda.is_bf16_supported(including_emulation=False)
+    assert autocast_dtype(CUDA, True, "auto") is (torch.bfloat16 if native else torch.float16)
+    assert autocast_dtype(CUDA, True, "float16") is torch.float16
+    assert autocast_dtype(CUDA, False, "float16") is None
+    if native:
+        assert autocast_dtype(CUDA, True, "bfloat16") is torch.bfloat16
+    else:  # emulated bf16 (before Ampere) is refused, not run slowly
+        with pytest.raises(ValueError, match="has no bf16"):
+            autocast_dtype(CUDA, True, "bfloat16")

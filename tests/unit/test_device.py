@@ -176,20 +176,6 @@ def test_amp_dtype_choice_is_checked_and_a_cpu_trains_in_float32() -> None:
         load("tiny", ["train.amp_dtype=float32"])  # the config refuses it before anything runs
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_amp_dtype_on_a_gpu() -> None:
-    native = torch.cuda.is_bf16_supported(including_emulation=False)
-    assert autocast_dtype(CUDA, True, "auto") is (torch.bfloat16 if native else torch.float16)
-    assert autocast_dtype(CUDA, True, "float16") is torch.float16
-    assert autocast_dtype(CUDA, False, "float16") is None
-    if native:
-        assert autocast_dtype(CUDA, True, "bfloat16") is torch.bfloat16
-    else:  # emulated bf16 (before Ampere) is refused, not run slowly
-        with pytest.raises(ValueError, match="has no bf16"):
-            autocast_dtype(CUDA, True, "bfloat16")
-
-
 def test_a_training_step_on_a_bf16_cpu_stays_float32(cpu_bf16: Callable[[str | None], None]) -> None:
     cpu_bf16("1")  # as on a CPU with AVX512-BF16 or AMX, whichever CPU runs this
     torch.manual_seed(0)
