@@ -63,10 +63,13 @@ if [ "$PART" = train ]; then
         # it/s, patches/s, TFLOP/s, MFU of the liver and lung plans: fp32 vs bf16 autocast, nnU-Net's step beside
         step train-step 100 "$PY" bench/train_step.py --device cuda --tasks liver,lung --iters 20 --repeats 3 \
             --amp off,on --compile off --channels-last off
-        # the host reading the loss every step (as before train.sync_every) vs every 10: does the GPU queue drain?
-        # bf16 (medsup's auto) vs fp16 + GradScaler (nnU-Net's); then torch.compile (one log: 8 files come back)
-        step train-step-more 100 bash -c "$PY bench/train_step.py --device cuda --tasks liver --iters 20 \
-            --repeats 3 --amp on,fp16 --compile off --channels-last off --host-reads both --nnunet off; \
+        # bf16 liver: channels_last_3d off/on (cuDNN's tensor cores prefer NDHWC: should CUDA train in it?) x the
+        # host reading the loss every step (as before train.sync_every) or every 10; fp16 + GradScaler (nnU-Net's
+        # dtype); torch.compile (one log: 8 files come back)
+        step train-step-more 120 bash -c "$PY bench/train_step.py --device cuda --tasks liver --iters 20 \
+            --repeats 3 --amp on --compile off --channels-last off,on --host-reads both --nnunet off; \
+            $PY bench/train_step.py --device cuda --tasks liver --iters 20 --repeats 3 --amp fp16 --compile off \
+            --channels-last off --nnunet off; \
             $PY bench/train_step.py --device cuda --tasks liver --iters 20 --repeats 3 --amp on --compile on \
             --channels-last off --nnunet off"
         # instance norm on CUDA as torch runs it vs group_norm (what medsup runs on a CPU): should CUDA switch?
