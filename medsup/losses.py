@@ -315,7 +315,8 @@ class DeepSupervisionLoss(nn.Module):
             self._first_bad = (torch.zeros((), dtype=torch.long, device=raw.device), torch.zeros_like(raw))
         call, bad_raw = self._first_bad
         first = (call == 0) & ~torch.isfinite(raw).all()
-        self._first_bad = (torch.where(first, self._calls, call), torch.where(first, raw, bad_raw))
+        self._first_bad = (torch.where(first, torch.full_like(call, self._calls), call),
+                           torch.where(first, raw, bad_raw))
         if self._calls % self.check_every == 0:
             self.check_finite()
 

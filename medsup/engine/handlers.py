@@ -200,7 +200,7 @@ class GradNorms:
             return
         norms = self.measure()
         finite = torch.isfinite(norms).all()  # an fp16 overflow step is skipped, decided on the device
-        self.sums += torch.where(finite, norms, 0.0)
+        self.sums += torch.where(finite, norms, torch.zeros_like(norms))
         self.counted += finite
 
     def compute(self) -> dict[str, float]:
