@@ -320,11 +320,13 @@ def _fit(cfg: Config, plan: Plan, labels: dict[int, str], cases: dict[str, Any],
         else:
             trainer.run(train_loader, max_epochs=cfg.train.epochs)
     except FloatingPointError as err:  # the loss's finiteness check: before this epoch validated or saved anything
+        last = ckpt_dir / "last.pt"
+        saved = (f"{last} holds epoch {trainer.state.epoch - 1}" if last.is_file() and trainer.state.epoch > 1
+                 else "no checkpoint was written")
         raise TrainingError(
             f"training diverged in epoch {trainer.state.epoch} (checked at iteration {trainer.state.iteration}, "
             f"every train.sync_every = {cfg.train.sync_every} and at each epoch's end): {err}. Nothing of this "
-            f"epoch was saved; {ckpt_dir / 'last.pt'}, if there, holds the epoch before. A lower train.lr, "
-            "train.grad_clip or train.amp=false may help"
+            f"epoch was saved ({saved}). A lower train.lr, train.grad_clip or train.amp=false may help"
         ) from None
     except torch.cuda.OutOfMemoryError:
         raise TrainingError(
