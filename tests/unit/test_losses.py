@@ -342,10 +342,16 @@ def _ddp_check_worker(rank: int, world: int, store: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def test_under_ddp_every_rank_raises_when_one_rank_went_non_finite(tmp_path: Path) -> None:
+def test_under_ddp_every_rank_raises_when_one_rank_went_non_finite(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """A rank that stopped alone would leave the others waiting in the next gradient all-reduce."""
     import torch.multiprocessing as mp
 
+    import medsup
+
+    # spawned children take this sys.path: this checkout first (a test that loaded an MLflow pyfunc model in this
+    # worker put the model's copy of medsup, without configs/, on the path)
+    monkeypatch.syspath_prepend(str(Path(medsup.__file__).resolve().parents[1]))
     mp.spawn(_ddp_check_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
     assert "loss of head 2 (scale [4, 4, 4]" in (tmp_path / "rank1.txt").read_text(encoding="utf-8")
     assert "another DDP rank" in (tmp_path / "rank0.txt").read_text(encoding="utf-8")
