@@ -4,11 +4,11 @@
 # matplotlib, typer, rich, tqdm, pyyaml, tifffile, scikit-image... but not medsup's other dependencies,
 # nor nnU-Net v2's, and it cannot download. This script, run HERE (it needs the package index), fetches
 # them as Python 3.12 x86-64 wheels at the versions of .venv (medsup) and .venv-bench (nnU-Net v2),
-# unpacks them into one folder and packs it as .gpu-kit/site.tar.xz: about 60 MB, under the tool's 64 MiB
+# unpacks them into one folder and packs it as .gpu-kit/site.tar.xz: 50-60 MB, under the tool's 64 MiB
 # per call with the working tree (~2 MB). Left out to fit: MLflow's web UI (mlflow/server/js, not used
 # there) and imagecodecs (tifffile's optional codecs; nnU-Net's TIFF reader is not used).
 #
-# Usage: bash bench/gpu/make_kit.sh        (~10 min of one core for xz; .gpu-kit/ is git-ignored)
+# Usage: bash bench/gpu/make_kit.sh        (5-10 min, mostly one core of xz; .gpu-kit/ is git-ignored)
 # Then one device call:  carry [".gpu-kit"], command "bash bench/gpu/run.sh"   (see run.sh)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
