@@ -104,18 +104,27 @@ def cpu_has_native_bf16() -> bool:
 
 
 def autocast_dtype(device: torch.device, enabled: bool, choice: str = "auto") -> torch.dtype | None:
-    """Training's autocast dtype (``train.amp``, ``train.amp_dtype`` = ``choice``): on a GPU ``auto`` is bf16
-    where the GPU supports it, else fp16 (with a GradScaler); ``bfloat16`` / ``float16`` ask for one (nnU-Net
-    trains in fp16); None (float32) on a CPU or when AMP is off.
+    """Training's autocast dtype (``train.amp``, ``train.amp_dtype`` = ``choice``); None is float32.
 
-    A CPU with native bf16 trains the quick preset 1.7x faster per epoch in bf16, but reached a lower
-    validation Dice in each of 3 seeds (tumour most), so training on a CPU stays float32 (BENCHMARKS.md,
-    ``bench/infer_dtype.py`` section). Inference takes :func:`inference_autocast_dtype`.
+    On a GPU ``auto`` is bf16 where the GPU has it natively, else fp16 (with a GradScaler); ``float16`` asks
+    for fp16 (nnU-Net's). On a CPU ``auto`` and ``float16`` train in float32: a CPU with native bf16 trains
+    the quick preset 1.7x faster per epoch in bf16, but at equal epochs it reached a lower validation Dice
+    in each of 3 seeds (tumour most; BENCHMARKS.md, ``bench/infer_dtype.py`` section), so bf16 there is
+    opt-in. ``bfloat16`` asks for bf16 wherever it runs and is refused where it would be emulated (a CPU
+    without AVX512-BF16 or AMX, 10-20x slower; a GPU before Ampere). Inference takes
+    :func:`inference_autocast_dtype`.
     """
     if choice not in ("auto", "bfloat16", "float16"):
         raise ValueError(f"amp dtype {choice!r}: expected auto, bfloat16 or float16")
-    if not enabled or device.type != "cuda":
+    if not enabled:
         return None
+    if device.type != "cuda":
+        if choice != "bfloat16":
+            return None
+        if not cpu_has_native_bf16():
+            raise ValueError("this CPU has no native bf16 (AVX512-BF16 or AMX): it would emulate bf16 10-20x "
+                             "slower than float32; set train.amp_dtype to auto")
+        return torch.bfloat16
     if choice == "float16":
         return torch.float16
     bf16 = torch.cuda.is_bf16_supported(including_emulation=False)

@@ -167,13 +167,35 @@ def test_inference_on_a_cpu_is_bf16_only_where_the_cpu_has_it_and_amp_is_on(
     assert inference_autocast_dtype(CPU, True) is (torch.bfloat16 if native else None)
 
 
-def test_amp_dtype_choice_is_checked_and_a_cpu_trains_in_float32() -> None:
-    for choice in ("auto", "bfloat16", "float16"):
-        assert autocast_dtype(CPU, True, choice) is None  # train.amp_dtype picks among GPU dtypes only
+def test_amp_dtype_on_a_cpu_is_float32_unless_bf16_is_asked_for_and_native(
+        cpu_bf16: Callable[[str | None], None]) -> None:
+    cpu_bf16("1")  # as on a CPU with AVX512-BF16 or AMX, whichever CPU runs this
+    for choice in ("auto", "float16"):
+        assert autocast_dtype(CPU, True, choice) is None  # bf16 training on a CPU is opt-in
+    assert autocast_dtype(CPU, True, "bfloat16") is torch.bfloat16
+    assert autocast_dtype(CPU, False, "bfloat16") is None  # train.amp false
+    cpu_bf16("0")
+    with pytest.raises(ValueError, match="no native bf16"):
+        autocast_dtype(CPU, True, "bfloat16")  # emulated: 10-20x slower, refused
     with pytest.raises(ValueError, match="amp dtype 'float32'"):
         autocast_dtype(CPU, True, "float32")
     with pytest.raises(ValueError, match="amp_dtype"):
         load("tiny", ["train.amp_dtype=float32"])  # the config refuses it before anything runs
+
+
+def test_a_cpu_training_step_runs_bf16_when_asked(cpu_bf16: Callable[[str | None], None]) -> None:
+    cpu_bf16("1")
+    torch.manual_seed(0)
+    net = DeepSupervisedUNet(1, 3, Topology(((3, 3, 3),) * 3, ((1, 1, 1), (2, 2, 2), (2, 2, 2)), (4, 8, 16)))
+    dtypes: list[torch.dtype] = []
+    net.get_submodule(next(n for n, m in net.named_modules() if isinstance(m, torch.nn.Conv3d))
+                      ).register_forward_hook(lambda _m, _i, out: dtypes.append(out.dtype))
+    step = make_train_step(net, build_loss(load("tiny")), torch.optim.SGD(net.parameters(), lr=0.1), CPU, amp=True,
+                           amp_dtype="bfloat16")
+    batch = {"image": torch.randn(2, 1, 16, 16, 16), "label": (torch.rand(2, 1, 16, 16, 16) * 3).floor()}
+    out = step(Engine(step), batch)
+    assert set(dtypes) == {torch.bfloat16} and bool(torch.isfinite(out["loss"]))
+    assert all(p.dtype == torch.float32 for p in net.parameters())  # the weights stay float32
 
 
 def test_a_training_step_on_a_bf16_cpu_stays_float32(cpu_bf16: Callable[[str | None], None]) -> None:
