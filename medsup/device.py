@@ -108,10 +108,10 @@ def autocast_dtype(device: torch.device, enabled: bool, choice: str = "auto") ->
 
     On a GPU ``auto`` is bf16 where the GPU has it natively, else fp16 (with a GradScaler); ``float16`` asks
     for fp16 (nnU-Net's). On a CPU ``auto`` and ``float16`` train in float32: a CPU with native bf16 trains
-    the quick preset 1.7x faster per epoch in bf16, but at equal epochs it reached a lower validation Dice
-    in each of 3 seeds (tumour most; BENCHMARKS.md, ``bench/infer_dtype.py`` section), so bf16 there is
-    opt-in. ``bfloat16`` asks for bf16 wherever it runs and is refused where it would be emulated (a CPU
-    without AVX512-BF16 or AMX, 10-20x slower; a GPU before Ampere). Inference takes
+    the quick preset 1.7x faster per epoch in bf16, but at equal epochs it reached a lower validation Dice in
+    each of 3 seeds (tumour most) and at equal wall time it was level (BENCHMARKS.md, ``bench/infer_dtype.py``
+    section), so bf16 there is opt-in. ``bfloat16`` asks for bf16 wherever it runs and is refused where it
+    would be emulated (a CPU without AVX512-BF16 or AMX, 10-20x slower; a GPU before Ampere). Inference takes
     :func:`inference_autocast_dtype`.
     """
     if choice not in ("auto", "bfloat16", "float16"):
