@@ -328,15 +328,15 @@ class DeepSupervisionLoss(nn.Module):
         if self._first_bad is None:
             return
         call, raw = self._first_bad
+        n = int(call)
         if dist.is_available() and dist.is_initialized():
             # DDP ranks reach each check at the same call; one stopping alone would leave the others waiting in
             # the next gradient all-reduce until the collective timed out, so all learn whether any went bad
             anywhere = (call > 0).to(torch.int32)
             dist.all_reduce(anywhere, op=dist.ReduceOp.MAX)
-            if int(call) == 0 and int(anywhere):
+            if n == 0 and int(anywhere):
                 raise FloatingPointError(f"the loss of another DDP rank is non-finite (this rank's {self._calls} "
                                          "calls were finite)")
-        n = int(call)
         if n == 0:
             return
         values = raw.tolist()
