@@ -352,9 +352,10 @@ def infer(
     except (BundleError, OSError, ValueError) as err:  # OSError: unreadable input folder, full disk
         fail(str(err))
     summary = result.as_dict()
-    if as_json:
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun every rank holds the merged report: one tells
+    if as_json and rank0:
         emit(summary)
-    elif int(os.environ.get("RANK", "0")) == 0:
+    elif rank0:
         counts = summary["summary"]
         not_run = f", {counts['not_run']} not attempted" if counts["not_run"] else ""
         typer.echo(f"{counts['ok']} segmented, {counts['skipped']} skipped, {counts['error']} failed{not_run}; "

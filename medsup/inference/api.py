@@ -59,21 +59,34 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world) under torchrun, else (0, 1); initialises gloo/NCCL only for the final report gather."""
+def _distributed() -> tuple[int, int, bool]:
+    """(rank, world, created) under torchrun, else (0, 1, False); initialises gloo/NCCL only for the final report
+    gather, and says whether it did (then ``infer`` destroys the group again)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return 0, 1
+        return 0, 1, False
     import torch.distributed as dist
 
-    if not dist.is_initialized():
+    created = not dist.is_initialized()
+    if created:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), world
+    return dist.get_rank(), world, created
 
 
 def infer(request: InferRequest, progress: BatchProgress | None = None) -> BatchReport:
     """Run batch inference; returns the (merged, under torchrun) report. Bad cases never stop the others."""
-    rank, world = _distributed()
+    rank, world, created = _distributed()
+    try:
+        return _infer(request, progress, rank, world)
+    finally:
+        if created:  # a group left to interpreter exit can abort the process in gloo's teardown (SIGABRT)
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _infer(request: InferRequest, progress: BatchProgress | None, rank: int, world: int) -> BatchReport:
+    """``infer`` as rank ``rank`` of ``world``: this rank's share of the cases, then the merged report."""
     bundle = load_bundle(request.model_path)
     device = resolve_device(request.device, int(os.environ.get("LOCAL_RANK", "0")))
     options = Predictor.options_from(bundle, overlap=request.overlap, sw_batch_size=request.sw_batch_size,

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,7 @@ from tests.conftest import make_volume, write_msd
 from tests.unit.test_io import write_dicom_series
 
 runner = CliRunner()
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +166,29 @@ def test_shards_cover_every_case_once(trained: tuple[Path, Path], tmp_path: Path
         seen += [c["input"] for c in report.cases]
         assert (tmp_path / "out" / f"report.shard{i}of3.json").is_file()
     assert sorted(seen) == sorted(str(p) for p in (data / "imagesTr").iterdir())
+
+
+def test_torchrun_ranks_share_the_cases_and_merge_one_report(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    """torchrun with 2 CPU processes: each rank predicts every 2nd case, rank 0 writes the merged report and
+    alone prints it, and both exit 0: the gloo group made for the gather is destroyed again (a group left to
+    interpreter exit can abort a rank in gloo's teardown)."""
+    bundle, data = trained
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=2", "-m", "medsup", "-q",
+         "infer", "-i", str(data / "imagesTr"), "-o", str(out), "-m", str(bundle), "--device", "cpu", "--json"],
+        cwd=REPO, capture_output=True, encoding="utf-8", errors="replace", timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    printed = json.loads(proc.stdout)  # one JSON document: rank 1 prints nothing
+    merged = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert printed["cases"] == merged["cases"] and merged["settings"]["shard"] == "all"
+    assert merged["summary"]["ok"] == 4
+    shards = [json.loads((out / f"report.shard{i}of2.json").read_text(encoding="utf-8"))["cases"] for i in (0, 1)]
+    assert [len(s) for s in shards] == [2, 2]
+    assert sorted(c["input"] for s in shards for c in s) == sorted(str(p) for p in (data / "imagesTr").iterdir())
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == sorted(p.name for p in (data / "imagesTr").iterdir())
 
 
 def test_early_exit_probabilities_and_format(trained: tuple[Path, Path], tmp_path: Path) -> None:
