@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU figures of BENCHMARKS.md (issue #7) on the lent GPU machine, in two device calls whose step limits
-# add up to ~7.5 (train) and ~5.5 (infer) minutes, so that both and the machine's start fit a session's 15 minutes
+# add up to ~7.5 (train) and ~6 (infer) minutes, so that both and the machine's start fit a session's 15 minutes
 # of device time (the steps are ordered by what issue #7 needs most; a step cut by its limit still leaves its log):
 #   device run  carry [".gpu-kit"]  command "bash bench/gpu/run.sh train"   CUDA tests, train_step, norm_kernel, dataload
-#   device run  carry [".gpu-kit"]  command "bash bench/gpu/run.sh infer"   infer_e2e (nnU-Net, MONAI), memory, layout
+#   device run  carry [".gpu-kit"]  command "bash bench/gpu/run.sh infer"   infer_e2e (nnU-Net, MONAI), memory, layout, batch
 # .gpu-kit/ comes from bench/gpu/make_kit.sh (run here first). Every step has its own time limit and log
 # ($OUT/<step>.log, the device tool brings $OUT back, at most 8 files: train writes 8, infer 8); one failing step
 # does not stop the others.
@@ -89,6 +89,7 @@ elif [ "$PART" = infer ]; then
     if [ "$QUICK" = 1 ]; then
         step infer-e2e 300 "$PY" bench/infer_e2e.py --device "$DEVICE" --quick --python "$PY"
         step infer-layout 120 "$PY" bench/infer_layout.py --device "$DEVICE" --plans coarse --repeats 3
+        step infer-batch 120 "$PY" bench/infer_batch.py --device "$DEVICE" --no-real --sizes 40,40 --repeats 1
     else
         # same input, step 0.5: medsup vs nnU-Net v2's predictor vs the MONAI tutorial, TTA off, then on
         step infer-e2e 170 "$PY" bench/infer_e2e.py --device cuda --plan liver --sizes 300 --repeats 3 \
@@ -96,8 +97,10 @@ elif [ "$PART" = infer ]; then
         step infer-e2e-tta 70 "$PY" bench/infer_e2e.py --device cuda --plan liver --tta --sizes 100 --repeats 2 \
             --no-real --python "$PY" --json "$OUT/e2e-tta.json" --timeout 60
         step infer-memory 40 "$PY" bench/infer_memory.py --slices 1000 --spacing 1.6 --device cuda
-        # the network's call in torch's layout vs channels-last (what a CPU uses): should CUDA switch too?
-        step infer-layout 25 "$PY" bench/infer_layout.py --device cuda --plans liver,lung --amp off,on --repeats 5
+        # the network's call in torch's layout vs channels-last (what a CPU uses): should CUDA switch too? Then a
+        # batch writing each case while the next runs vs before it starts (one log: 8 files come back)
+        step infer-layout-batch 70 bash -c "$PY bench/infer_layout.py --device cuda --plans liver,lung --amp off,on \
+            --repeats 5; $PY bench/infer_batch.py --device cuda --plan liver --no-real --sizes 100,300 --repeats 3"
     fi
 else
     echo "usage: bash bench/gpu/run.sh train|infer" >&2

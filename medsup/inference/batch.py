@@ -1,6 +1,7 @@
 """Batch inference over files, folders, globs or path lists, robust to bad cases.
 
-- The next case is read and preprocessed in a background thread while the current one is on the device.
+- The next case is read and preprocessed in a background thread while the current one is on the device, and
+  the case before is written in another.
 - A bad case (unreadable, 2-D, 4-D, NaN, ...) is reported and skipped; the rest go on (``fail_fast`` stops).
 - Outputs are written atomically (temp file + rename): Ctrl-C or a kill leaves no partial file, and
   ``resume`` skips cases whose output exists with the input's exact geometry.
@@ -21,7 +22,7 @@ from typing import Any, Protocol
 
 from medsup.data.files import IMAGE_SUFFIXES, DiskFullError, atomic_path, image_suffix, real_path, strip_suffix
 from medsup.data.io import ImageReadError, is_image_path, read_header, write_image
-from medsup.inference.predictor import CaseError, Predictor, Prepared
+from medsup.inference.predictor import CaseError, Prediction, Predictor, Prepared
 from medsup.inference.window import TileHook
 
 log = logging.getLogger(__name__)
@@ -182,8 +183,15 @@ def output_complete(job: CaseJob) -> bool:
 
 
 def run_batch(predictor: Predictor, jobs: list[CaseJob], report: BatchReport, report_path: Path | None, *,
-              resume: bool = False, fail_fast: bool = False, progress: BatchProgress | None = None) -> BatchReport:
-    """Predict every job in order, prefetching the next case while the current one runs."""
+              resume: bool = False, fail_fast: bool = False, progress: BatchProgress | None = None,
+              write_behind: bool = True) -> BatchReport:
+    """Predict every job in order: the next case is read while the current one runs, and (``write_behind``)
+    the previous case's output is written while the current one runs.
+
+    The report keeps the jobs' order and is rewritten as each case is written. Writing behind holds one
+    case's labels (``(I, J, K)`` uint8) beside the running one; with ``probabilities`` the maps are written
+    before the next case starts (they close over the case's logits, which must not wait beside the next).
+    """
     if progress is not None:
         progress.cases(len(jobs))
     todo = []
@@ -195,38 +203,65 @@ def run_batch(predictor: Predictor, jobs: list[CaseJob], report: BatchReport, re
                 progress.case_finished(report.cases[-1])
         else:
             todo.append(job)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="medsup-prefetch") as pool:
-        pending: Future[Prepared] | None = pool.submit(predictor.prepare, todo[0].input) if todo else None
+    behind = write_behind and not predictor.options.probabilities
+    on_tiles = progress.tiles if progress is not None else None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="medsup-prefetch") as reader, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="medsup-write") as writer:
+        pending: Future[Prepared] | None = reader.submit(predictor.prepare, todo[0].input) if todo else None
+        writing: Future[tuple[dict[str, Any], bool]] | None = None  # the case before, while it is written
         for i, job in enumerate(todo):
             assert pending is not None
             current = pending
-            pending = pool.submit(predictor.prepare, todo[i + 1].input) if i + 1 < len(todo) else None
+            pending = reader.submit(predictor.prepare, todo[i + 1].input) if i + 1 < len(todo) else None
             if progress is not None:
                 progress.case_started(job.input)
-            entry, disk_full = _one(predictor, job, current, progress.tiles if progress is not None else None)
-            report.cases.append(entry)
-            if progress is not None:
-                progress.case_finished(entry)
-            if disk_full:  # every later output would fail too: stop rather than compute what cannot be kept
-                rest = todo[i + 1:]
-                for later in rest:
-                    report.cases.append({"input": str(later.input), "output": str(later.output), "status": "not_run",
-                                         "error": f"{later.input}: not attempted: the output disk is full"})
-                if pending is not None:
-                    pending.cancel()
-                log.error("the output disk is full: stopping the batch with %d case(s) not attempted; free space, "
-                          "then run the same command with --resume", len(rest))
-                _write_anyway(report, report_path)
-                return report
-            if report_path is not None:
-                report.write(report_path)
-            if entry["status"] == "error" and fail_fast:
-                if pending is not None:
-                    pending.cancel()
-                log.error("stopping at the first failure (--fail-fast)")
-                break
+            entry, prediction, started = _predict(predictor, job, current, on_tiles)
+            if writing is not None and _finished(writing.result(), todo[i:], report, report_path, fail_fast,
+                                                 progress, computed=prediction is not None):
+                return _stopped(pending, report)
+            writing = writer.submit(_write, predictor, job, entry, prediction, started)
+            if not behind or prediction is None:  # a failed case at once: --fail-fast must not predict the next
+                done, writing = writing, None
+                if _finished(done.result(), todo[i + 1:], report, report_path, fail_fast, progress):
+                    return _stopped(pending, report)
+        if writing is not None:
+            _finished(writing.result(), [], report, report_path, fail_fast, progress)
     if report_path is not None:
         report.write(report_path)
+    return report
+
+
+def _finished(written: tuple[dict[str, Any], bool], rest: list[CaseJob], report: BatchReport,
+              report_path: Path | None, fail_fast: bool, progress: BatchProgress | None,
+              computed: bool = False) -> bool:
+    """Report a written (or failed) case; True when the batch must stop there.
+
+    ``rest``: the jobs after it (``computed``: the first of them has been predicted, not yet written).
+    """
+    entry, disk_full = written
+    report.cases.append(entry)
+    if progress is not None:
+        progress.case_finished(entry)
+    if disk_full:  # every later output would fail too: stop rather than compute what cannot be kept
+        for k, later in enumerate(rest):
+            why = "predicted, not written" if computed and k == 0 else "not attempted"
+            report.cases.append({"input": str(later.input), "output": str(later.output), "status": "not_run",
+                                 "error": f"{later.input}: {why}: the output disk is full"})
+        log.error("the output disk is full: stopping the batch with %d case(s) not attempted; free space, "
+                  "then run the same command with --resume", len(rest))
+        _write_anyway(report, report_path)
+        return True
+    if report_path is not None:
+        report.write(report_path)
+    if entry["status"] == "error" and fail_fast:
+        log.error("stopping at the first failure (--fail-fast)")
+        return True
+    return False
+
+
+def _stopped(pending: Future[Prepared] | None, report: BatchReport) -> BatchReport:
+    if pending is not None:
+        pending.cancel()
     return report
 
 
@@ -240,44 +275,63 @@ def _write_anyway(report: BatchReport, path: Path | None) -> None:
         log.error("%s (the case list is still printed with --json)", err)
 
 
-def _one(predictor: Predictor, job: CaseJob, prepared: Future[Prepared],
-         on_tiles: TileHook | None = None) -> tuple[dict[str, Any], bool]:
-    """Predict and write one case: its report entry, and whether it failed on a full output disk."""
+def _predict(predictor: Predictor, job: CaseJob, prepared: Future[Prepared],
+             on_tiles: TileHook | None = None) -> tuple[dict[str, Any], Prediction | None, float]:
+    """Predict one case: its report entry so far, the prediction (None when the case failed), its start time."""
     entry: dict[str, Any] = {"input": str(job.input), "output": str(job.output)}
-    disk_full = False
     started = time.perf_counter()
     try:
-        case = prepared.result()
-        prediction = predictor.predict(case, on_tiles)
-        t0 = time.perf_counter()
-        if prediction.probability is not None:
-            entry["probabilities"] = _write_probabilities(predictor, job, prediction)
-        # the label file last: --resume takes its presence as "case done", so it must not precede a failed map
-        write_image(job.output, prediction.labels, prediction.geometry)
-        seconds = {**prediction.seconds, "write": time.perf_counter() - t0}
-        entry.update({
-            "status": "ok", "shape": list(prediction.geometry.shape), "spacing": list(prediction.geometry.spacing),
-            "orientation": prediction.geometry.orientation, "seconds": {k: round(v, 4) for k, v in seconds.items()},
-            "volumes_ml": {k: round(v, 3) for k, v in prediction.volumes_ml.items()},
-        })
-        if prediction.exit_level is not None:
-            entry["exit_level"] = prediction.exit_level
-            entry["note"] = f"early-exit preview from head {prediction.exit_level}: coarser than full inference"
-        found = [name for name, ml in prediction.volumes_ml.items() if ml > 0]
-        log.info("%s -> %s (%.1f s, found %s)", job.input.name, job.output, time.perf_counter() - started,
-                 ", ".join(found) or "no foreground")
-    except (CaseError, ImageReadError) as err:  # expected: the message names the file and the problem
-        entry.update({"status": "error", "error": str(err)})
-        log.error("%s", err)
-    except OSError as err:  # a full disk, an unwritable OUT: expected too, and the message names the file
-        entry.update({"status": "error", "error": f"{job.input}: {err}"})
-        disk_full = isinstance(err, DiskFullError)
-        log.error("%s: %s", job.input, err)
-    except Exception as err:  # anything else still must not stop the batch; keep the type for the report
-        entry.update({"status": "error", "error": f"{job.input}: {type(err).__name__}: {err}"})
-        log.exception("%s: unexpected failure", job.input)
+        return entry, predictor.predict(prepared.result(), on_tiles), started
+    except Exception as err:  # _failed sorts it: a bad case must not stop the batch
+        _failed(entry, job, err)
+        return entry, None, started
+
+
+def _write(predictor: Predictor, job: CaseJob, entry: dict[str, Any],
+           prediction: Prediction | None, started: float) -> tuple[dict[str, Any], bool]:
+    """Write one predicted case (the writer thread): its finished report entry, and whether it failed on a
+    full output disk. A case whose prediction failed passes through with its error."""
+    disk_full = False
+    if prediction is not None:
+        try:
+            t0 = time.perf_counter()
+            if prediction.probability is not None:
+                entry["probabilities"] = _write_probabilities(predictor, job, prediction)
+            # the label file last: --resume takes its presence as "case done", so it must not precede a failed map
+            write_image(job.output, prediction.labels, prediction.geometry)
+            seconds = {**prediction.seconds, "write": time.perf_counter() - t0}
+            entry.update({
+                "status": "ok", "shape": list(prediction.geometry.shape),
+                "spacing": list(prediction.geometry.spacing), "orientation": prediction.geometry.orientation,
+                "seconds": {k: round(v, 4) for k, v in seconds.items()},
+                "volumes_ml": {k: round(v, 3) for k, v in prediction.volumes_ml.items()},
+            })
+            if prediction.exit_level is not None:
+                entry["exit_level"] = prediction.exit_level
+                entry["note"] = f"early-exit preview from head {prediction.exit_level}: coarser than full inference"
+            found = [name for name, ml in prediction.volumes_ml.items() if ml > 0]
+            log.info("%s -> %s (%.1f s, found %s)", job.input.name, job.output, time.perf_counter() - started,
+                     ", ".join(found) or "no foreground")
+        except Exception as err:  # as in _predict
+            disk_full = _failed(entry, job, err)
+    # from the case's start to its file: with writing behind, this overlaps the next case's prediction
     entry["seconds_total"] = round(time.perf_counter() - started, 4)
     return entry, disk_full
+
+
+def _failed(entry: dict[str, Any], job: CaseJob, err: Exception) -> bool:
+    """Record a failed case in its report entry; True when it failed on a full output disk."""
+    if isinstance(err, (CaseError, ImageReadError)):  # expected: the message names the file and the problem
+        entry.update({"status": "error", "error": str(err)})
+        log.error("%s", err)
+    elif isinstance(err, OSError):  # a full disk, an unwritable OUT: expected too, and the message names the file
+        entry.update({"status": "error", "error": f"{job.input}: {err}"})
+        log.error("%s: %s", job.input, err)
+        return isinstance(err, DiskFullError)
+    else:  # anything else still must not stop the batch; keep the type for the report
+        entry.update({"status": "error", "error": f"{job.input}: {type(err).__name__}: {err}"})
+        log.error("%s: unexpected failure", job.input, exc_info=err)
+    return False
 
 
 def _write_probabilities(predictor: Predictor, job: CaseJob, prediction: Any) -> dict[str, str]:

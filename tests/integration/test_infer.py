@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 from typer.testing import CliRunner
 
@@ -22,6 +25,7 @@ from medsup.data.io import read_header, read_image, write_image
 from medsup.device import CPU_BF16_ENV, cpu_has_native_bf16
 from medsup.engine.validation import dice_per_class
 from medsup.inference.api import InferRequest, infer
+from medsup.inference.batch import BatchReport, CaseJob, plan_outputs, run_batch
 from medsup.inference.bundle import BundleError, load_bundle
 from medsup.inference.postprocess import task_rules
 from medsup.inference.predictor import PredictOptions, Predictor
@@ -156,6 +160,64 @@ class RecordingProgress:
 
     def case_finished(self, entry: dict[str, Any]) -> None:
         self.finished.append(entry["status"])
+
+
+class EventOrder:
+    """A BatchProgress that records the order of case starts and ends."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def cases(self, total: int) -> None:
+        pass
+
+    def case_started(self, path: Path) -> None:
+        self.events.append(f"start {path.name}")
+
+    def tiles(self, done: int, total: int) -> None:
+        pass
+
+    def case_finished(self, entry: dict[str, Any]) -> None:
+        self.events.append(f"done {Path(entry['input']).name}")
+
+
+def test_writing_behind_overlaps_the_next_case_and_changes_no_output(
+        trained: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Case i is written on the writer thread while case i+1 is predicted (case i+1 starts before case i is
+    done); the report and every output are those of writing each case before the next starts, and softmax
+    maps (which hold the case's logits) are written before the next case starts."""
+    bundle, data = trained
+    writers: list[str] = []
+    real_write = sitk.WriteImage
+
+    def recorded(*args: Any, **kwargs: Any) -> None:  # the real writer, noting which thread called it
+        writers.append(threading.current_thread().name)
+        real_write(*args, **kwargs)
+
+    monkeypatch.setattr(sitk, "WriteImage", recorded)
+    cpu = torch.device("cpu")
+    jobs = plan_outputs([(p, data / "imagesTr") for p in sorted((data / "imagesTr").iterdir())], tmp_path)
+    names = [j.input.name for j in jobs]
+    runs = {}
+    for name, behind, probabilities in (("behind", True, False), ("sync", False, False), ("maps", True, True)):
+        predictor = Predictor(load_bundle(bundle), cpu, PredictOptions(probabilities=probabilities))
+        out_jobs = [CaseJob(j.input, tmp_path / name / j.output.name) for j in jobs]
+        order = EventOrder()
+        runs[name] = run_batch(predictor, out_jobs, BatchReport({}), tmp_path / name / "report.json",
+                               progress=order, write_behind=behind), order.events
+    sync = [e for n in names for e in (f"start {n}", f"done {n}")]
+    assert runs["sync"][1] == runs["maps"][1] == sync
+    assert runs["behind"][1] == [f"start {names[0]}", *(e for a, b in itertools.pairwise(names)
+                                                        for e in (f"start {b}", f"done {a}")), f"done {names[-1]}"]
+    assert set(writers) == {"medsup-write_0"}
+    drop = ("seconds", "seconds_total", "output", "probabilities")
+    entries = {n: [{k: v for k, v in c.items() if k not in drop} for c in runs[n][0].cases] for n in runs}
+    assert entries["behind"] == entries["sync"] == entries["maps"]
+    assert [c["status"] for c in runs["behind"][0].cases] == ["ok"] * len(names)
+    for job in jobs:
+        written = [read_image(tmp_path / n / job.output.name) for n in ("behind", "sync")]
+        np.testing.assert_array_equal(written[0].array, written[1].array)
+        assert written[0].geometry == written[1].geometry
 
 
 def test_shards_cover_every_case_once(trained: tuple[Path, Path], tmp_path: Path) -> None:

@@ -176,16 +176,21 @@ def _tmpfs_prefix(tmp_path: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_really_full_disk_stops_the_batch(tmp_path: Path, bundle: Path) -> None:
-    """A 256 kB tmpfs as OUT: the first case's softmax maps fill it; the batch stops there instead of computing
-    the cases it could not keep, reports them as not attempted, exits 1, and leaves no temp file behind."""
+@pytest.mark.parametrize("probabilities", [True, False])
+def test_really_full_disk_stops_the_batch(tmp_path: Path, bundle: Path, probabilities: bool) -> None:
+    """A 256 kB tmpfs as OUT: the first case's softmax maps fill it (or, labels only, a file filled it before);
+    the batch stops there instead of computing the cases it could not keep, reports them as not attempted,
+    exits 1, and leaves no temp file behind. Labels only, the first case is written while the second is
+    predicted: that one is reported as predicted and not written."""
     inp, out = tmp_path / "in", tmp_path / "out"
     out.mkdir()
     for i in range(3):
         write_volume(inp / f"case{i}.nii.gz", make_volume(i, shape=(64, 60, 40))[0])
     # what is left in OUT is listed by the same namespaced shell, before the tmpfs goes away with it
-    command = (f"{sys.executable} -m medsup infer -i {inp} -o {out} --model {bundle} --device cpu --probabilities "
-               f"--json; status=$?; echo left: $(ls -A {out}) >&2; exit $status")
+    fill = "" if probabilities else f"cat /dev/zero > {out}/filler 2>/dev/null; "
+    command = (f"{fill}{sys.executable} -m medsup infer -i {inp} -o {out} --model {bundle} --device cpu "
+               f"{'--probabilities ' if probabilities else ''}--json; status=$?; echo left: $(ls -A {out}) >&2; "
+               "exit $status")
     proc = subprocess.run([*_tmpfs_prefix(tmp_path), str(out), "sh", "-c", command], cwd=REPO, capture_output=True,
                           encoding="utf-8", errors="replace", timeout=300)
     assert proc.returncode == 1, proc.stdout + proc.stderr
@@ -194,10 +199,13 @@ def test_really_full_disk_stops_the_batch(tmp_path: Path, bundle: Path) -> None:
     assert [c["status"] for c in report["cases"]] == ["error", "not_run", "not_run"], report["cases"]
     assert report["summary"] == {"ok": 0, "skipped": 0, "error": 1, "not_run": 2}
     assert "no space left on the device" in report["cases"][0]["error"], report["cases"][0]
-    assert all(c["error"].endswith("not attempted: the output disk is full") for c in report["cases"][1:])
+    second = "not attempted" if probabilities else "predicted, not written"
+    assert report["cases"][1]["error"].endswith(f"{second}: the output disk is full")
+    assert report["cases"][2]["error"].endswith("not attempted: the output disk is full")
     assert "stopping the batch with 2 case(s) not attempted" in proc.stderr
     left = next(line for line in proc.stderr.splitlines() if line.startswith("left:")).split()[1:]
     assert all(not name.startswith(".") for name in left), left  # no temp file; the report, if it fit
+    assert not [name for name in left if name.endswith(".nii.gz")], left
 
 
 def test_outputs_are_readable_by_others(tmp_path: Path) -> None:
