@@ -157,6 +157,7 @@ class AugmentConfig(_Section):
     gamma_range: tuple[PositiveFloat, PositiveFloat] = (0.7, 1.5)
     noise_prob: Probability = 0.1
     noise_std: Annotated[float, Field(ge=0)] = 0.1
+    affine_on: Literal["auto", "loader", "step"] = "auto"
 
     @field_validator("gamma_range")
     @classmethod

@@ -23,7 +23,7 @@ from medsup.config import Config
 from medsup.data import preprocessed as pre
 from medsup.data.datalist import Case
 from medsup.data.planning import Plan
-from medsup.data.transforms import eval_transforms, train_random_transforms, train_transforms
+from medsup.data.transforms import affine_in_step, eval_transforms, train_random_transforms, train_transforms
 from medsup.device import cache_threads, loader_workers
 
 
@@ -45,7 +45,8 @@ def training_loaders(cfg: Config, plan: Plan, cases: dict[str, Case], split: dic
         val_ids = val_ids[: cfg.train.val_max_cases]
     workers = loader_workers(cfg.train.num_workers, device, nproc_per_node)
     train_ds, val_ds = training_datasets(cfg, plan, [cases[c] for c in train_ids], [cases[c] for c in val_ids],
-                                         workers, rank=rank, nproc_per_node=nproc_per_node)
+                                         workers, rank=rank, nproc_per_node=nproc_per_node,
+                                         affine=not affine_in_step(cfg, device))
     generator = torch.Generator().manual_seed(cfg.seed + rank)
     sampler = torch.utils.data.RandomSampler(
         train_ds, replacement=True, num_samples=cfg.train.iterations_per_epoch * plan.batch_size, generator=generator
@@ -57,19 +58,21 @@ def training_loaders(cfg: Config, plan: Plan, cases: dict[str, Case], split: dic
 
 
 def training_datasets(cfg: Config, plan: Plan, train_cases: Sequence[Case], val_cases: Sequence[Case],
-                      workers: int, *, rank: int = 0, nproc_per_node: int = 1) -> tuple[Dataset, Dataset]:
-    """Training cases through :func:`train_transforms` (random state seeded per rank), validation cases through
-    :func:`eval_transforms`: cached in memory or on disk per ``train.cache`` (see the module docstring)."""
+                      workers: int, *, rank: int = 0, nproc_per_node: int = 1,
+                      affine: bool = True) -> tuple[Dataset, Dataset]:
+    """Training cases through :func:`train_transforms` (random state seeded per rank; the random affine only
+    with ``affine``), validation cases through :func:`eval_transforms`: cached in memory or on disk per
+    ``train.cache`` (see the module docstring)."""
     threads = cache_threads(workers)
     if pre.choose_cache(cfg, plan, train_cases, val_cases, nproc_per_node) == "disk":
         stores = {kind: pre.open_store(cfg, plan, [*train_cases, *val_cases], kind) for kind in ("train", "eval")}
         pre.fill_store(stores["train"], cfg, plan, train_cases, workers=threads)
         pre.fill_store(stores["eval"], cfg, plan, val_cases, workers=threads)
-        train_tf = Compose([pre.LoadPreprocessedd(stores["train"]), *train_random_transforms(cfg, plan)])
+        train_tf = Compose([pre.LoadPreprocessedd(stores["train"]), *train_random_transforms(cfg, plan, affine)])
         train_tf.set_random_state(cfg.seed + rank)
         return (Dataset([{pre.CASE_KEY: c.case_id} for c in train_cases], train_tf),
                 Dataset([{pre.CASE_KEY: c.case_id} for c in val_cases], pre.LoadPreprocessedd(stores["eval"])))
-    train_tf = train_transforms(cfg, plan, pre.foreground_classes(cfg))
+    train_tf = train_transforms(cfg, plan, pre.foreground_classes(cfg), affine)
     train_tf.set_random_state(cfg.seed + rank)
 
     def item(case: Case) -> dict[str, Any]:

@@ -203,19 +203,35 @@ def preprocess(plan: Plan, keys: Sequence[str] = (IMAGE, LABEL),
     return [PreprocessVolumed(list(keys), plan, image_dtype)]
 
 
-def _augmentations(aug: AugmentConfig, plan: Plan) -> list[Transform]:
-    keys = [IMAGE, LABEL]
+def affine_in_step(cfg: Config, device: torch.device) -> bool:
+    """Whether the random affine runs in the training step (on ``device``) instead of the data loader:
+    ``augment.affine_on``, where ``auto`` means on a CUDA device (a GPU resamples a batch of patches in
+    milliseconds; a loader worker spends ~2/3 of its time per sample on it, bench/dataload.py)."""
+    where = cfg.augment.affine_on
+    return cfg.augment.affine_prob > 0 and (where == "step" or (where == "auto" and device.type == "cuda"))
+
+
+def rand_affine(aug: AugmentConfig, plan: Plan, device: torch.device | None = None) -> RandAffined | None:
+    """The random affine (rotation + scaling) of the training augmentation, or None at ``affine_prob`` 0;
+    ``device``: where it builds its sampling grid (the inputs' device)."""
+    if aug.affine_prob <= 0:
+        return None
     spacing = plan.target_spacing
     anisotropic = max(spacing) / min(spacing) > 3
     in_plane_rot = math.radians(aug.rotate_deg)
     # with thick slices, rotating out of plane mixes slices that were never sampled: rotate in-plane only
     off_plane_rot = 0.0 if anisotropic else in_plane_rot
+    return RandAffined(
+        [IMAGE, LABEL], prob=aug.affine_prob, rotate_range=(off_plane_rot, off_plane_rot, in_plane_rot),
+        scale_range=(aug.scale_range,) * 3, mode=("bilinear", "nearest"), padding_mode="border", device=device,
+    )
+
+
+def _augmentations(aug: AugmentConfig, plan: Plan, affine: bool = True) -> list[Transform]:
+    keys = [IMAGE, LABEL]
     out: list[Transform] = []
-    if aug.affine_prob > 0:
-        out.append(RandAffined(
-            keys, prob=aug.affine_prob, rotate_range=(off_plane_rot, off_plane_rot, in_plane_rot),
-            scale_range=(aug.scale_range,) * 3, mode=("bilinear", "nearest"), padding_mode="border",
-        ))
+    if affine and (spatial := rand_affine(aug, plan)) is not None:
+        out.append(spatial)
     out += [RandFlipd(keys, prob=aug.flip_prob, spatial_axis=axis) for axis in range(3) if aug.flip_prob > 0]
     if aug.rot90_prob > 0 and math.isclose(plan.patch_size[0], plan.patch_size[1]):
         out.append(RandRotate90d(keys, prob=aug.rot90_prob, spatial_axes=(0, 1)))
@@ -243,18 +259,19 @@ def train_cached_transforms(cfg: Config, plan: Plan, fg_classes: Sequence[int]) 
     ]
 
 
-def train_random_transforms(cfg: Config, plan: Plan) -> list[Transform]:
-    """The random tail of the training chain, drawn afresh for every sample: the patch crop, then augmentation."""
+def train_random_transforms(cfg: Config, plan: Plan, affine: bool = True) -> list[Transform]:
+    """The random tail of the training chain, drawn afresh for every sample: the patch crop, then augmentation
+    (without the random affine where ``affine`` is False: the training step runs it, see :func:`affine_in_step`)."""
     return [
         ForegroundOversampledCropd([IMAGE, LABEL], plan.patch_size, cfg.train.foreground_oversample,
                                    cfg.train.foreground_jitter),
-        *_augmentations(cfg.augment, plan),
+        *_augmentations(cfg.augment, plan, affine),
     ]
 
 
-def train_transforms(cfg: Config, plan: Plan, fg_classes: Sequence[int]) -> Compose:
+def train_transforms(cfg: Config, plan: Plan, fg_classes: Sequence[int], affine: bool = True) -> Compose:
     """The training chain; everything before the patch crop is deterministic and cached by CacheDataset."""
-    return Compose([*train_cached_transforms(cfg, plan, fg_classes), *train_random_transforms(cfg, plan)])
+    return Compose([*train_cached_transforms(cfg, plan, fg_classes), *train_random_transforms(cfg, plan, affine)])
 
 
 def eval_transforms(plan: Plan, with_label: bool = True) -> Compose:

@@ -51,8 +51,14 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
         group.update(keep)
 
 
-def prepare(batch: dict[str, Any], device: torch.device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batch dict -> plain ``(B, 1, X, Y, Z)`` image and integer label tensors on ``device``.
+#: ``(image, label) -> (image, label)`` on the device, both ``(B, 1, X, Y, Z)`` float (the batch's random affine)
+BatchTransform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def prepare(batch: dict[str, Any], device: torch.device, channels_last: bool,
+            augment: BatchTransform | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch dict -> plain ``(B, 1, X, Y, Z)`` image and integer label tensors on ``device``, through
+    ``augment`` on the device first when given.
 
     MetaTensors are unwrapped: their per-op metadata tracking costs time and nothing downstream needs it.
     """
@@ -61,7 +67,11 @@ def prepare(batch: dict[str, Any], device: torch.device, channels_last: bool) ->
     label = label.as_tensor() if hasattr(label, "as_tensor") else label
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
     image = image.to(device, non_blocking=True, memory_format=fmt)
-    return image, label.to(device, non_blocking=True).round().long()
+    label = label.to(device, non_blocking=True)
+    if augment is not None:
+        image, label = augment(image, label)
+        image = image.contiguous(memory_format=fmt)
+    return image, label.round().long()
 
 
 def make_train_step(
@@ -74,9 +84,10 @@ def make_train_step(
     amp_dtype: str = "auto",
     grad_clip: float = 12.0,
     channels_last: bool = False,
+    augment: BatchTransform | None = None,
 ) -> Callable[[Engine, dict[str, Any]], dict[str, torch.Tensor]]:
-    """Forward, deep-supervision loss, backward, unscale, :attr:`StepEvents.GRADS_READY`, clip, step.
-    Returns ``{"loss": detached scalar tensor}`` on ``device``.
+    """(``augment`` on the device,) forward, deep-supervision loss, backward, unscale,
+    :attr:`StepEvents.GRADS_READY`, clip, step. Returns ``{"loss": detached scalar tensor}`` on ``device``.
 
     fp16 uses a GradScaler; bf16 and fp32 need none. The step never sees the heads: the model returns its
     list of logits and the loss takes it whole. Nothing in it reads from the device (the fp16 GradScaler's
@@ -89,7 +100,7 @@ def make_train_step(
 
     def step(engine: Engine, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         model.train()
-        image, label = prepare(batch, device, channels_last)
+        image, label = prepare(batch, device, channels_last, augment)
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, dtype):
             outputs = model(image)

@@ -115,3 +115,27 @@ def test_amp_dtype_on_a_gpu() -> None:
     else:  # emulated bf16 (before Ampere) is refused, not run slowly
         with pytest.raises(ValueError, match="has no bf16"):
             autocast_dtype(CUDA, True, "bfloat16")
+
+
+def test_the_step_affine_on_cuda_matches_the_cpu_and_does_not_wait_for_the_gpu() -> None:
+    """augment.affine_on=auto runs the random affine in the training step on CUDA: its matrices reach the GPU
+    from pinned memory without a blocking copy, and its output is the CPU's to float rounding."""
+    from medsup.data.batch_augment import BatchAffine
+    from medsup.data.planning import default_plan
+
+    cfg = load("tiny", ["augment.affine_prob=0.7", "plan.patch_size=[32, 24, 16]"])
+    plan = default_plan(cfg)
+    g = torch.Generator().manual_seed(0)
+    image = torch.randn(4, 1, 32, 24, 16, generator=g)
+    label = torch.randint(0, 3, (4, 1, 32, 24, 16), generator=g).float()
+    on_cpu = BatchAffine(cfg, plan, torch.device("cpu"), 3)(image, label)
+    step = BatchAffine(cfg, plan, CUDA, 3)
+    gpu_image, gpu_label = image.to(CUDA), label.to(CUDA)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        on_gpu = step(gpu_image, gpu_label)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(on_gpu[0].cpu(), on_cpu[0], atol=1e-4, rtol=0)
+    assert (on_gpu[1].cpu() == on_cpu[1]).float().mean() > 0.999
