@@ -8,7 +8,8 @@ the loader leaves it out and the training step applies this instead, before the 
 It is the same transform with the same settings (:func:`medsup.data.transforms.rand_affine`), applied sample
 by sample, so each sample gets what the loader would have given it for the same random draws; only its
 place in the chain moves, from before the flips and intensity transforms to after them (flips map the
-rotation distribution onto itself; the intensity transforms are pointwise). Its draws are seeded per epoch
+rotation distribution onto itself; scaling and shifting intensities commute with the interpolation, while the
+Gaussian noise and gamma of a resampled sample are now resampled too). Its draws are seeded per epoch
 (:meth:`BatchAffine.reseed`), so a resumed run draws what the uninterrupted one did from that epoch on.
 """
 
