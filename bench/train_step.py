@@ -175,7 +175,7 @@ def medsup_runner(cfg: Any, plan: Any, device: torch.device, *, amp: str, compil
     # with the real loader, where training runs the random affine in the step (CUDA), the bench does too
     augment = None
     if isinstance(feed, LoaderFeed) and affine_in_step(cfg, device):
-        augment = BatchAffine(cfg, plan, device, cfg.seed)
+        augment = BatchAffine(cfg, plan, cfg.seed)
     try:
         step = steps.make_train_step(net, loss_fn, optimizer, device, amp=enabled, amp_dtype=choice,
                                      grad_clip=cfg.train.grad_clip, channels_last=channels_last, augment=augment)

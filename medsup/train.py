@@ -221,7 +221,7 @@ def _fit(cfg: Config, plan: Plan, labels: dict[int, str], cases: dict[str, Any],
         raise TrainingError(str(err)) from None
     # what train.num_workers: null and train.cache: auto chose
     # the random affine in the training step, on the device (augment.affine_on), instead of the loader's workers
-    affine = BatchAffine(cfg, plan, dev, cfg.seed + idist.get_rank()) if affine_in_step(cfg, dev) else None
+    affine = BatchAffine(cfg, plan, cfg.seed + idist.get_rank()) if affine_in_step(cfg, dev) else None
     tracker.set_tags({"num_workers": str(train_loader.num_workers),
                       "train_cache": "memory" if isinstance(train_loader.dataset, CacheDataset) else "disk",
                       "affine_on": "off" if cfg.augment.affine_prob == 0 else "step" if affine else "loader"})

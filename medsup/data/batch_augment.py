@@ -27,7 +27,7 @@ _STAND_IN = torch.zeros(1, 2, 2, 2)
 
 
 class BatchAffine:
-    """``(image, label) -> (image, label)``, both ``(B, 1, *patch)`` on the training device, each sample through
+    """``(image, label) -> (image, label)``, both ``(B, 1, *patch)`` on any device, each sample through
     the training augmentation's random affine (image bilinear, label nearest, border padding).
 
     The draws are MONAI's (its transform's random states, on the host) and so is the matrix (rotation @ scale
@@ -37,12 +37,11 @@ class BatchAffine:
     every step (see the CUDA test of host syncs).
     """
 
-    def __init__(self, cfg: Config, plan: Plan, device: torch.device, seed: int) -> None:
+    def __init__(self, cfg: Config, plan: Plan, seed: int) -> None:
         transform = rand_affine(cfg.augment, plan)
         if transform is None:
             raise ValueError("augment.affine_prob is 0: there is no random affine to run in the training step")
         self.transform = transform
-        self.device = device
         self.seed = seed
         self.reseed(0)
 
@@ -72,20 +71,21 @@ class BatchAffine:
         if not fired:  # decided on the host: no device work, no wait
             return image, label
         size = image.shape[2:]
-        theta = torch.stack([_theta(a, size) for a in drawn if a is not None]).to(torch.float32)
-        if image.device.type == "cuda":
-            theta = theta.pin_memory()
-        theta = theta.to(image.device, non_blocking=True)
+        theta = _to(image.device, torch.stack([_theta(a, size) for a in drawn if a is not None]).to(torch.float32))
         grid = functional.affine_grid(theta, [len(fired), 1, *size], align_corners=True)
-        index = torch.tensor(fired)
-        if image.device.type == "cuda":
-            index = index.pin_memory()
-        index = index.to(image.device, non_blocking=True)
+        index = _to(image.device, torch.tensor(fired))
         moved = functional.grid_sample(image.index_select(0, index), grid.to(image.dtype), mode="bilinear",
                                        padding_mode="border", align_corners=True)
         labels = functional.grid_sample(label.index_select(0, index).float(), grid, mode="nearest",
                                         padding_mode="border", align_corners=True)
         return image.index_copy(0, index, moved), label.index_copy(0, index, labels.to(label.dtype))
+
+
+def _to(device: torch.device, host: torch.Tensor) -> torch.Tensor:
+    """``host`` on ``device``; to a GPU from pinned memory, so that the host does not wait for the copy."""
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
 
 
 def _theta(affine: torch.Tensor, size: torch.Size | tuple[int, ...]) -> torch.Tensor:

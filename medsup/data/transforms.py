@@ -211,9 +211,8 @@ def affine_in_step(cfg: Config, device: torch.device) -> bool:
     return cfg.augment.affine_prob > 0 and (where == "step" or (where == "auto" and device.type == "cuda"))
 
 
-def rand_affine(aug: AugmentConfig, plan: Plan, device: torch.device | None = None) -> RandAffined | None:
-    """The random affine (rotation + scaling) of the training augmentation, or None at ``affine_prob`` 0;
-    ``device``: where it builds its sampling grid (the inputs' device)."""
+def rand_affine(aug: AugmentConfig, plan: Plan) -> RandAffined | None:
+    """The random affine (rotation + scaling) of the training augmentation, or None at ``affine_prob`` 0."""
     if aug.affine_prob <= 0:
         return None
     spacing = plan.target_spacing
@@ -223,7 +222,7 @@ def rand_affine(aug: AugmentConfig, plan: Plan, device: torch.device | None = No
     off_plane_rot = 0.0 if anisotropic else in_plane_rot
     return RandAffined(
         [IMAGE, LABEL], prob=aug.affine_prob, rotate_range=(off_plane_rot, off_plane_rot, in_plane_rot),
-        scale_range=(aug.scale_range,) * 3, mode=("bilinear", "nearest"), padding_mode="border", device=device,
+        scale_range=(aug.scale_range,) * 3, mode=("bilinear", "nearest"), padding_mode="border",
     )
 
 

@@ -34,7 +34,7 @@ def settings(prob: float = 1.0, patch: tuple[int, int, int] = (24, 24, 24)) -> l
 
 def affine(prob: float = 1.0, seed: int = 5) -> BatchAffine:
     cfg = load("tiny", settings(prob))
-    return BatchAffine(cfg, default_plan(cfg), CPU, seed)
+    return BatchAffine(cfg, default_plan(cfg), seed)
 
 
 @pytest.mark.parametrize(("prob", "patch"), [(1.0, (24, 24, 24)), (0.5, (24, 24, 24)), (0.7, (24, 20, 12))])
@@ -43,7 +43,7 @@ def test_each_sample_gets_what_the_loaders_affine_gives_it(prob: float, patch: t
     float rounding; a non-cubic patch too): MONAI's matrix as one batched ``affine_grid``."""
     cfg = load("tiny", settings(prob, patch))
     image, label = batch(size=patch, n=6)
-    out_image, out_label = BatchAffine(cfg, default_plan(cfg), CPU, 5)(image, label)
+    out_image, out_label = BatchAffine(cfg, default_plan(cfg), 5)(image, label)
     assert out_image.shape == image.shape and type(out_image) is torch.Tensor and type(out_label) is torch.Tensor
     loader_affine = rand_affine(cfg.augment, default_plan(cfg))
     assert loader_affine is not None
@@ -90,7 +90,7 @@ def test_affine_on_picks_the_step_on_cuda_and_the_loader_on_a_cpu() -> None:
     assert not affine_in_step(load("tiny", ["augment.affine_on=loader"]), cuda)
     assert not affine_in_step(load("tiny", ["augment.affine_on=step", "augment.affine_prob=0"]), cuda)
     with pytest.raises(ValueError, match="affine_prob is 0"):
-        BatchAffine(load("tiny", ["augment.affine_prob=0"]), default_plan(load("tiny")), CPU, 0)
+        BatchAffine(load("tiny", ["augment.affine_prob=0"]), default_plan(load("tiny")), 0)
 
 
 def test_the_loader_leaves_the_affine_to_the_step(msd_dataset: Path, tmp_path: Path) -> None:
