@@ -14,6 +14,11 @@ Then the loader alone with MONAI's default per-sample deep copy of the cached ca
 the patch only (``--copy-repeats`` alternating passes, ratio of the medians). Then, to say where it starves,
 the mean milliseconds per sample of each random transform after the cache (crop, affine, flips, intensity,
 noise; mean over --samples), run in this process one after another on cached cases.
+
+Then where the augmentation runs (``augment.runs_in``, ``--augment-repeats`` alternating passes): the loader
+augmenting every sample against the loader that only crops and hands over the cache's float16 / uint8 (the
+step augments: ``auto`` on CUDA), with the bytes each hands over per sample, and what the step then pays for it
+on ``--device`` (``BatchAugment`` on one batch: the host's draws, and the whole call, medians).
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ def main() -> None:
                         help="samples/s the loader must feed (a GPU step's rate); skips the CPU step")
     parser.add_argument("--copy-repeats", type=int, default=3,
                         help="passes of the loader with and without MONAI's per-sample cache copy (0: skip)")
+    parser.add_argument("--augment-repeats", type=int, default=3,
+                        help="passes of the loader augmenting vs only cropping (the step augments; 0: skip)")
     add_threads_option(parser)
     args = parser.parse_args()
     start(args)
@@ -94,6 +101,68 @@ def main() -> None:
     print("random transforms per sample (after the cache, in this process):")
     for name, ms in transform_breakdown(loader.dataset, args.samples):
         print(f"  {name:<28} {ms:8.1f} ms")
+    if args.augment_repeats:
+        augment_where(cfg, plan, loader, torch.device(args.device), args.augment_repeats)
+
+
+def augment_where(cfg: Any, plan: Any, loader: Any, device: torch.device, repeats: int) -> None:
+    """The loader augmenting vs only cropping, alternating passes over the same cached dataset (its chain
+    swapped: the cached head is the same), and the step's cost of augmenting one batch on ``device``."""
+    from monai.data import DataLoader
+
+    from medsup.data import preprocessed as pre
+    from medsup.data.batch_augment import BatchAugment
+    from medsup.data.transforms import train_transforms
+    from medsup.engine.steps import prepare
+
+    ds = loader.dataset
+    original = ds.transform
+    chains = {where: train_transforms(cfg, plan, pre.foreground_classes(cfg), augment=where == "loader")
+              for where in ("loader", "step")}
+    seconds: dict[str, list[float]] = {where: [] for where in chains}
+    sample_mb: dict[str, float] = {}
+    batch: dict[str, Any] = {}
+    try:
+        for _ in range(repeats):
+            for where, chain in chains.items():  # alternate, so a change of the machine's load hits both
+                chain.set_random_state(cfg.seed)
+                ds.transform = chain
+                fresh = DataLoader(ds, batch_size=loader.batch_size, sampler=loader.sampler,
+                                   num_workers=loader.num_workers, pin_memory=loader.pin_memory, drop_last=True)
+                seconds[where].append(_steady_seconds(fresh)[0])
+                batch = next(iter(fresh))
+                sample_mb[where] = sum(batch[k].numel() * batch[k].element_size() for k in ("image", "label")) \
+                    / loader.batch_size / 1e6
+    finally:
+        ds.transform = original
+    bs = loader.batch_size
+    med = {where: statistics.median(v) for where, v in seconds.items()}
+    print(f"where the augmentation runs (loader alone, median of {repeats} passes, each pass's mean s/batch):")
+    for where in chains:
+        what = "augments every sample" if where == "loader" else "only crops (the step augments)"
+        print(f"  loader {what:<32} {med[where]:.3f} s/batch ({bs / med[where]:6.1f} samples/s), "
+              f"{sample_mb[where]:.1f} MB per sample handed over")
+    print(f"  -> {med['loader'] / med['step']:.2f}x the loader's samples/s when the step augments")
+    # what the step pays: the last 'step' batch, on the device as the training step has it
+    augment = BatchAugment(cfg, plan, cfg.seed)
+    draws, calls = [], []
+    for _ in range(max(5, 2 * repeats)):
+        t0 = time.perf_counter()
+        augment.draw(bs)
+        draws.append(time.perf_counter() - t0)
+        _sync(device)
+        t0 = time.perf_counter()
+        prepare(batch, device, channels_last=False, augment=augment)
+        _sync(device)
+        calls.append(time.perf_counter() - t0)
+    print(f"  the step on {device.type}: host draws {1000 * statistics.median(draws):.2f} ms, transfer + augment "
+          f"{1000 * statistics.median(calls):.1f} ms per batch of {bs} (medians of {len(calls)}; p < 1 stages "
+          f"fire in some calls only)")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _steady_seconds(loader: Any) -> tuple[float, int]:

@@ -148,8 +148,8 @@ def medsup_runner(cfg: Any, plan: Any, device: torch.device, *, amp: str, compil
     from ignite.engine import Engine
 
     import medsup.engine.steps as steps
-    from medsup.data.batch_augment import BatchAffine
-    from medsup.data.transforms import affine_in_step
+    from medsup.data.batch_augment import BatchAugment
+    from medsup.data.transforms import augment_in_step
     from medsup.losses import build_loss
     from medsup.models.unet import build_model
 
@@ -172,10 +172,10 @@ def medsup_runner(cfg: Any, plan: Any, device: torch.device, *, amp: str, compil
 
     steps.autocast_dtype = bench_dtype  # type: ignore[assignment]
     enabled, choice = AMP[amp]
-    # with the real loader, where training runs the random affine in the step (CUDA), the bench does too
+    # with the real loader, where training augments in the step (CUDA), the bench does too
     augment = None
-    if isinstance(feed, LoaderFeed) and affine_in_step(cfg, device):
-        augment = BatchAffine(cfg, plan, cfg.seed)
+    if isinstance(feed, LoaderFeed) and augment_in_step(cfg, device):
+        augment = BatchAugment(cfg, plan, cfg.seed)
     try:
         step = steps.make_train_step(net, loss_fn, optimizer, device, amp=enabled, amp_dtype=choice,
                                      grad_clip=cfg.train.grad_clip, channels_last=channels_last, augment=augment)

@@ -157,7 +157,7 @@ class AugmentConfig(_Section):
     gamma_range: tuple[PositiveFloat, PositiveFloat] = (0.7, 1.5)
     noise_prob: Probability = 0.1
     noise_std: Annotated[float, Field(ge=0)] = 0.1
-    affine_on: Literal["auto", "loader", "step"] = "auto"
+    runs_in: Literal["auto", "loader", "step"] = "auto"
 
     @field_validator("gamma_range")
     @classmethod
@@ -377,9 +377,23 @@ def load(
         raise ConfigError(_format_validation(err)) from None
 
 
+#: keys that older medsup versions stored under another name: (section, old) -> new, same values
+_RENAMED = {("augment", "affine_on"): "runs_in"}  # session 19: only the affine could move to the step
+
+
 def from_json(text: str) -> Config:
-    """Rebuild a config stored with a run or model bundle (strict: unknown keys fail)."""
+    """Rebuild a config stored with a run or model bundle (strict: unknown keys fail; keys renamed since the
+    run was stored are read under their new name, so older bundles and checkpoints keep loading)."""
     try:
-        return Config.model_validate_json(text)
+        tree = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"invalid configuration: not JSON: {err}") from None
+    if isinstance(tree, dict):
+        for (section, old), new in _RENAMED.items():
+            part = tree.get(section)
+            if isinstance(part, dict) and old in part and new not in part:
+                part[new] = part.pop(old)
+    try:
+        return Config.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_format_validation(err)) from None

@@ -29,7 +29,7 @@ import medsup
 from medsup.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from medsup.config import Config, from_json
 from medsup.data import preprocessed as pre
-from medsup.data.batch_augment import BatchAffine
+from medsup.data.batch_augment import BatchAugment
 from medsup.data.check import check_dataset
 from medsup.data.datalist import load_datalist
 from medsup.data.fingerprint import plan_dataset
@@ -37,7 +37,7 @@ from medsup.data.loaders import training_loaders
 from medsup.data.memo import CaseMemo
 from medsup.data.planning import Plan
 from medsup.data.splits import fold_split, save_splits
-from medsup.data.transforms import affine_in_step, background_value
+from medsup.data.transforms import augment_in_step, background_value
 from medsup.device import autocast_dtype, inference_memory_format, resolve_device
 from medsup.engine.handlers import BestTracker, attach_step_handlers
 from medsup.engine.steps import StepEvents, build_optimizer, load_optimizer_state, make_train_step
@@ -220,11 +220,11 @@ def _fit(cfg: Config, plan: Plan, labels: dict[int, str], cases: dict[str, Any],
     except pre.PreprocessError as err:
         raise TrainingError(str(err)) from None
     # what train.num_workers: null and train.cache: auto chose
-    # the random affine in the training step, on the device (augment.affine_on), instead of the loader's workers
-    affine = BatchAffine(cfg, plan, cfg.seed + idist.get_rank()) if affine_in_step(cfg, dev) else None
+    # the augmentation in the training step, on the device (augment.runs_in), instead of the loader's workers
+    augment = BatchAugment(cfg, plan, cfg.seed + idist.get_rank()) if augment_in_step(cfg, dev) else None
     tracker.set_tags({"num_workers": str(train_loader.num_workers),
                       "train_cache": "memory" if isinstance(train_loader.dataset, CacheDataset) else "disk",
-                      "affine_on": "off" if cfg.augment.affine_prob == 0 else "step" if affine else "loader"})
+                      "augment_runs_in": "step" if augment else "loader"})
     model = build_model(cfg, plan).to(dev)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
@@ -234,11 +234,11 @@ def _fit(cfg: Config, plan: Plan, labels: dict[int, str], cases: dict[str, Any],
     loss_fn = build_loss(cfg)
     optimizer = build_optimizer(cfg, model)
     step = make_train_step(net, loss_fn, optimizer, dev, amp=cfg.train.amp, amp_dtype=cfg.train.amp_dtype,
-                           grad_clip=cfg.train.grad_clip, channels_last=cfg.train.channels_last, augment=affine)
+                           grad_clip=cfg.train.grad_clip, channels_last=cfg.train.channels_last, augment=augment)
     trainer = Engine(step)
     trainer.register_events(*StepEvents)
-    if affine is not None:  # draws seeded per epoch: a resumed run goes on as the uninterrupted one would
-        trainer.add_event_handler(Events.EPOCH_STARTED, lambda engine: affine.reseed(engine.state.epoch))
+    if augment is not None:  # draws seeded per epoch: a resumed run goes on as the uninterrupted one would
+        trainer.add_event_handler(Events.EPOCH_STARTED, lambda engine: augment.reseed(engine.state.epoch))
     epoch_metrics, grad_norms = attach_step_handlers(trainer, cfg, model.named_stages(), loss_fn, optimizer,
                                                      plan.batch_size)
     best = BestTracker("val.dice", cfg.train.early_stop_patience)

@@ -23,7 +23,7 @@ from medsup.config import Config
 from medsup.data import preprocessed as pre
 from medsup.data.datalist import Case
 from medsup.data.planning import Plan
-from medsup.data.transforms import affine_in_step, eval_transforms, train_random_transforms, train_transforms
+from medsup.data.transforms import augment_in_step, eval_transforms, train_random_transforms, train_transforms
 from medsup.device import cache_threads, loader_workers
 
 
@@ -33,6 +33,7 @@ def training_loaders(cfg: Config, plan: Plan, cases: dict[str, Case], split: dic
     """``(train, val)`` loaders for this rank's share of ``split["train"]`` and ``split["val"]``.
 
     The training loader yields dicts of ``image`` ``(B, 1, *patch)`` float32 and ``label`` ``(B, 1, *patch)``
+    float32 (or the cache's float16 and uint8 where the step augments: :func:`augment_in_step`)
     (B = ``plan.batch_size``), ``train.iterations_per_epoch`` batches per epoch; the validation loader one
     whole preprocessed case at a time (batch 1, no workers: a case is large and validation is sequential).
 
@@ -46,7 +47,7 @@ def training_loaders(cfg: Config, plan: Plan, cases: dict[str, Case], split: dic
     workers = loader_workers(cfg.train.num_workers, device, nproc_per_node)
     train_ds, val_ds = training_datasets(cfg, plan, [cases[c] for c in train_ids], [cases[c] for c in val_ids],
                                          workers, rank=rank, nproc_per_node=nproc_per_node,
-                                         affine=not affine_in_step(cfg, device))
+                                         augment=not augment_in_step(cfg, device))
     generator = torch.Generator().manual_seed(cfg.seed + rank)
     sampler = torch.utils.data.RandomSampler(
         train_ds, replacement=True, num_samples=cfg.train.iterations_per_epoch * plan.batch_size, generator=generator
@@ -59,20 +60,20 @@ def training_loaders(cfg: Config, plan: Plan, cases: dict[str, Case], split: dic
 
 def training_datasets(cfg: Config, plan: Plan, train_cases: Sequence[Case], val_cases: Sequence[Case],
                       workers: int, *, rank: int = 0, nproc_per_node: int = 1,
-                      affine: bool = True) -> tuple[Dataset, Dataset]:
-    """Training cases through :func:`train_transforms` (random state seeded per rank; the random affine only
-    with ``affine``), validation cases through :func:`eval_transforms`: cached in memory or on disk per
-    ``train.cache`` (see the module docstring)."""
+                      augment: bool = True) -> tuple[Dataset, Dataset]:
+    """Training cases through :func:`train_transforms` (random state seeded per rank; augmented only with
+    ``augment``, else only the patch crop, in the cache's types), validation cases through
+    :func:`eval_transforms`: cached in memory or on disk per ``train.cache`` (see the module docstring)."""
     threads = cache_threads(workers)
     if pre.choose_cache(cfg, plan, train_cases, val_cases, nproc_per_node) == "disk":
         stores = {kind: pre.open_store(cfg, plan, [*train_cases, *val_cases], kind) for kind in ("train", "eval")}
         pre.fill_store(stores["train"], cfg, plan, train_cases, workers=threads)
         pre.fill_store(stores["eval"], cfg, plan, val_cases, workers=threads)
-        train_tf = Compose([pre.LoadPreprocessedd(stores["train"]), *train_random_transforms(cfg, plan, affine)])
+        train_tf = Compose([pre.LoadPreprocessedd(stores["train"]), *train_random_transforms(cfg, plan, augment)])
         train_tf.set_random_state(cfg.seed + rank)
         return (Dataset([{pre.CASE_KEY: c.case_id} for c in train_cases], train_tf),
                 Dataset([{pre.CASE_KEY: c.case_id} for c in val_cases], pre.LoadPreprocessedd(stores["eval"])))
-    train_tf = train_transforms(cfg, plan, pre.foreground_classes(cfg), affine)
+    train_tf = train_transforms(cfg, plan, pre.foreground_classes(cfg), augment)
     train_tf.set_random_state(cfg.seed + rank)
 
     def item(case: Case) -> dict[str, Any]:

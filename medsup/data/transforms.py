@@ -9,13 +9,16 @@ Two chains:
 
 Dictionaries carry ``"image"`` and ``"label"`` paths in, ``(1, X, Y, Z)`` MetaTensors out: image float32 in
 normalised units (float16 in the training cache, ``train.cache_dtype``); label uint8 while whole (1 byte a
-voxel, not 4); both float32 from the patch crop on (what augmentation, collation and the network expect).
+voxel, not 4); both float32 from the patch crop on (what augmentation, collation and the network expect), unless
+the augmentation runs in the training step (``augment.runs_in``): then the crop keeps the cache's types and the
+step converts on the device.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -148,11 +151,13 @@ class ForegroundOversampledCropd(RandomizableTransform, MapTransform):
     of every tile (``bench/position_prior.py``: 17x the tumour probability in the central half of
     lesion-free patches after 1200 iterations on synthetic lung, BENCHMARKS.md).
 
-    The volume must already be at least ``patch`` along every axis (see ``SpatialPadd``). The patch is a float32
-    copy: the input volume (the training cache's) is never written to or shared with what follows.
+    The volume must already be at least ``patch`` along every axis (see ``SpatialPadd``). The patch is a copy,
+    float32 (``to_float``) or in the input's types: the input volume (the training cache's) is never written to
+    or shared with what follows.
     """
 
-    def __init__(self, keys: Sequence[str], patch: Sequence[int], fg_prob: float, jitter: float = 1.0) -> None:
+    def __init__(self, keys: Sequence[str], patch: Sequence[int], fg_prob: float, jitter: float = 1.0,
+                 to_float: bool = True) -> None:
         RandomizableTransform.__init__(self, prob=1.0)
         MapTransform.__init__(self, keys)
         self.patch = tuple(int(p) for p in patch)
@@ -160,6 +165,7 @@ class ForegroundOversampledCropd(RandomizableTransform, MapTransform):
         if not 0 <= jitter <= 1:
             raise ValueError(f"jitter must be in [0, 1], got {jitter}")
         self.jitter = jitter
+        self.to_float = to_float
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -171,8 +177,10 @@ class ForegroundOversampledCropd(RandomizableTransform, MapTransform):
             # a float32 copy of the patch, not a view: the training cache hands its cases over without MONAI's
             # per-sample deep copy of the whole volume, so nothing after the crop may reach the cached arrays;
             # float32 also for the (uint8-cached) label, which interpolating augmentations return as float32
-            # anyway, so every sample of a batch has the same type
-            d[key] = d[key][slices].clone().float()  # clone: MetaTensor.to(copy=True) shares the meta dicts
+            # anyway, so every sample of a batch has the same type. Without augmentation after it (it runs in the
+            # training step) the cache's float16 / uint8 go on: 3 bytes a voxel to collate, pin and copy, not 8
+            patch = d[key][slices].clone()  # clone: MetaTensor.to(copy=True) shares the meta dicts
+            d[key] = patch.float() if self.to_float else patch
         return d
 
     def _start(self, shape: tuple[int, ...], locations: dict[int, np.ndarray]) -> list[int]:
@@ -203,12 +211,13 @@ def preprocess(plan: Plan, keys: Sequence[str] = (IMAGE, LABEL),
     return [PreprocessVolumed(list(keys), plan, image_dtype)]
 
 
-def affine_in_step(cfg: Config, device: torch.device) -> bool:
-    """Whether the random affine runs in the training step (on ``device``) instead of the data loader:
-    ``augment.affine_on``, where ``auto`` means on a CUDA device (a GPU resamples a batch of patches in
-    milliseconds; a loader worker spends ~2/3 of its time per sample on it, bench/dataload.py)."""
-    where = cfg.augment.affine_on
-    return cfg.augment.affine_prob > 0 and (where == "step" or (where == "auto" and device.type == "cuda"))
+def augment_in_step(cfg: Config, device: torch.device) -> bool:
+    """Whether the augmentation after the patch crop runs in the training step (on ``device``, on the finished
+    batch: :class:`medsup.data.batch_augment.BatchAugment`) instead of the data loader: ``augment.runs_in``,
+    where ``auto`` means on a CUDA device (a GPU augments a batch of patches in milliseconds; a loader worker
+    spends ~50 of its ~80 ms per 128^3 sample on it, bench/dataload.py)."""
+    where = cfg.augment.runs_in
+    return where == "step" or (where == "auto" and device.type == "cuda")
 
 
 def rand_affine(aug: AugmentConfig, plan: Plan) -> RandAffined | None:
@@ -226,21 +235,40 @@ def rand_affine(aug: AugmentConfig, plan: Plan) -> RandAffined | None:
     )
 
 
-def _augmentations(aug: AugmentConfig, plan: Plan, affine: bool = True) -> list[Transform]:
+@dataclass(frozen=True)
+class Augmentations:
+    """The training augmentation's MONAI transforms by role, None (``flips``: empty) where switched off;
+    ``flips`` holds one per spatial axis, in axis order; :meth:`chain` is the loader's order. The training
+    step reads their draws (:mod:`medsup.data.batch_augment`)."""
+
+    affine: RandAffined | None
+    flips: tuple[RandFlipd, ...]
+    rot90: RandRotate90d | None
+    scale: RandScaleIntensityd
+    shift: RandShiftIntensityd
+    gamma: RandAdjustContrastd
+    noise: RandGaussianNoised
+
+    def chain(self) -> list[Transform]:
+        spatial = [t for t in (self.affine, *self.flips, self.rot90) if t is not None]
+        return [*spatial, self.scale, self.shift, self.gamma, self.noise]
+
+
+def augmentations(aug: AugmentConfig, plan: Plan) -> Augmentations:
+    """The augmentation after the patch crop: random affine, flips, 90-degree rotation (in-plane, square patches
+    only), intensity scale / shift, gamma, Gaussian noise."""
     keys = [IMAGE, LABEL]
-    out: list[Transform] = []
-    if affine and (spatial := rand_affine(aug, plan)) is not None:
-        out.append(spatial)
-    out += [RandFlipd(keys, prob=aug.flip_prob, spatial_axis=axis) for axis in range(3) if aug.flip_prob > 0]
-    if aug.rot90_prob > 0 and math.isclose(plan.patch_size[0], plan.patch_size[1]):
-        out.append(RandRotate90d(keys, prob=aug.rot90_prob, spatial_axes=(0, 1)))
-    out += [
-        RandScaleIntensityd([IMAGE], factors=aug.intensity_scale, prob=aug.intensity_scale_prob),
-        RandShiftIntensityd([IMAGE], offsets=aug.intensity_shift, prob=aug.intensity_shift_prob),
-        RandAdjustContrastd([IMAGE], prob=aug.gamma_prob, gamma=aug.gamma_range, retain_stats=True),
-        RandGaussianNoised([IMAGE], prob=aug.noise_prob, std=aug.noise_std),
-    ]
-    return out
+    square = math.isclose(plan.patch_size[0], plan.patch_size[1])
+    return Augmentations(
+        affine=rand_affine(aug, plan),
+        flips=tuple(RandFlipd(keys, prob=aug.flip_prob, spatial_axis=axis) for axis in range(3))
+        if aug.flip_prob > 0 else (),
+        rot90=RandRotate90d(keys, prob=aug.rot90_prob, spatial_axes=(0, 1)) if aug.rot90_prob > 0 and square else None,
+        scale=RandScaleIntensityd([IMAGE], factors=aug.intensity_scale, prob=aug.intensity_scale_prob),
+        shift=RandShiftIntensityd([IMAGE], offsets=aug.intensity_shift, prob=aug.intensity_shift_prob),
+        gamma=RandAdjustContrastd([IMAGE], prob=aug.gamma_prob, gamma=aug.gamma_range, retain_stats=True),
+        noise=RandGaussianNoised([IMAGE], prob=aug.noise_prob, std=aug.noise_std),
+    )
 
 
 def train_cached_transforms(cfg: Config, plan: Plan, fg_classes: Sequence[int]) -> list[Transform]:
@@ -258,19 +286,17 @@ def train_cached_transforms(cfg: Config, plan: Plan, fg_classes: Sequence[int]) 
     ]
 
 
-def train_random_transforms(cfg: Config, plan: Plan, affine: bool = True) -> list[Transform]:
+def train_random_transforms(cfg: Config, plan: Plan, augment: bool = True) -> list[Transform]:
     """The random tail of the training chain, drawn afresh for every sample: the patch crop, then augmentation
-    (without the random affine where ``affine`` is False: the training step runs it, see :func:`affine_in_step`)."""
-    return [
-        ForegroundOversampledCropd([IMAGE, LABEL], plan.patch_size, cfg.train.foreground_oversample,
-                                   cfg.train.foreground_jitter),
-        *_augmentations(cfg.augment, plan, affine),
-    ]
+    (none where ``augment`` is False: the training step runs it, see :func:`augment_in_step`)."""
+    crop = ForegroundOversampledCropd([IMAGE, LABEL], plan.patch_size, cfg.train.foreground_oversample,
+                                      cfg.train.foreground_jitter, to_float=augment)
+    return [crop, *augmentations(cfg.augment, plan).chain()] if augment else [crop]
 
 
-def train_transforms(cfg: Config, plan: Plan, fg_classes: Sequence[int], affine: bool = True) -> Compose:
+def train_transforms(cfg: Config, plan: Plan, fg_classes: Sequence[int], augment: bool = True) -> Compose:
     """The training chain; everything before the patch crop is deterministic and cached by CacheDataset."""
-    return Compose([*train_cached_transforms(cfg, plan, fg_classes), *train_random_transforms(cfg, plan, affine)])
+    return Compose([*train_cached_transforms(cfg, plan, fg_classes), *train_random_transforms(cfg, plan, augment)])
 
 
 def eval_transforms(plan: Plan, with_label: bool = True) -> Compose:

@@ -57,10 +57,12 @@ BatchTransform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torc
 
 def prepare(batch: dict[str, Any], device: torch.device, channels_last: bool,
             augment: BatchTransform | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batch dict -> plain ``(B, 1, X, Y, Z)`` image and integer label tensors on ``device``, through
+    """Batch dict -> plain ``(B, 1, X, Y, Z)`` float32 image and integer label tensors on ``device``, through
     ``augment`` on the device first when given.
 
-    MetaTensors are unwrapped: their per-op metadata tracking costs time and nothing downstream needs it.
+    MetaTensors are unwrapped: their per-op metadata tracking costs time and nothing downstream needs it. A
+    batch may come in the training cache's types (float16 image, uint8 label: what the loader hands over when
+    the step augments): they cross to the device as they are and widen there.
     """
     image, label = batch["image"], batch["label"]
     image = image.as_tensor() if hasattr(image, "as_tensor") else image
@@ -70,8 +72,8 @@ def prepare(batch: dict[str, Any], device: torch.device, channels_last: bool,
     label = label.to(device, non_blocking=True)
     if augment is not None:
         image, label = augment(image, label)
-        image = image.contiguous(memory_format=fmt)
-    return image, label.round().long()
+    image = image.to(torch.float32).contiguous(memory_format=fmt)  # no copy where both hold already
+    return image, (label.round() if label.is_floating_point() else label).long()
 
 
 def make_train_step(

@@ -117,25 +117,34 @@ def test_amp_dtype_on_a_gpu() -> None:
             autocast_dtype(CUDA, True, "bfloat16")
 
 
-def test_the_step_affine_on_cuda_matches_the_cpu_and_does_not_wait_for_the_gpu() -> None:
-    """augment.affine_on=auto runs the random affine in the training step on CUDA: its matrices reach the GPU
-    from pinned memory without a blocking copy, and its output is the CPU's to float rounding."""
-    from medsup.data.batch_augment import BatchAffine
+def test_the_step_augmentation_on_cuda_matches_the_cpu_and_does_not_wait_for_the_gpu() -> None:
+    """augment.runs_in=auto augments in the training step on CUDA: its numbers reach the GPU from pinned memory
+    without a blocking copy, its output is the CPU's to float rounding (the noise aside: drawn on the device),
+    and with the noise on it still never waits."""
+    from medsup.data.batch_augment import BatchAugment
     from medsup.data.planning import default_plan
 
-    cfg = load("tiny", ["augment.affine_prob=0.7", "plan.patch_size=[32, 24, 16]"])
-    plan = default_plan(cfg)
+    every = ["augment.affine_prob=0.7", "augment.flip_prob=0.5", "augment.rot90_prob=0.5",
+             "augment.intensity_scale_prob=0.5", "augment.intensity_shift_prob=0.5", "augment.gamma_prob=0.5"]
     g = torch.Generator().manual_seed(0)
-    image = torch.randn(4, 1, 32, 24, 16, generator=g)
-    label = torch.randint(0, 3, (4, 1, 32, 24, 16), generator=g).float()
-    on_cpu = BatchAffine(cfg, plan, 3)(image, label)
-    step = BatchAffine(cfg, plan, 3)
-    gpu_image, gpu_label = image.to(CUDA), label.to(CUDA)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        on_gpu = step(gpu_image, gpu_label)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    torch.testing.assert_close(on_gpu[0].cpu(), on_cpu[0], atol=1e-4, rtol=0)
-    assert (on_gpu[1].cpu() == on_cpu[1]).float().mean() > 0.999
+    image = torch.randn(4, 1, 32, 32, 16, generator=g).half()  # what the loader hands over: the cache's types
+    label = torch.randint(0, 3, (4, 1, 32, 32, 16), generator=g).to(torch.uint8)
+    for noise in ("0", "0.5"):
+        cfg = load("tiny", [*every, f"augment.noise_prob={noise}", "plan.patch_size=[32, 32, 16]"])
+        plan = default_plan(cfg)
+        on_cpu = BatchAugment(cfg, plan, 3)(image, label)
+        step = BatchAugment(cfg, plan, 3)
+        gpu_image, gpu_label = image.to(CUDA), label.to(CUDA)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(3):  # the first call makes the noise's generator
+                on_gpu = step(gpu_image, gpu_label)
+            step.reseed(0)
+            on_gpu = step(gpu_image, gpu_label)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert on_gpu[0].dtype == torch.float32 and on_gpu[1].dtype == torch.uint8
+        if noise == "0":
+            torch.testing.assert_close(on_gpu[0].cpu(), on_cpu[0], atol=1e-4, rtol=1e-4)
+            assert (on_gpu[1].cpu() == on_cpu[1]).float().mean() > 0.999

@@ -276,12 +276,13 @@ def test_ddp_two_gloo_ranks(tiny_data: Path, tmp_path: Path) -> None:
     assert len(client.get_metric_history(run.info.run_id, "val.dice")) == 2
 
 
-def test_the_random_affine_can_run_in_the_training_step(tiny_data: Path, tmp_path: Path) -> None:
-    """augment.affine_on=step (what auto picks on CUDA) on a CPU: the loader leaves the affine out, the step runs
-    it on every batch, and the run says where it ran."""
+def test_the_augmentation_can_run_in_the_training_step(tiny_data: Path, tmp_path: Path) -> None:
+    """augment.runs_in=step (what auto picks on CUDA) on a CPU: the loader only crops, the step augments every
+    batch, and the run says where it ran."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = load("tiny", presets=["smoke"], overrides=["augment.affine_on=step", "augment.affine_prob=1.0"])
+    cfg = load("tiny", presets=["smoke"], overrides=["augment.runs_in=step", "augment.affine_prob=1.0",
+                                                     "augment.noise_prob=0.5", "augment.gamma_prob=0.5"])
     result = run_training(cfg, tiny_data, output=tmp_path / "run", tracking_uri=uri)
     run = MlflowClient(uri).get_run(result.run_id)
     assert run.info.status == "FINISHED" and result.epochs_done == 2 and math.isfinite(result.best_dice)
-    assert run.data.tags["affine_on"] == "step" and run.data.params["augment.affine_on"] == "step"
+    assert run.data.tags["augment_runs_in"] == "step" and run.data.params["augment.runs_in"] == "step"
