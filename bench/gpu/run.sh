@@ -57,7 +57,7 @@ if [ "$PART" = train ]; then
         step norm-kernel 120 "$PY" bench/norm_kernel.py --device "$DEVICE" --repeats 3
         step synth 15 "$PY" -m medsup synth --task liver --cases 4 --out /tmp/liver_synth --test-cases 0
         step dataload 120 "$PY" bench/dataload.py --data /tmp/liver_synth --preset quick --batches 12 \
-            --target-rate 25 --copy-repeats 1 --samples 4
+            --target-rate 25 --copy-repeats 1 --augment-repeats 1 --samples 4
     else
         step gpu-tests 90 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/gpu
         # it/s, patches/s, TFLOP/s, MFU of the liver and lung plans: fp32 vs bf16 autocast, nnU-Net's step beside
@@ -83,7 +83,7 @@ if [ "$PART" = train ]; then
         # 25 samples/s of 250 iterations x 2 patches in 20 s, and MONAI's per-sample cache copy beside it
         step dataload 45 "$PY" bench/dataload.py --data /tmp/liver_synth --preset "" \
             --set "plan.target_spacing=[0.77,0.77,0.77]" --set "plan.patch_size=[128,128,128]" \
-            --device cuda --batches 60 --target-rate 25 --copy-repeats 1 --samples 10
+            --device cuda --batches 60 --target-rate 25 --copy-repeats 0 --augment-repeats 1 --samples 10
     fi
 elif [ "$PART" = infer ]; then
     if [ "$QUICK" = 1 ]; then
