@@ -146,18 +146,19 @@ def augment_where(cfg: Any, plan: Any, loader: Any, device: torch.device, repeat
     # what the step pays: the last 'step' batch, on the device as the training step has it
     augment = BatchAugment(cfg, plan, cfg.seed)
     draws, calls = [], []
-    for _ in range(max(5, 2 * repeats)):
+    for _ in range(50):  # the host's part alone: cheap, so many
         t0 = time.perf_counter()
         augment.draw(bs)
         draws.append(time.perf_counter() - t0)
+    for _ in range(max(5, 2 * repeats)):
         _sync(device)
         t0 = time.perf_counter()
         prepare(batch, device, channels_last=False, augment=augment)
         _sync(device)
         calls.append(time.perf_counter() - t0)
-    print(f"  the step on {device.type}: host draws {1000 * statistics.median(draws):.2f} ms, transfer + augment "
-          f"{1000 * statistics.median(calls):.1f} ms per batch of {bs} (medians of {len(calls)}; p < 1 stages "
-          f"fire in some calls only)")
+    print(f"  the step on {device.type}: host draws {1000 * statistics.median(draws):.2f} ms (median of "
+          f"{len(draws)}), transfer + augment {1000 * statistics.median(calls):.1f} ms per batch of {bs} (median of "
+          f"{len(calls)}; p < 1 stages fire in some calls only)")
 
 
 def _sync(device: torch.device) -> None:
