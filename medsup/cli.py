@@ -334,7 +334,7 @@ def infer(
     as_json: JsonOpt = False,
 ) -> None:
     """Segment CT volumes with a trained model; output labels land exactly on each input's grid."""
-    from medsup.inference.api import InferRequest, bundle_for, parse_shard
+    from medsup.inference.api import InferRequest, PeerRankError, bundle_for, parse_shard
     from medsup.inference.api import infer as run_infer
     from medsup.inference.bundle import BundleError
     from medsup.inference.progress import RichBatchProgress
@@ -349,7 +349,8 @@ def infer(
         )
         with RichBatchProgress(disable=as_json or not sys.stderr.isatty()) as progress:
             result = run_infer(request, progress=progress)
-    except (BundleError, OSError, ValueError) as err:  # OSError: unreadable input folder, full disk
+    # OSError: unreadable input folder, full disk; PeerRankError: under torchrun, another rank's error
+    except (BundleError, OSError, ValueError, PeerRankError) as err:
         fail(str(err))
     summary = result.as_dict()
     rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun every rank holds the merged report: one tells

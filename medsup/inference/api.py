@@ -73,11 +73,27 @@ def _distributed() -> tuple[int, int, bool]:
     return dist.get_rank(), world, created
 
 
+class PeerRankError(RuntimeError):
+    """Under torchrun: this rank's cases are done (its shard report written), another rank's failed."""
+
+
 def infer(request: InferRequest, progress: BatchProgress | None = None) -> BatchReport:
-    """Run batch inference; returns the (merged, under torchrun) report. Bad cases never stop the others."""
+    """Run batch inference; returns the (merged, under torchrun) report. Bad cases never stop the others.
+
+    Raises:
+        PeerRankError: under torchrun, when another rank raised (its message included); a rank that raises
+            raises its own error, as without torchrun.
+    """
     rank, world, created = _distributed()
     try:
-        return _infer(request, progress, rank, world)
+        if world == 1:
+            return _infer(request, progress, rank, world)
+        try:
+            report: BatchReport | None = _infer(request, progress, rank, world)
+            failure: Exception | None = None
+        except Exception as err:  # still joins the gather: the other ranks learn why, not a gloo error
+            report, failure = None, err
+        return _gather(report, failure, rank, request.report or request.output_dir / "report.json")
     finally:
         if created:  # a group left to interpreter exit can abort the process in gloo's teardown (SIGABRT)
             import torch.distributed as dist
@@ -110,18 +126,24 @@ def _infer(request: InferRequest, progress: BatchProgress | None, rank: int, wor
     with sigterm_exits_cleanly():  # a killed job leaves no temp file in OUT
         run_batch(predictor, jobs, report, report_path, resume=request.resume, fail_fast=request.fail_fast,
                   progress=progress)
-    if world > 1:
-        report = _gather(report, rank, request.report or request.output_dir / "report.json")
     return report
 
 
-def _gather(report: BatchReport, rank: int, path: Path) -> BatchReport:
+def _gather(report: BatchReport | None, failure: Exception | None, rank: int, path: Path) -> BatchReport:
+    """Every rank's cases (or its error) to every rank; rank 0 writes the merged report at ``path``. A rank
+    whose ``_infer`` raised (``failure``) gathers too, so that each rank ends with a medsup error naming it."""
     import torch.distributed as dist
 
     parts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, report.cases)
+    dist.all_gather_object(parts, (report.cases, None) if report is not None else (None, str(failure)))
+    failed = [f"rank {r}: {error}" for r, (_, error) in enumerate(parts) if error is not None]
+    if failure is not None:
+        raise failure
+    if failed or report is None:
+        raise PeerRankError(f"rank {rank} finished its cases, but {'; '.join(failed)}: no merged report "
+                             f"(each shard's report.shard*.json holds its cases)")
     merged = BatchReport(header={**report.header, "settings": {**report.header["settings"], "shard": "all"}},
-                         cases=[c for part in parts for c in part])
+                         cases=[c for cases, _ in parts for c in cases])
     if rank == 0:
         merged.write(path)
     dist.barrier()

@@ -6,6 +6,7 @@ import itertools
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -251,6 +252,34 @@ def test_torchrun_ranks_share_the_cases_and_merge_one_report(trained: tuple[Path
     assert [len(s) for s in shards] == [2, 2]
     assert sorted(c["input"] for s in shards for c in s) == sorted(str(p) for p in (data / "imagesTr").iterdir())
     assert sorted(p.name for p in out.glob("*.nii.gz")) == sorted(p.name for p in (data / "imagesTr").iterdir())
+
+
+def test_a_rank_that_fails_tells_the_others_why(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    """Two ranks launched as torchrun would (its environment, no agent to kill the others): rank 1 cannot write
+    its shard report (a folder in the way). Both still meet in the report gather: rank 1 exits with its own
+    error, rank 0 (its cases done, its shard report written) with one naming rank 1 and why, instead of a
+    gloo error from a gather that lost a peer; no merged report claims the whole batch."""
+    bundle, data = trained
+    out = tmp_path / "out"
+    (out / "report.shard1of2.json").mkdir(parents=True)
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "medsup", "-q", "infer", "-i", str(data / "imagesTr"), "-o", str(out), "-m",
+         str(bundle), "--device", "cpu"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8", errors="replace",
+        env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+    ) for rank in (0, 1)]
+    results = [p.communicate(timeout=300) for p in procs]
+    rank0, rank1 = (stdout + stderr for stdout, stderr in results)
+    assert [p.returncode for p in procs] == [2, 2], rank0 + rank1  # medsup's exit status for bad input
+    assert "report.shard1of2.json: cannot write the report" in rank1 and "Traceback" not in rank1, rank1
+    assert "rank 1: " in rank0 and "report.shard1of2.json: cannot write the report" in rank0, rank0
+    assert "Traceback" not in rank0 and "gloo" not in rank0.lower(), rank0
+    assert json.loads((out / "report.shard0of2.json").read_text(encoding="utf-8"))["summary"]["ok"] == 2
+    assert not (out / "report.json").exists()
 
 
 def test_early_exit_probabilities_and_format(trained: tuple[Path, Path], tmp_path: Path) -> None:
