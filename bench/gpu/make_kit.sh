@@ -17,7 +17,7 @@ PY="${PY:-.venv/bin/python}"
 PY_BENCH="${PY_BENCH:-.venv-bench/bin/python}"
 
 # medsup's runtime dependencies (and theirs) that the device image lacks; dev tools stay behind
-CORE=(monai nibabel simpleitk pytorch-ignite pydantic pydantic-core annotated-types typing-inspection
+CORE=(monai nibabel zlib-ng simpleitk pytorch-ignite pydantic pydantic-core annotated-types typing-inspection
 mlflow mlflow-skinny mlflow-tracing alembic mako sqlalchemy sqlparse flask flask-cors blinker itsdangerous
 graphene graphql-core graphql-relay gunicorn huey cachetools databricks-sdk google-auth pyasn1 pyasn1-modules
 cryptography cffi pycparser docker fastapi starlette uvicorn gitpython gitdb smmap importlib-metadata

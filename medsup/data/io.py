@@ -12,6 +12,7 @@ the target folder, then a rename.
 from __future__ import annotations
 
 import logging
+import types
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +20,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
+from nibabel.arrayproxy import ArrayProxy
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
+from nibabel.volumeutils import apply_read_scaling
 
 from medsup.data.filecheck import (
     ImageReadError,
@@ -35,6 +38,16 @@ from medsup.data.files import IMAGE_SUFFIXES, atomic_path, image_suffix
 from medsup.data.geometry import Geometry, Volume
 
 log = logging.getLogger(__name__)
+
+try:  # zlib-ng inflates 1.6-1.8x faster than the system zlib (bench/read_nifti.py); same API and checks
+    from zlib_ng import zlib_ng as _zlib_ng
+
+    _zlib: types.ModuleType = _zlib_ng
+except ImportError:  # an environment set up before it was a dependency (a GPU kit): the system zlib
+    _zlib = zlib
+#: what reading a truncated or corrupt NIfTI raises (nibabel, zlib, zlib-ng)
+_DATA_ERRORS: tuple[type[Exception], ...] = (EOFError, OSError, ValueError, zlib.error, _zlib.error, ImageFileError,
+                                             HeaderDataError)
 
 #: the largest volume a header may claim before we refuse to allocate it (voxels)
 MAX_VOXELS = 2_000_000_000
@@ -187,16 +200,83 @@ def _nifti_voxels(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
     """NIfTI voxels through nibabel: ITK silently zero-fills a truncated .nii/.nii.gz, nibabel raises.
 
     Geometry still comes from ITK's header reading, so every format shares one geometry code path; the
-    voxel order of nibabel's array is already ``(i, j, k)``.
+    voxel order of nibabel's array is already ``(i, j, k)``. A ``.nii.gz`` is decompressed here
+    (:func:`_gunzip_into`, zlib-ng) with nibabel's offset, type, order and scaling: nibabel's own gzip
+    stream reads it slower and holds it twice (``bench/read_nifti.py``). Nothing is allocated before
+    nibabel's idea of the shape agrees with the header ITK read (which was checked for size).
     """
     try:
-        array = np.asanyarray(nib.load(str(path), mmap=False).dataobj)  # type: ignore[attr-defined]
-    except (EOFError, OSError, ValueError, zlib.error, ImageFileError, HeaderDataError) as err:
+        proxy = nib.load(str(path), mmap=False).dataobj  # type: ignore[attr-defined]
+    except _DATA_ERRORS as err:
         raise ImageReadError(f"{path}: truncated or corrupt image data ({err})") from None
-    array = array.reshape(array.shape[:3]) if array.ndim == 4 and array.shape[3] == 1 else array
-    if array.shape != shape:
-        raise ImageReadError(f"{path}: voxel data has shape {array.shape}, header says {list(shape)}")
-    return array
+    stored = tuple(int(n) for n in proxy.shape)
+    if (stored[:3] if stored[3:] == (1,) else stored) != shape:
+        raise ImageReadError(f"{path}: voxel data has shape {list(stored)}, header says {list(shape)}")
+    try:
+        if image_suffix(path) == ".nii.gz" and isinstance(proxy, ArrayProxy):
+            array = _gunzipped_voxels(path, proxy)
+        else:
+            array = np.asanyarray(proxy)
+    except _DATA_ERRORS as err:
+        raise ImageReadError(f"{path}: truncated or corrupt image data ({err})") from None
+    return array.reshape(shape)  # a trailing time axis of 1 dropped: a view
+
+
+#: compressed bytes read per step: larger steps decompress no faster (bench/read_nifti.py) and hold more
+_GZIP_CHUNK = 1 << 20
+
+
+def _gunzipped_voxels(path: Path, proxy: ArrayProxy) -> np.ndarray:
+    """What ``np.asanyarray(proxy)`` returns (nibabel's ``ArrayProxy.__array__``: the stored values, then its
+    slope and intercept, in its types), the file decompressed in large steps into one buffer."""
+    buffer = bytearray(int(np.prod(proxy.shape)) * proxy.dtype.itemsize)
+    _gunzip_into(path, memoryview(buffer), skip=int(proxy.offset))
+    raw = np.ndarray(proxy.shape, proxy.dtype, buffer=buffer, order=proxy.order)
+    # nibabel's ArrayProxy._get_scaled with dtype=None: scale factors in their own type, then apply_read_scaling
+    slope, inter = np.asanyarray(proxy.slope), np.asanyarray(proxy.inter)
+    if np.can_cast(inter, slope.dtype):
+        inter = inter.astype(slope.dtype)
+    return apply_read_scaling(raw, slope, inter)
+
+
+def _gunzip_into(path: Path, out: memoryview, skip: int = 0) -> None:
+    """Fill ``out`` with the decompressed bytes of the gzip file ``path`` that follow its first ``skip``.
+
+    zlib checks each member's CRC and length as it ends (the member holding the last byte is read to its end
+    when that is near; a stream going on far past what is wanted is not read on); a file of several members
+    (bgzip writes many) is read across them. Output comes a bounded step at a time: the only large
+    allocation is ``out``, whatever ``skip`` says.
+
+    Raises:
+        EOFError: the stream ends before ``skip + len(out)`` bytes (a truncated file).
+        zlib_ng.error (zlib.error without zlib-ng): corrupt data or a failed CRC check.
+    """
+    need, done, spill = skip + len(out), 0, 0  # done and need count from the start of the stream
+    inflate = _zlib.decompressobj(31)  # 31: gzip header and trailer, checked
+    rest = b""
+    with open(path, "rb") as f:
+        while True:
+            if inflate.eof:
+                rest = inflate.unused_data
+                if done == need or not (rest or (rest := f.read(_GZIP_CHUNK))):
+                    break
+                inflate = _zlib.decompressobj(31)  # the next member
+            data = inflate.unconsumed_tail or rest or f.read(_GZIP_CHUNK)
+            rest = b""
+            if not data:
+                break
+            # past the last byte wanted, read on only to the member's end (its CRC), a little at most
+            chunk = inflate.decompress(data, min(need - done, 4 * _GZIP_CHUNK) if done < need else _GZIP_CHUNK)
+            take = min(len(chunk), need - done)
+            start = max(skip - done, 0)  # the part of this chunk that is still header
+            if take > start:
+                out[done + start - skip:done + take - skip] = chunk[start:take]
+            done += take
+            spill += len(chunk) - take
+            if done == need and spill > _GZIP_CHUNK:
+                break
+    if done < need:
+        raise EOFError(f"the gzip stream ends after {done} of {need} bytes")
 
 
 def read_image(path: Path | str, orientation: str | None = None) -> Volume:
