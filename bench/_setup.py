@@ -26,6 +26,12 @@ def start(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
 
+def sync(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (a GPU's), so that a wall-clock interval covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def add_loader_options(parser: argparse.ArgumentParser) -> None:
     """The options of the scripts that build ``medsup train``'s loaders over a dataset (see :func:`loader_setup`)."""
     parser.add_argument("--data", type=Path, required=True, help="a labelled dataset (e.g. `medsup synth` output)")

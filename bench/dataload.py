@@ -31,7 +31,7 @@ import time
 from typing import Any
 
 import torch
-from _setup import add_loader_options, add_threads_option, loader_setup, start
+from _setup import add_loader_options, add_threads_option, loader_setup, start, sync
 
 log = logging.getLogger("bench.dataload")
 
@@ -108,7 +108,6 @@ def main() -> None:
 def augment_where(cfg: Any, plan: Any, loader: Any, device: torch.device, repeats: int) -> None:
     """The loader augmenting vs only cropping, alternating passes over the same cached dataset (its chain
     swapped: the cached head is the same), and the step's cost of augmenting one batch on ``device``."""
-    from monai.data import DataLoader
 
     from medsup.data import preprocessed as pre
     from medsup.data.batch_augment import BatchAugment
@@ -121,18 +120,15 @@ def augment_where(cfg: Any, plan: Any, loader: Any, device: torch.device, repeat
               for where in ("loader", "step")}
     seconds: dict[str, list[float]] = {where: [] for where in chains}
     sample_mb: dict[str, float] = {}
-    batch: dict[str, Any] = {}
     try:
         for _ in range(repeats):
             for where, chain in chains.items():  # alternate, so a change of the machine's load hits both
                 chain.set_random_state(cfg.seed)
                 ds.transform = chain
-                fresh = DataLoader(ds, batch_size=loader.batch_size, sampler=loader.sampler,
-                                   num_workers=loader.num_workers, pin_memory=loader.pin_memory, drop_last=True)
-                seconds[where].append(_steady_seconds(fresh)[0])
-                batch = next(iter(fresh))
-                sample_mb[where] = sum(batch[k].numel() * batch[k].element_size() for k in ("image", "label")) \
-                    / loader.batch_size / 1e6
+                seconds[where].append(_steady_seconds(_fresh(loader))[0])
+                sample = ds[0]  # one sample, in this process: what a worker hands over for it
+                sample_mb[where] = sum(sample[k].numel() * sample[k].element_size() for k in ("image", "label")) / 1e6
+        batch = next(iter(_fresh(loader)))  # the step's chain's: what the step below is fed
     finally:
         ds.transform = original
     bs = loader.batch_size
@@ -151,19 +147,15 @@ def augment_where(cfg: Any, plan: Any, loader: Any, device: torch.device, repeat
         augment.draw(bs)
         draws.append(time.perf_counter() - t0)
     for _ in range(max(5, 2 * repeats)):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         prepare(batch, device, channels_last=False, augment=augment)
-        _sync(device)
+        sync(device)
         calls.append(time.perf_counter() - t0)
     print(f"  the step on {device.type}: host draws {1000 * statistics.median(draws):.2f} ms (median of "
           f"{len(draws)}), transfer + augment {1000 * statistics.median(calls):.1f} ms per batch of {bs} (median of "
           f"{len(calls)}; p < 1 stages fire in some calls only)")
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _steady_seconds(loader: Any) -> tuple[float, int]:
@@ -188,16 +180,22 @@ def _loader_seconds(loader: Any, copy_cache: bool) -> float:
     """:func:`_steady_seconds` of a fresh loader over ``loader``'s cached dataset with MONAI's ``copy_cache``
     set as given (``True``: every sample deep-copies its whole cached case first). Same workers, batch and
     sampler length."""
-    from monai.data import DataLoader
 
     ds = loader.dataset
     ds.copy_cache = copy_cache
     try:
-        fresh = DataLoader(ds, batch_size=loader.batch_size, sampler=loader.sampler, num_workers=loader.num_workers,
-                           pin_memory=loader.pin_memory, drop_last=True)
-        return _steady_seconds(fresh)[0]
+        return _steady_seconds(_fresh(loader))[0]
     finally:
         ds.copy_cache = False
+
+
+def _fresh(loader: Any) -> Any:
+    """A new loader over ``loader``'s dataset (as its chain and cache copy stand now): same workers, batch,
+    sampler and pinning."""
+    from monai.data import DataLoader
+
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=loader.sampler,
+                      num_workers=loader.num_workers, pin_memory=loader.pin_memory, drop_last=True)
 
 
 def _step_rates(cfg: Any, plan: Any, loader: Any) -> tuple[float, float, int, int]:

@@ -21,14 +21,10 @@ import time
 from collections.abc import Callable
 
 import torch
-from _setup import add_threads_option, start
+from _setup import add_threads_option, start, sync
 
 log = logging.getLogger("bench.optimizer_step")
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def make_optimizer(kind: str, params: list[torch.nn.Parameter], fused: bool) -> torch.optim.Optimizer:
@@ -55,11 +51,11 @@ def network_params(preset: str, device: torch.device) -> tuple[list[torch.nn.Par
 
 
 def timed(step: Callable[[], object], steps: int, device: torch.device) -> float:
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
-    _sync(device)
+    sync(device)
     return (time.perf_counter() - t0) / steps
 
 
@@ -86,7 +82,7 @@ def main() -> None:
             for f in (False, True):  # warm-up, and both take the same steps before the weights are compared
                 for _ in range(args.steps):
                     opts[f].step()
-            _sync(device)
+            sync(device)
             diff = max(float((a - b).abs().max()) for a, b in zip(copies[False], copies[True], strict=True))
             times: dict[bool, list[float]] = {False: [], True: []}
             for _ in range(args.repeats):

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _setup import add_threads_option, start
+from _setup import add_threads_option, start, sync
 
 log = logging.getLogger("bench.train_step")
 
@@ -63,10 +63,6 @@ class Runner:
     flops: float = float("nan")
     times: list[float] = field(default_factory=list)
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def scaled_cfg(task: str, scale: float, extra: list[str]) -> tuple[Any, Any]:
@@ -193,7 +189,7 @@ def medsup_runner(cfg: Any, plan: Any, device: torch.device, *, amp: str, compil
         nonlocal done
         if drain is not None:
             drain()
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         for _ in range(n):
             out = step(engine, next(feed))
@@ -203,7 +199,7 @@ def medsup_runner(cfg: Any, plan: Any, device: torch.device, *, amp: str, compil
                 _ = loss_fn.last_parts
             elif done % every == 0:  # the progress bar's read
                 float(out["loss"])
-        _sync(device)
+        sync(device)
         return time.perf_counter() - t0
 
     return block, flops
@@ -265,11 +261,11 @@ def nnunet_runner(plan: Any, device: torch.device) -> tuple[Callable[[int], floa
     flops = count_flops(one)
 
     def block(n: int) -> float:
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         for _ in range(n):
             one()
-        _sync(device)
+        sync(device)
         return time.perf_counter() - t0
 
     return block, flops

@@ -269,8 +269,8 @@ def _gunzip_into(path: Path, out: memoryview, skip: int = 0) -> None:
             chunk = inflate.decompress(data, min(need - done, 4 * _GZIP_CHUNK) if done < need else _GZIP_CHUNK)
             take = min(len(chunk), need - done)
             start = max(skip - done, 0)  # the part of this chunk that is still header
-            if take > start:
-                out[done + start - skip:done + take - skip] = chunk[start:take]
+            if take > start:  # through a memoryview: a bytes slice would copy the step once more
+                out[done + start - skip:done + take - skip] = memoryview(chunk)[start:take]
             done += take
             spill += len(chunk) - take
             if done == need and spill > _GZIP_CHUNK:

@@ -68,7 +68,8 @@ def prepare(batch: dict[str, Any], device: torch.device, channels_last: bool,
     image = image.as_tensor() if hasattr(image, "as_tensor") else image
     label = label.as_tensor() if hasattr(label, "as_tensor") else label
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
-    image = image.to(device, non_blocking=True, memory_format=fmt)
+    # the layout once: in the copy to the device, or after the augmentation (whose output is contiguous)
+    image = image.to(device, non_blocking=True, memory_format=fmt if augment is None else torch.preserve_format)
     label = label.to(device, non_blocking=True)
     if augment is not None:
         image, label = augment(image, label)
