@@ -9,7 +9,8 @@ with the voxels through nibabel's own gzip stream (medsup's reader before sessio
 ``ReadImage`` + ``GetArrayFromImage`` (what nnU-Net v2 reads with; it zero-fills a truncated file, which is
 why medsup does not read voxels through it). The three alternate, medians of ``--repeats``; ratios are
 (b) / (a) and (c) / (a): above 1 medsup is faster. Also the peak of Python's allocations (tracemalloc) of (a)
-and (b), as a multiple of the voxel bytes: both should hold one copy. Every array is checked equal to (b)'s.
+and (b), as a multiple of the voxel bytes (one copy is 1x; nibabel's stream holds two). Every array is
+checked equal to (b)'s.
 No timed tests.
 """
 
