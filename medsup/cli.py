@@ -334,23 +334,29 @@ def infer(
     as_json: JsonOpt = False,
 ) -> None:
     """Segment CT volumes with a trained model; output labels land exactly on each input's grid."""
-    from medsup.inference.api import InferRequest, PeerRankError, bundle_for, parse_shard
+    from medsup.inference.api import MODEL_URI_PREFIXES, InferRequest, PeerRankError, parse_shard
     from medsup.inference.api import infer as run_infer
     from medsup.inference.bundle import BundleError
     from medsup.inference.progress import RichBatchProgress
 
+    errors: tuple[type[Exception], ...] = (BundleError, OSError, ValueError, PeerRankError)
+    if model.startswith(MODEL_URI_PREFIXES):  # mlflow (~2 s to import) only where a store is asked
+        from medsup.tracking import TrackingUnavailable
+
+        errors = (*errors, TrackingUnavailable)
+
     try:
-        model_path, version = bundle_for(model, tracking_uri)
         request = InferRequest(
-            inputs=inputs, output_dir=output, model=model, model_path=model_path, recursive=recursive, fmt=fmt,
+            inputs=inputs, output_dir=output, model=model, tracking_uri=tracking_uri, recursive=recursive, fmt=fmt,
             device=device, overlap=overlap, sw_batch_size=sw_batch_size, tta=tta, amp=amp, postprocess=postprocess,
             exit_level=exit_level, resume=resume, fail_fast=fail_fast, probabilities=probabilities,
-            shard=parse_shard(shard) if shard else None, report=report, model_version=version,
+            shard=parse_shard(shard) if shard else None, report=report,
         )
         with RichBatchProgress(disable=as_json or not sys.stderr.isatty()) as progress:
             result = run_infer(request, progress=progress)
-    # OSError: unreadable input folder, full disk; PeerRankError: under torchrun, another rank's error
-    except (BundleError, OSError, ValueError, PeerRankError) as err:
+    # OSError: unreadable input folder, full disk; PeerRankError: under torchrun, another rank's error;
+    # TrackingUnavailable: the model URI's store does not answer
+    except errors as err:
         fail(str(err))
     summary = result.as_dict()
     rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun every rank holds the merged report: one tells

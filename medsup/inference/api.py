@@ -9,7 +9,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,6 +20,9 @@ from medsup.inference.bundle import Bundle, load_bundle
 from medsup.inference.interrupt import sigterm_exits_cleanly
 from medsup.inference.predictor import Predictor
 
+if TYPE_CHECKING:  # importing mlflow costs ~2 s: only where a model URI is resolved
+    from medsup.tracking.resolve import ResolvedModel
+
 log = logging.getLogger(__name__)
 
 
@@ -29,8 +32,9 @@ class InferRequest:
 
     inputs: list[str]
     output_dir: Path
-    model: str
-    model_path: Path
+    model: str  # a bundle folder or checkpoint, or an MLflow ``models:/`` / ``runs:/`` URI
+    model_path: Path | None = None  # the local bundle; None: found from ``model`` (downloaded for a URI)
+    tracking_uri: str | None = None  # the store of a model URI (default: $MLFLOW_TRACKING_URI)
     recursive: bool = False
     fmt: str = "nii.gz"
     device: str = "auto"
@@ -59,9 +63,14 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
+MODEL_URI_PREFIXES = ("models:/", "runs:/")
+
+
 def _distributed() -> tuple[int, int, bool]:
-    """(rank, world, created) under torchrun, else (0, 1, False); initialises gloo/NCCL only for the final report
-    gather, and says whether it did (then ``infer`` destroys the group again)."""
+    """(rank, world, created) under torchrun, else (0, 1, False); creates the process group for the ranks'
+    agreement on the model and the final report gather, and says whether it did (then ``infer`` destroys it
+    again). Always gloo: only small host objects travel, and NCCL would build a communicator (GPU memory,
+    seconds) on whichever GPU is current, cuda:0 on every rank unless something set it."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1, False
@@ -69,27 +78,32 @@ def _distributed() -> tuple[int, int, bool]:
 
     created = not dist.is_initialized()
     if created:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("gloo")
     return dist.get_rank(), world, created
 
 
 class PeerRankError(RuntimeError):
-    """Under torchrun: this rank's cases are done (its shard report written), another rank's failed."""
+    """Under torchrun: another rank failed (this rank's cases may be done, its shard report written)."""
 
 
 def infer(request: InferRequest, progress: BatchProgress | None = None) -> BatchReport:
     """Run batch inference; returns the (merged, under torchrun) report. Bad cases never stop the others.
 
+    A model URI is resolved here (under torchrun by rank 0 alone, every rank then downloading the model it
+    resolved: an alias moved between two ranks' lookups cannot split a batch across two models).
+
     Raises:
+        ValueError, TrackingUnavailable: a bad or unreachable model URI.
         PeerRankError: under torchrun, when another rank raised (its message included); a rank that raises
             raises its own error, as without torchrun.
     """
     rank, world, created = _distributed()
     try:
         if world == 1:
-            return _infer(request, progress, rank, world)
+            return _infer(request, _resolved(request), progress, rank, world)
+        model = _agreed_model(request, rank)
         try:
-            report: BatchReport | None = _infer(request, progress, rank, world)
+            report: BatchReport | None = _infer(request, model, progress, rank, world)
             failure: Exception | None = None
         except Exception as err:  # still joins the gather: the other ranks learn why, not a gloo error
             report, failure = None, err
@@ -101,10 +115,56 @@ def infer(request: InferRequest, progress: BatchProgress | None = None) -> Batch
             dist.destroy_process_group()
 
 
-def _infer(request: InferRequest, progress: BatchProgress | None, rank: int, world: int) -> BatchReport:
-    """``infer`` as rank ``rank`` of ``world``: this rank's share of the cases, then the merged report."""
-    bundle = load_bundle(request.model_path)
+def _resolved(request: InferRequest) -> tuple[str, ResolvedModel] | None:
+    """``(store URI, what the model URI points at now)``; None for a local bundle."""
+    if request.model_path is not None or not request.model.startswith(MODEL_URI_PREFIXES):
+        return None
+    from medsup.tracking import resolve_tracking_uri
+    from medsup.tracking.resolve import resolve_reference
+
+    uri = resolve_tracking_uri(request.tracking_uri, None, Path.cwd())[0]
+    return uri, resolve_reference(uri, request.model)
+
+
+def _located(request: InferRequest, model: tuple[str, ResolvedModel] | None) -> tuple[Path, str | None]:
+    """The local bundle folder (a resolved model downloaded, once per cache) and its registry version."""
+    if request.model_path is not None or model is None:
+        return request.model_path or Path(request.model), request.model_version
+    from medsup.tracking.resolve import fetch
+
+    uri, resolved = model
+    return fetch(uri, resolved), str(resolved.version) if resolved.version is not None else None
+
+
+def _agreed_model(request: InferRequest, rank: int) -> tuple[str, ResolvedModel] | None:
+    """Rank 0's resolution of the model URI, on every rank; rank 0's failure raised on every rank (its own
+    error there, a :class:`PeerRankError` naming it elsewhere), so that no rank waits for a gather."""
+    import torch.distributed as dist
+
+    box: list[Any] = [None]
+    error: Exception | None = None
+    if rank == 0:
+        try:
+            box = [(_resolved(request), None)]
+        except Exception as err:  # every rank learns it before anyone starts on a case
+            error, box = err, [(None, str(err))]
+    dist.broadcast_object_list(box, src=0)
+    model, message = box[0]
+    if error is not None:
+        raise error
+    if message is not None:
+        raise PeerRankError(f"rank {rank}: rank 0 could not resolve {request.model}: {message}")
+    return model
+
+
+def _infer(request: InferRequest, model: tuple[str, ResolvedModel] | None, progress: BatchProgress | None,
+           rank: int, world: int) -> BatchReport:
+    """``infer`` as rank ``rank`` of ``world`` with the resolved ``model``: this rank's share of the cases."""
+    bundle_dir, version = _located(request, model)
+    bundle = load_bundle(bundle_dir)
     device = resolve_device(request.device, int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":  # what runs on "the current device" (the allocator's cache, autocast) is this rank's
+        torch.cuda.set_device(device)
     options = Predictor.options_from(bundle, overlap=request.overlap, sw_batch_size=request.sw_batch_size,
                                      tta=request.tta, amp=request.amp, postprocess=request.postprocess,
                                      exit_level=request.exit_level, probabilities=request.probabilities)
@@ -118,7 +178,7 @@ def _infer(request: InferRequest, progress: BatchProgress | None, rank: int, wor
         report_path = report_path.with_name(f"{report_path.stem}.shard{index}of{count}{report_path.suffix}")
     predictor = Predictor(bundle, device, options)
     report = BatchReport(header={
-        "model": request.model, "model_version": request.model_version, "bundle": bundle.describe(),
+        "model": request.model, "model_version": version, "bundle": bundle.describe(),
         "medsup_version": medsup.__version__, "device": str(device), "network_dtype": predictor.network_dtype,
         "settings": {**options.__dict__, "format": request.fmt, "shard": f"{index}/{count}"},
     })
@@ -162,18 +222,4 @@ def predict_files(bundle_dir: Path, paths: list[Path], output_dir: Path) -> list
              "status": c["status"], "error": c.get("error")} for c in report.cases]
 
 
-def bundle_for(model: str, tracking_uri: str | None) -> tuple[Path, str | None]:
-    """Local bundle path for a MODEL argument: a folder/checkpoint, or an MLflow ``models:/`` / ``runs:/`` URI.
-
-    Returns ``(path, version)``; ``version`` is the registry version when known.
-    """
-    if model.startswith(("models:/", "runs:/")):
-        from medsup.tracking import resolve_tracking_uri
-        from medsup.tracking.resolve import resolve_model
-
-        path, version = resolve_model(resolve_tracking_uri(tracking_uri, None, Path.cwd())[0], model)
-        return path, None if version is None else str(version)
-    return Path(model), None
-
-
-__all__ = ["Bundle", "InferRequest", "bundle_for", "infer", "parse_shard", "predict_files"]
+__all__ = ["MODEL_URI_PREFIXES", "Bundle", "InferRequest", "PeerRankError", "infer", "parse_shard", "predict_files"]

@@ -48,8 +48,10 @@ def require_model(client: MlflowClient, uri: str, name: str) -> None:
 
 
 @dataclass(frozen=True)
-class _Resolved:
-    """A model reference resolved against a store: what to download, and its identity."""
+class ResolvedModel:
+    """A model reference resolved against a store: what to download, and its identity. Plain data (picklable):
+    under torchrun rank 0 resolves a reference once and every rank downloads what it resolved, so that a
+    promotion between two ranks' lookups cannot give them different models."""
 
     ref: str
     model_id: str | None
@@ -81,9 +83,26 @@ def resolve_bundle(uri: str, model_ref: str, cache_dir: Path | None = None) -> P
 def resolve_model(uri: str, model_ref: str, cache_dir: Path | None = None) -> tuple[Path, int | None]:
     """:func:`resolve_bundle` plus the registered version the reference points at (None for a run's or
     logged model that no version was asked for), so reports can say which version ran."""
-    client = store_client(uri, must_exist=True)
-    resolved = _resolve(client, uri, model_ref)
-    return _download(uri, resolved, _cache_root(cache_dir) / _uri_key(uri)), resolved.version
+    resolved = resolve_reference(uri, model_ref)
+    return fetch(uri, resolved, cache_dir), resolved.version
+
+
+def resolve_reference(uri: str, model_ref: str) -> ResolvedModel:
+    """What ``model_ref`` points at now (an alias read once), without downloading it.
+
+    Raises:
+        ValueError, TrackingUnavailable: as :func:`resolve_bundle`.
+    """
+    return _resolve(store_client(uri, must_exist=True), uri, model_ref)
+
+
+def fetch(uri: str, resolved: ResolvedModel, cache_dir: Path | None = None) -> Path:
+    """The local bundle folder of a resolved model, downloaded once into the cache (see :func:`resolve_bundle`).
+
+    Raises:
+        ValueError: the download holds no bundle. TrackingUnavailable: the download failed.
+    """
+    return _download(uri, resolved, _cache_root(cache_dir) / _uri_key(uri))
 
 
 def pull(uri: str, model_ref: str, out_dir: Path) -> Path:
@@ -100,8 +119,7 @@ def pull(uri: str, model_ref: str, out_dir: Path) -> Path:
         TrackingUnavailable: the store does not answer.
     """
     out_dir = Path(out_dir)
-    client = store_client(uri, must_exist=True)
-    resolved = _resolve(client, uri, model_ref)
+    resolved = resolve_reference(uri, model_ref)
     record = {"model_ref": model_ref, "tracking_uri": uri, "model_id": resolved.model_id,
               "name": resolved.name, "version": resolved.version, "source": resolved.download_uri}
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -137,7 +155,7 @@ def logged_model_id(client: MlflowClient, uri: str, model_uri: str) -> str:
     raise ValueError(f"not a logged model URI: {model_uri!r} (expected models:/m-<id> or runs:/<run_id>/model)")
 
 
-def _resolve(client: MlflowClient, uri: str, ref: str) -> _Resolved:
+def _resolve(client: MlflowClient, uri: str, ref: str) -> ResolvedModel:
     ref = ref.strip()
     if m := _LOGGED_REF.match(ref):
         return _from_logged(client, uri, ref, m["model_id"])
@@ -160,19 +178,19 @@ def _resolve(client: MlflowClient, uri: str, ref: str) -> _Resolved:
                      "models:/<name>/<version>, models:/m-<id> or runs:/<run_id>/model)")
 
 
-def _from_logged(client: MlflowClient, uri: str, ref: str, model_id: str) -> _Resolved:
+def _from_logged(client: MlflowClient, uri: str, ref: str, model_id: str) -> ResolvedModel:
     logged = call_store(uri, f"look up {model_id}", lambda: client.get_logged_model(model_id),
                    missing=f"no logged model {model_id} at {uri} ({ref})")
-    return _Resolved(ref, model_id, logged.artifact_location)
+    return ResolvedModel(ref, model_id, logged.artifact_location)
 
 
-def _from_version(client: MlflowClient, uri: str, ref: str, mv: ModelVersion) -> _Resolved:
+def _from_version(client: MlflowClient, uri: str, ref: str, mv: ModelVersion) -> ResolvedModel:
     model_id = getattr(mv, "model_id", None) or _parse_logged_id(mv.source)
     if model_id:
-        return _Resolved(ref, model_id, _from_logged(client, uri, ref, model_id).download_uri, mv.name,
+        return ResolvedModel(ref, model_id, _from_logged(client, uri, ref, model_id).download_uri, mv.name,
                          int(mv.version))
     where = call_store(uri, f"locate {ref}", lambda: client.get_model_version_download_uri(mv.name, mv.version))
-    return _Resolved(ref, None, where, mv.name, int(mv.version))
+    return ResolvedModel(ref, None, where, mv.name, int(mv.version))
 
 
 def _run_model_id(client: MlflowClient, uri: str, run_id: str, name: str) -> str:
@@ -193,7 +211,7 @@ def _parse_logged_id(source: str | None) -> str | None:
     return m["model_id"] if m else None
 
 
-def _download(uri: str, resolved: _Resolved, cache: Path) -> Path:
+def _download(uri: str, resolved: ResolvedModel, cache: Path) -> Path:
     """Download (once) the model's artifacts under ``cache/<key>``; return its bundle folder."""
     dest = cache / resolved.key
     if (dest / COMPLETE_MARK).is_file():

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -262,16 +263,9 @@ def test_a_rank_that_fails_tells_the_others_why(trained: tuple[Path, Path], tmp_
     bundle, data = trained
     out = tmp_path / "out"
     (out / "report.shard1of2.json").mkdir(parents=True)
-    with socket.socket() as sock:  # a free port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "medsup", "-q", "infer", "-i", str(data / "imagesTr"), "-o", str(out), "-m",
-         str(bundle), "--device", "cpu"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8", errors="replace",
-        env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
-    ) for rank in (0, 1)]
+    port = _free_port()
+    procs = [_rank(rank, port, ["infer", "-i", str(data / "imagesTr"), "-o", str(out), "-m", str(bundle),
+                                "--device", "cpu"]) for rank in (0, 1)]
     results = [p.communicate(timeout=300) for p in procs]
     rank0, rank1 = (stdout + stderr for stdout, stderr in results)
     assert [p.returncode for p in procs] == [2, 2], rank0 + rank1  # medsup's exit status for bad input
@@ -280,6 +274,99 @@ def test_a_rank_that_fails_tells_the_others_why(trained: tuple[Path, Path], tmp_
     assert "Traceback" not in rank0 and "gloo" not in rank0.lower(), rank0
     assert json.loads((out / "report.shard0of2.json").read_text(encoding="utf-8"))["summary"]["ok"] == 2
     assert not (out / "report.json").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _rank(rank: int, port: int, args: list[str], **env: str) -> subprocess.Popen[str]:
+    """``medsup ARGS`` as rank ``rank`` of 2, with torchrun's environment but no agent (which would kill the
+    other rank when one exits, hiding what each says)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "medsup", "-q", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        encoding="utf-8", errors="replace",
+        env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), **env},
+    )
+
+
+@pytest.fixture(scope="module")
+def two_versions(trained: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A SQLite registry of its own holding the trained bundle as medsup-tiny versions 1 (@champion) and 2."""
+    from mlflow.tracking import MlflowClient
+
+    from medsup.tracking.registry import log_bundle_model, promote, register
+
+    root = tmp_path_factory.mktemp("two_versions")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("ranks", str(root / "artifacts"))).info.run_id
+    for version in (1, 2):
+        assert register(uri, run_id, "tiny", log_bundle_model(uri, run_id, trained[0]), None) == version
+    client.set_terminated(run_id)
+    promote(uri, "tiny", 1)
+    return uri
+
+
+def test_every_rank_runs_the_model_rank_0_resolved(trained: tuple[Path, Path], two_versions: str,
+                                                   tmp_path: Path) -> None:
+    """An alias is read once, by rank 0, after every rank has joined: champion moves from version 1 to 2 after
+    rank 0 started (its rendezvous port open) and before rank 1 starts, and both ranks run version 2. Each
+    rank resolving the alias itself ran version 1 on rank 0 and version 2 on rank 1 under one merged report."""
+    from medsup.tracking.registry import promote
+
+    _, data = trained
+    out, port = tmp_path / "out", _free_port()
+    args = ["infer", "-i", str(data / "imagesTr"), "-o", str(out), "-m", "models:/medsup-tiny@champion",
+            "--tracking-uri", two_versions, "--device", "cpu"]
+    cache = {"MEDSUP_CACHE": str(tmp_path / "cache")}
+    rank0 = _rank(0, port, args, **cache)
+    deadline = time.monotonic() + 120
+    while True:  # rank 0 is in the rendezvous once its store listens
+        assert rank0.poll() is None and time.monotonic() < deadline, rank0.communicate()
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.2)
+    promote(two_versions, "tiny", 2)
+    rank1 = _rank(1, port, args, **cache)
+    results = [p.communicate(timeout=300) for p in (rank0, rank1)]
+    assert [p.returncode for p in (rank0, rank1)] == [0, 0], results
+    shards = [json.loads((out / f"report.shard{i}of2.json").read_text(encoding="utf-8")) for i in (0, 1)]
+    merged = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert [s["model_version"] for s in shards] == ["2", "2"] and merged["model_version"] == "2"
+    assert merged["summary"]["ok"] == 4
+
+
+def test_a_rank_that_cannot_fetch_the_model_tells_the_others(trained: tuple[Path, Path], two_versions: str,
+                                                             tmp_path: Path) -> None:
+    """Rank 1 cannot download the model (its cache is a file): it fails inside ``infer``, where the ranks meet,
+    not before the rendezvous, where rank 0 would wait for it until the rendezvous times out (30 minutes)."""
+    _, data = trained
+    out, port = tmp_path / "out", _free_port()
+    (tmp_path / "not_a_folder").write_text("", encoding="utf-8")
+    args = ["infer", "-i", str(data / "imagesTr"), "-o", str(out), "-m", "models:/medsup-tiny/1",
+            "--tracking-uri", two_versions, "--device", "cpu"]
+    procs = [_rank(r, port, args, MEDSUP_CACHE=str(tmp_path / ("cache" if r == 0 else "not_a_folder")))
+             for r in (0, 1)]
+    rank0, rank1 = ("".join(p.communicate(timeout=120)) for p in procs)
+    assert [p.returncode for p in procs] == [2, 2], rank0 + rank1
+    assert "not_a_folder" in rank1 and "Traceback" not in rank1, rank1
+    assert "rank 1: " in rank0 and "not_a_folder" in rank0 and "Traceback" not in rank0, rank0
+    assert json.loads((out / "report.shard0of2.json").read_text(encoding="utf-8"))["model_version"] == "1"
+    assert not (out / "report.json").exists()
+
+
+def test_an_unreachable_store_is_a_clear_error(tmp_path: Path) -> None:
+    port = _free_port()  # nothing listens there
+    result = runner.invoke(app, ["infer", "-i", str(tmp_path), "-o", str(tmp_path / "out"), "-m",
+                                 "models:/medsup-tiny@champion", "--tracking-uri", f"http://127.0.0.1:{port}"])
+    assert result.exit_code == 2, result.output
+    assert f"127.0.0.1:{port}: cannot look up medsup-tiny" in result.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_early_exit_probabilities_and_format(trained: tuple[Path, Path], tmp_path: Path) -> None:
