@@ -24,6 +24,14 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def autotune_convolutions(device: torch.device, deterministic: bool) -> None:
+    """On CUDA, unless results must be reproducible, cuDNN's autotuner: every training batch and every
+    inference tile batch has one shape (the plan's patch), so timing the algorithms once per shape pays from
+    the second call on (nnU-Net's trainer and predictor do the same)."""
+    if device.type == "cuda" and not deterministic:
+        torch.backends.cudnn.benchmark = True
+
+
 # On a CPU the step needs every core: loading in the training process costs ~1 % of a quick-preset step
 # (~6 ms a batch against ~0.5 s), while one worker process beside torch's threads costs ~4 % (it preempts an
 # OpenMP thread and the others wait for it at the next barrier; bench/train_quick.py, BENCHMARKS.md)

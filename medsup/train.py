@@ -38,7 +38,7 @@ from medsup.data.memo import CaseMemo
 from medsup.data.planning import Plan
 from medsup.data.splits import fold_split, save_splits
 from medsup.data.transforms import augment_in_step, background_value
-from medsup.device import autocast_dtype, inference_memory_format, resolve_device
+from medsup.device import autocast_dtype, autotune_convolutions, inference_memory_format, resolve_device
 from medsup.engine.handlers import BestTracker, attach_step_handlers
 from medsup.engine.steps import StepEvents, build_optimizer, load_optimizer_state, make_train_step
 from medsup.engine.validation import summarise, validate
@@ -210,8 +210,7 @@ def _fit(cfg: Config, plan: Plan, labels: dict[int, str], cases: dict[str, Any],
     np.random.seed((cfg.seed + idist.get_rank()) % 2**32)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    elif dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    autotune_convolutions(dev, cfg.train.deterministic)
 
     try:
         train_loader, val_items = training_loaders(cfg, plan, cases, split, dev, rank=idist.get_rank(),

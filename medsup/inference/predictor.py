@@ -19,7 +19,7 @@ from medsup.data.geometry import Geometry, Volume
 from medsup.data.io import ImageReadError, read_image
 from medsup.data.resample import SlabResampler, argmax_reduce, push_array
 from medsup.data.transforms import background_value, preprocess_volume
-from medsup.device import autocast, dtype_name, inference_autocast_dtype
+from medsup.device import autocast, autotune_convolutions, dtype_name, inference_autocast_dtype
 from medsup.evaluation.metrics import voxel_ml
 from medsup.hostmem import release_free_heap, tune_host_allocator
 from medsup.inference.bundle import Bundle
@@ -88,6 +88,7 @@ class Predictor:
         tune_host_allocator()
         self.bundle, self.device, self.options = bundle, device, options
         self.network = bundle.network(device)  # in the inference layout: channels-last on a CPU
+        autotune_convolutions(device, bundle.cfg.train.deterministic)  # a reproducible model stays reproducible
         #: the network's autocast dtype (None: float32): bf16 on CUDA and on a CPU with native bf16, if ``amp``
         self.dtype = inference_autocast_dtype(device, options.amp)
         log.info("network on %s in %s", device, self.network_dtype)

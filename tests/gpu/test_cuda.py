@@ -48,9 +48,12 @@ def _infer(bundle: Path, data: Path, out: Path, device: str, **kw: object) -> li
     return [read_image(c["output"]).array for c in report.cases]
 
 
-def test_cuda_inference_matches_cpu(cuda_run: tuple[Path, Path], tmp_path: Path) -> None:
+def test_cuda_inference_matches_cpu(cuda_run: tuple[Path, Path], tmp_path: Path,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
     bundle, data = cuda_run
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # training set it: inference must too
     gpu = _infer(bundle, data, tmp_path / "gpu", "cuda")
+    assert torch.backends.cudnn.benchmark  # tiles of one shape: autotuned, as nnU-Net's predictor
     cpu = _infer(bundle, data, tmp_path / "cpu", "cpu")
     for a, b in zip(gpu, cpu, strict=True):  # bf16 vs bf16 on different kernels: nearly every voxel agrees
         assert (a == b).mean() > 0.99

@@ -19,6 +19,7 @@ from medsup.config import load
 from medsup.device import (
     CPU_BF16_ENV,
     autocast_dtype,
+    autotune_convolutions,
     available_memory_bytes,
     cache_threads,
     cpu_has_native_bf16,
@@ -212,3 +213,15 @@ def test_a_training_step_on_a_bf16_cpu_stays_float32(cpu_bf16: Callable[[str | N
     # bf16 training on a CPU was faster but learnt less in 3 of 3 seeds (BENCHMARKS.md): train.amp leaves it
     assert set(dtypes) == {torch.float32}
     assert any(not torch.equal(p, b) for p, b in zip(net.parameters(), before, strict=True))
+
+
+@pytest.mark.parametrize(("device", "deterministic", "expected"), [
+    (CUDA, False, True),   # one patch shape per call: cuDNN's autotuner pays from the second call
+    (CUDA, True, False),   # a run asked to be reproducible keeps the default algorithms
+    (CPU, False, False),   # no cuDNN on a CPU
+])
+def test_cudnn_autotunes_on_cuda_unless_asked_for_reproducible_results(
+        device: torch.device, deterministic: bool, expected: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # restored after the test (a global flag)
+    autotune_convolutions(device, deterministic)  # sets a flag, touches no GPU: runs without CUDA
+    assert torch.backends.cudnn.benchmark is expected
