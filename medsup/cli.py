@@ -106,10 +106,10 @@ def config_show(task: TaskOpt = "liver", overrides: SetOpt = None, preset: Prese
 @app.command()
 def synth(
     task: TaskOpt = "liver",
-    cases: Annotated[int, typer.Option(help="Training cases (imagesTr + labelsTr).")] = 20,
+    cases: Annotated[int, typer.Option(min=1, help="Training cases (imagesTr + labelsTr).")] = 20,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output dataset folder (MSD layout).")] = Path("synth"),
     seed: Annotated[int, typer.Option(help="Random seed: the same seed gives the same files.")] = 0,
-    test_cases: Annotated[int | None, typer.Option(help="Images in imagesTs (default from config).")] = None,
+    test_cases: Annotated[int | None, typer.Option(min=0, help="Images in imagesTs (default from config).")] = None,
     full_size: Annotated[bool, typer.Option("--full-size", help="Clinical 512x512 in-plane size.")] = False,
     overrides: SetOpt = None,
 ) -> None:
@@ -117,9 +117,12 @@ def synth(
     from medsup.data.synth import synthesize
 
     cfg = _config(task, overrides)
-    root = synthesize(cfg.task, cases, out, seed=seed, full_size=full_size,
-                      test_cases=cfg.synth.test_cases if test_cases is None else test_cases,
-                      voxel_mm=cfg.synth.voxel_mm)
+    try:
+        root = synthesize(cfg.task, cases, out, seed=seed, full_size=full_size,
+                          test_cases=cfg.synth.test_cases if test_cases is None else test_cases,
+                          voxel_mm=cfg.synth.voxel_mm)
+    except (OSError, ValueError) as err:  # OUT is a file or unwritable; a bad --set synth.* value
+        fail(str(err))
     typer.echo(f"wrote {cases} training cases to {root}")
 
 

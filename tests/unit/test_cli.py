@@ -37,6 +37,16 @@ def test_config_show_with_overrides() -> None:
     assert bad.exit_code == 2 and "train.epoch: unknown key" in bad.output
 
 
+def test_synth_refuses_bad_input_with_a_message(tmp_path: Path) -> None:
+    """No traceback: a count below one is a usage error, a file where the folder goes names the file."""
+    zero = runner.invoke(app, ["synth", "--task", "tiny", "--cases", "0", "--out", str(tmp_path / "s")])
+    assert zero.exit_code == 2 and "--cases" in zero.output and not (tmp_path / "s").exists()
+    (tmp_path / "afile").write_text("", encoding="utf-8")
+    blocked = runner.invoke(app, ["synth", "--task", "tiny", "--cases", "1", "--out", str(tmp_path / "afile")])
+    assert blocked.exit_code == 2 and f"{tmp_path / 'afile'} exists and is not a folder" in blocked.output
+    assert blocked.exception is None or isinstance(blocked.exception, SystemExit)
+
+
 def test_check_and_plan_commands(msd_dataset: Path, tmp_path: Path) -> None:
     result = runner.invoke(app, ["data", "check", str(msd_dataset), "--task", "tiny", "--json"])
     assert result.exit_code == 0, result.output
