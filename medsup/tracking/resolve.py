@@ -188,7 +188,7 @@ def _from_version(client: MlflowClient, uri: str, ref: str, mv: ModelVersion) ->
     model_id = getattr(mv, "model_id", None) or _parse_logged_id(mv.source)
     if model_id:
         return ResolvedModel(ref, model_id, _from_logged(client, uri, ref, model_id).download_uri, mv.name,
-                         int(mv.version))
+                             int(mv.version))
     where = call_store(uri, f"locate {ref}", lambda: client.get_model_version_download_uri(mv.name, mv.version))
     return ResolvedModel(ref, None, where, mv.name, int(mv.version))
 
